@@ -1,0 +1,41 @@
+# The two commands a newcomer runs are `make demo` and `make test`; both set themselves up.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export AIRFLOW__CORE__LOAD_EXAMPLES := False
+
+.PHONY: setup demo test test-fast lint bench bench-full up clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[test,dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python -m iamport_billing.demo
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not e2e and not chaos"
+
+lint: setup
+	$(BIN)/ruff check plugins dags tests bench
+	$(BIN)/ruff format --check plugins dags tests bench
+
+bench: setup
+	$(BIN)/python -m bench.run
+
+bench-full: setup
+	$(BIN)/python -m bench.run --full
+
+up: setup
+	$(BIN)/python -m iamport_billing.devserver
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache

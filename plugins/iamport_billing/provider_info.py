@@ -1,0 +1,115 @@
+"""Provider metadata read by Airflow's ProvidersManager (entry point ``apache_airflow_provider``).
+
+The connection form is declared here (``conn-fields`` / ``ui-field-behaviour``), which is how
+Airflow 3.2+ builds connection forms; plugins cannot register connection types.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from iamport_billing import __version__
+
+CONN_TYPE = "iamport"
+
+CONNECTION_EXTRA_FIELDS: dict[str, dict[str, Any]] = {
+    "tier_code": {
+        "label": "Tier code",
+        "description": "Sub-merchant (agency) Tier code, sent as the `Tier` header. Leave empty.",
+        "schema": {"type": ["string", "null"], "maxLength": 3},
+    },
+    "auth_header_style": {
+        "label": "Authorization header style",
+        "description": "`bearer` (Authorization: Bearer <token>, per the docs) or `raw` "
+        "(Authorization: <token>, as the old official clients send).",
+        "schema": {
+            "type": ["string", "null"],
+            "enum": ["bearer", "raw", None],
+            "default": "bearer",
+        },
+    },
+    "connect_timeout": {
+        "label": "Connect timeout (s)",
+        "description": "Seconds to establish a TCP/TLS connection.",
+        "schema": {"type": ["number", "null"], "minimum": 0.1, "default": 10},
+    },
+    "read_timeout": {
+        "label": "Read timeout (s)",
+        "description": "Seconds to wait for a response. A charge that times out is 'unknown' "
+        "and is looked up, never resent blindly.",
+        "schema": {"type": ["number", "null"], "minimum": 0.1, "default": 30},
+    },
+    "max_retries": {
+        "label": "Max retries for reads",
+        "description": "Retries for GET lookups on 5xx, 429 and connection errors.",
+        "schema": {"type": ["integer", "null"], "minimum": 0, "maximum": 10, "default": 3},
+    },
+    "verify_tls": {
+        "label": "Verify TLS certificates",
+        "description": "Keep on. Turning it off is for local test servers only.",
+        "schema": {"type": ["boolean", "null"], "default": True},
+    },
+    "allow_insecure_http": {
+        "label": "Allow plain http to non-loopback hosts",
+        "description": "Plain http is always allowed to 127.0.0.1/localhost (the emulator); "
+        "anything else needs this switch.",
+        "schema": {"type": ["boolean", "null"], "default": False},
+    },
+    "include_sandbox": {
+        "label": "Include sandbox payments in lookups",
+        "description": "Send include_sandbox=true on payment lookups (test channels).",
+        "schema": {"type": ["boolean", "null"], "default": False},
+    },
+}
+
+
+def get_provider_info() -> dict[str, Any]:
+    return {
+        "package-name": "airflow-iamport-billing",
+        "name": "Iamport Billing",
+        "description": "Recurring card billing through Iamport (PortOne V1).",
+        "versions": [__version__],
+        "integrations": [
+            {
+                "integration-name": "Iamport",
+                "external-doc-url": "https://developers.portone.io/api/rest-v1",
+                "tags": ["service"],
+            }
+        ],
+        "hooks": [
+            {"integration-name": "Iamport", "python-modules": ["iamport_billing.hooks.iamport"]}
+        ],
+        "operators": [
+            {
+                "integration-name": "Iamport",
+                "python-modules": [
+                    "iamport_billing.operators.charge",
+                ],
+            }
+        ],
+        "connection-types": [
+            {
+                "connection-type": CONN_TYPE,
+                "hook-class-name": "iamport_billing.hooks.iamport.IamportHook",
+                "hook-name": "Iamport (PortOne V1)",
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "port"],
+                    "relabeling": {
+                        "host": "API base URL",
+                        "login": "imp_key (REST API key)",
+                        "password": "imp_secret (REST API secret)",
+                    },
+                    "placeholders": {
+                        "host": "https://api.iamport.kr",
+                        "login": "imp_key from the PortOne console (V1 API)",
+                        "password": "imp_secret",
+                        "tier_code": "e.g. A01 (sub-merchants only)",
+                        "auth_header_style": "bearer",
+                        "connect_timeout": "10",
+                        "read_timeout": "30",
+                    },
+                },
+                "conn-fields": CONNECTION_EXTRA_FIELDS,
+            }
+        ],
+    }
