@@ -1,0 +1,105 @@
+"""Shared fixtures: an Airflow home with a migrated SQLite metadata DB, warehouses on a real
+SQLite file and on the real PostgreSQL server, and the emulator over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "test-artifacts"
+
+# Airflow reads its configuration at import time: set it before anything imports airflow.
+_AIRFLOW_HOME = Path(
+    os.environ.get("IAMPORT_TEST_AIRFLOW_HOME", REPO / ".pytest_cache" / "airflow-home")
+)
+os.environ.update(
+    {
+        "AIRFLOW_HOME": str(_AIRFLOW_HOME),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "True",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_AIRFLOW_HOME}/airflow.db",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+    }
+)
+sys.path.insert(0, str(REPO / "tests"))
+
+PG_DSN = os.environ.get("IAMPORT_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """Migrate the metadata DB once per checkout (cached in .pytest_cache)."""
+    _AIRFLOW_HOME.mkdir(parents=True, exist_ok=True)
+    marker = _AIRFLOW_HOME / ".migrated"
+    if not marker.exists():
+        subprocess.run(
+            [str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
+            check=True,
+            env=os.environ.copy(),
+            capture_output=True,
+        )
+        marker.touch()
+    return _AIRFLOW_HOME
+
+
+def conn_env(conn_id: str) -> str:
+    return f"AIRFLOW_CONN_{conn_id.upper()}"
+
+
+@pytest.fixture
+def sqlite_warehouse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A real SQLite file as the ``billing_warehouse`` connection."""
+    path = tmp_path / "warehouse.db"
+    monkeypatch.setenv(
+        conn_env("billing_warehouse"), json.dumps({"conn_type": "sqlite", "host": str(path)})
+    )
+    return path
+
+
+@pytest.fixture
+def postgres_warehouse(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh database on the real PostgreSQL server, dropped afterwards."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    name = f"iamport_test_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(PG_DSN)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name}")
+    monkeypatch.setenv(
+        conn_env("billing_warehouse"),
+        json.dumps(
+            {
+                "conn_type": "postgres",
+                "host": "127.0.0.1",
+                "port": 5432,
+                "login": "postgres",
+                "schema": name,
+            }
+        ),
+    )
+    try:
+        yield name
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def warehouse(request: pytest.FixtureRequest) -> str:
+    """Run a test on both warehouses."""
+    if request.param == "sqlite":
+        request.getfixturevalue("sqlite_warehouse")
+    else:
+        request.getfixturevalue("postgres_warehouse")
+    return request.param

@@ -1,0 +1,51 @@
+"""Helpers shared by tests: seeding the warehouse and auditing the emulator's payments."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from iamport_billing.ledger import Ledger, now_iso
+
+
+def add_subscriptions(
+    ledger: Ledger,
+    rows: Iterable[Sequence[Any]],
+    billing_date: date,
+    *,
+    status: str = "active",
+    anchor_day: int | None = None,
+) -> None:
+    """Insert (subscription_id, customer_uid, amount[, name]) rows due on ``billing_date``."""
+    stamp = now_iso()
+    ledger.executemany(
+        "INSERT INTO billing_subscriptions (subscription_id, customer_uid, amount, currency, "
+        "name, status, next_billing_date, billing_anchor_day, updated_at) "
+        "VALUES (%s, %s, %s, 'KRW', %s, %s, %s, %s, %s)",
+        [
+            (
+                r[0],
+                r[1],
+                r[2],
+                r[3] if len(r) > 3 else "Monthly plan",
+                status,
+                billing_date.isoformat(),
+                anchor_day or billing_date.day,
+                stamp,
+            )
+            for r in rows
+        ],
+    )
+
+
+def emulator_payments(db_path: Path | str) -> list[dict[str, Any]]:
+    """Every payment the emulator ever accepted, straight from its SQLite file."""
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM payments ORDER BY started_at")]
+    finally:
+        conn.close()

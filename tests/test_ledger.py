@@ -1,0 +1,119 @@
+"""The ledger on a real SQLite file and on the real PostgreSQL server."""
+
+from __future__ import annotations
+
+from datetime import date
+
+import pytest
+from support import add_subscriptions
+
+from iamport_billing.ledger import DEFAULT_DUE_QUERY, Ledger, Outcome, checked_identifier
+from iamport_billing.policy import PAID, PENDING, RejectedRow
+
+DAY = date(2026, 11, 26)
+RUN = {"dag_id": "d", "run_id": "r1", "task_id": "charge[0]", "try_number": 1}
+
+
+@pytest.fixture
+def ledger(warehouse):
+    with Ledger.from_conn_id("billing_warehouse") as led:
+        led.init_schema()
+        yield led
+
+
+def attempt_row(uid="s1-20261126-01", sub="s1"):
+    return {
+        "merchant_uid": uid,
+        "subscription_id": sub,
+        "billing_date": DAY,
+        "attempt_no": 1,
+        "customer_uid": "c1",
+        "amount": 1000,
+        "currency": "KRW",
+        **RUN,
+    }
+
+
+def test_schema_init_is_idempotent(ledger):
+    ledger.init_schema()
+    ledger.init_schema()
+    assert ledger.query("SELECT COUNT(*) FROM billing_charge_attempts") == [(0,)]
+
+
+def test_due_query_reads_by_keyset_in_order(ledger):
+    add_subscriptions(ledger, [(f"s{i:04d}", f"c{i}", 1000 + i) for i in range(25)], DAY)
+    rows = list(ledger.iter_due(DEFAULT_DUE_QUERY, DAY, page_size=7))
+    assert [r["subscription_id"] for r in rows] == [f"s{i:04d}" for i in range(25)]
+
+
+def test_due_query_range_is_after_exclusive_until_inclusive(ledger):
+    add_subscriptions(ledger, [(f"s{i}", f"c{i}", 1000) for i in range(5)], DAY)
+    rows = list(ledger.iter_due(DEFAULT_DUE_QUERY, DAY, after="s1", until="s3"))
+    assert [r["subscription_id"] for r in rows] == ["s2", "s3"]
+
+
+def test_due_query_binds_the_billing_date(ledger):
+    add_subscriptions(ledger, [("early", "c1", 1000)], DAY)
+    add_subscriptions(ledger, [("later", "c2", 1000)], date(2026, 11, 27))
+    assert [r["subscription_id"] for r in ledger.iter_due(DEFAULT_DUE_QUERY, DAY)] == ["early"]
+
+
+def test_duplicate_keys_never_split_across_pages(ledger):
+    add_subscriptions(ledger, [(f"s{i}", f"c{i}", 1000) for i in range(4)], DAY)
+    union = (
+        "SELECT subscription_id, customer_uid, amount, next_billing_date AS billing_date "
+        "FROM billing_subscriptions WHERE next_billing_date <= :billing_date "
+        "UNION ALL SELECT subscription_id, customer_uid, amount, next_billing_date "
+        "FROM billing_subscriptions WHERE subscription_id = 's1'"
+    )
+    rows = [r["subscription_id"] for r in ledger.iter_due(union, DAY, page_size=2)]
+    assert rows == ["s0", "s1", "s1", "s2", "s3"]
+
+
+def test_claim_is_won_by_exactly_one_claimant(ledger):
+    assert ledger.claim([attempt_row()], "token-a") == {"s1-20261126-01"}
+    assert ledger.claim([attempt_row()], "token-b") == set()
+    (row,) = ledger.attempts_for(["s1"])[("s1", DAY)]
+    assert (row.status, row.claim_token) == (PENDING, "token-a")
+
+
+def test_outcome_only_lands_on_a_row_the_claim_owns(ledger):
+    ledger.claim([attempt_row()], "token-a")
+    ledger.record_outcomes([Outcome("s1-20261126-01", PAID, imp_uid="imp_1")], "token-b")
+    assert ledger.get_attempt("s1-20261126-01").status == PENDING
+    ledger.record_outcomes([Outcome("s1-20261126-01", PAID, imp_uid="imp_1")], "token-a")
+    got = ledger.get_attempt("s1-20261126-01")
+    assert (got.status, got.imp_uid) == (PAID, "imp_1")
+    assert got.completed_at is not None
+
+
+def test_rejected_rows_are_upserted_once_per_reason(ledger):
+    bad = RejectedRow("s9", "c9", 0, DAY, "non_positive_amount", "amount 0 is not positive")
+    ledger.record_rejected([bad], RUN)
+    ledger.record_rejected([bad], {**RUN, "run_id": "r2"})
+    rows = ledger.query(
+        "SELECT status, error_code, error_message, run_id FROM billing_charge_attempts"
+    )
+    assert rows == [("rejected", "non_positive_amount", "amount 0 is not positive", "r2")]
+
+
+def test_release_drops_only_unsent_pending_rows_of_the_claim(ledger):
+    ledger.claim([attempt_row(), attempt_row("s2-20261126-01", "s2")], "tok")
+    ledger.release(["s1-20261126-01"], "other-token")
+    ledger.release(["s2-20261126-01"], "tok")
+    assert ledger.get_attempt("s1-20261126-01") is not None
+    assert ledger.get_attempt("s2-20261126-01") is None
+
+
+def test_advance_only_moves_a_subscription_still_on_that_date(ledger):
+    add_subscriptions(ledger, [("s1", "c1", 1000)], DAY)
+    ledger.advance_subscriptions([("s1", DAY, date(2026, 12, 26))])
+    ledger.advance_subscriptions([("s1", DAY, date(2027, 1, 26))])
+    (row,) = ledger.query("SELECT next_billing_date FROM billing_subscriptions")
+    assert str(row[0])[:10] == "2026-12-26"
+
+
+def test_table_names_must_be_plain_identifiers():
+    assert checked_identifier("billing.subs") == "billing.subs"
+    with pytest.raises(ValueError):
+        checked_identifier("subs; DROP TABLE x")
