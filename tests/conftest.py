@@ -103,3 +103,35 @@ def warehouse(request: pytest.FixtureRequest) -> str:
     else:
         request.getfixturevalue("postgres_warehouse")
     return request.param
+
+
+@pytest.fixture
+def emulator_config(tmp_path: Path):
+    """Emulator settings; tests tweak them before the ``emulator`` fixture starts it."""
+    from iamport_billing.emulator.config import EmulatorConfig
+
+    return EmulatorConfig(db_path=str(tmp_path / "emulator.db"), seed=7)
+
+
+@pytest.fixture
+def emulator(emulator_config, monkeypatch: pytest.MonkeyPatch):
+    """The emulator over real HTTP on loopback, wired up as the ``iamport_default`` connection."""
+    from iamport_billing.emulator.server import run_emulator_in_thread
+    from iamport_billing.hooks.iamport import TOKEN_CACHE
+
+    with run_emulator_in_thread(emulator_config) as handle:
+        monkeypatch.setenv(
+            conn_env("iamport_default"),
+            json.dumps(
+                {
+                    "conn_type": "iamport",
+                    "host": handle.url,
+                    "login": emulator_config.imp_key,
+                    "password": emulator_config.imp_secret,
+                    "extra": {"read_timeout": 5, "connect_timeout": 2},
+                }
+            ),
+        )
+        TOKEN_CACHE.clear()
+        yield handle
+    TOKEN_CACHE.clear()

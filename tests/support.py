@@ -46,6 +46,21 @@ def emulator_payments(db_path: Path | str) -> list[dict[str, Any]]:
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     conn.row_factory = sqlite3.Row
     try:
-        return [dict(r) for r in conn.execute("SELECT * FROM payments ORDER BY started_at")]
+        return [dict(r) for r in conn.execute("SELECT * FROM payments ORDER BY seq")]
     finally:
         conn.close()
+
+
+PAYING_CARD = "4242-4242-4242-4242"
+SOFT_DECLINE_CARD = "4000-0000-0000-0002"
+HARD_DECLINE_CARD = "4000-0000-0000-0069"
+
+
+def register_cards(emulator: Any, cards: Iterable[tuple[str, str]]) -> None:
+    """Store billing keys (customer_uid, test card number) straight into the emulator."""
+    import time
+
+    from iamport_billing.emulator.store import customer_row
+
+    now = int(time.time())
+    emulator.store.save_customers(customer_row(uid, card, now) for uid, card in cards)
