@@ -1,0 +1,589 @@
+"""The charge engine: turns validated candidates into exactly-once charges.
+
+Order of work for a batch, which is the whole safety argument:
+1. read the ledger for these subscriptions; paid or settled ones are skipped;
+2. pending/unknown rows left by earlier runs are looked up at Iamport before anything else;
+3. new attempts are claimed by committing ``pending`` rows (write-ahead, ON CONFLICT);
+4. only claimed rows are sent, with bounded concurrency under a requests-per-second limit;
+5. outcomes are committed in small bulk writes as they arrive;
+6. outcomes that stayed unknown are looked up, and resent with the same merchant_uid only when
+   Iamport has no record of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from iamport_billing.api_types import Payment
+from iamport_billing.errors import (
+    IamportAuthError,
+    IamportBillingKeyMissing,
+    IamportError,
+    IamportNotFound,
+    IamportOutcomeUnknown,
+    IamportRateLimited,
+    IamportRequestRejected,
+)
+from iamport_billing.ledger import Attempt, Ledger, Outcome, new_claim_token
+from iamport_billing.policy import (
+    FAILED,
+    HARD,
+    PAID,
+    PENDING,
+    SOFT,
+    UNKNOWN,
+    UNSETTLED,
+    ChargeCandidate,
+    DeclineTable,
+    merchant_uid_for,
+    next_retry_date,
+)
+
+log = logging.getLogger(__name__)
+
+MISSING_BILLING_KEY = "missing_billing_key"
+
+
+@dataclass(frozen=True)
+class ChargeSettings:
+    max_concurrency: int = 8
+    requests_per_second: float | None = None
+    retry_schedule_days: tuple[int, ...] = (1, 3, 5, 7)
+    decline_table: DeclineTable = field(default_factory=DeclineTable)
+    # An unsettled row younger than this may still be in flight in another process.
+    pending_lease_seconds: float = 300.0
+    # Wait this long after an unknown outcome before asking Iamport what happened.
+    unknown_settle_seconds: float = 2.0
+    # Rounds of "look up, resend if Iamport never saw it" for unknown outcomes in a batch.
+    max_resend_rounds: int = 2
+    rate_limit_retries: int = 5
+    flush_every: int = 50
+    flush_seconds: float = 0.5
+
+
+class RateLimiter:
+    """Spaces request starts evenly: at most ``per_second`` starts in any second."""
+
+    def __init__(self, per_second: float | None):
+        self.interval = 1.0 / per_second if per_second else 0.0
+        self._next = time.monotonic()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        if not self.interval:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + self.interval
+        delay = start - now
+        if delay > 0:
+            time.sleep(delay)
+
+
+@dataclass
+class BatchResult:
+    """Counts and amounts by outcome; the operator's XCom (no customer data)."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    amounts: dict[str, int] = field(default_factory=dict)
+    charges_sent: int = 0
+    unknown_merchant_uids: list[str] = field(default_factory=list)
+
+    def add(self, outcome: str, amount: int | None) -> None:
+        self.counts[outcome] = self.counts.get(outcome, 0) + 1
+        self.amounts[outcome] = self.amounts.get(outcome, 0) + int(amount or 0)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "counts": dict(sorted(self.counts.items())),
+            "amounts": dict(sorted(self.amounts.items())),
+            "charges_sent": self.charges_sent,
+            "unknown": len(self.unknown_merchant_uids),
+        }
+
+
+@dataclass(frozen=True)
+class PlannedCharge:
+    """A candidate bound to its attempt number and merchant_uid."""
+
+    candidate: ChargeCandidate
+    attempt_no: int
+    merchant_uid: str
+
+    def ledger_row(self, run: Mapping[str, Any]) -> dict[str, Any]:
+        c = self.candidate
+        return {
+            "merchant_uid": self.merchant_uid,
+            "subscription_id": c.subscription_id,
+            "billing_date": c.billing_date,
+            "attempt_no": self.attempt_no,
+            "customer_uid": c.customer_uid,
+            "amount": c.amount,
+            "currency": c.currency,
+            **run,
+        }
+
+
+def outcome_from_payment(
+    payment: Payment, expected_amount: int | None, billing_date: date, attempt_no: int,
+    settings: ChargeSettings, latency_ms: int | None = None,
+) -> Outcome:  # fmt: skip
+    """Map an Iamport payment to a ledger outcome (paid / failed with decline kind)."""
+    if payment.is_paid or payment.status == "cancelled":
+        error = None
+        if expected_amount is not None and payment.amount != expected_amount:
+            error = f"paid amount {payment.amount} differs from requested {expected_amount}"
+        return Outcome(
+            merchant_uid=payment.merchant_uid,
+            status=PAID if payment.is_paid else "cancelled",
+            imp_uid=payment.imp_uid,
+            receipt_url=payment.receipt_url,
+            latency_ms=latency_ms,
+            error_code="amount_mismatch" if error else None,
+            error_message=error,
+            amount=int(payment.amount),
+        )
+    if payment.is_failed:
+        kind = settings.decline_table.classify(payment.fail_reason)
+        return Outcome(
+            merchant_uid=payment.merchant_uid,
+            status=FAILED,
+            imp_uid=payment.imp_uid,
+            fail_reason=payment.fail_reason,
+            decline_kind=kind,
+            next_retry_date=(
+                next_retry_date(billing_date, attempt_no, settings.retry_schedule_days)
+                if kind == SOFT
+                else None
+            ),
+            latency_ms=latency_ms,
+        )
+    # 'ready' or something new: not money we can account for yet.
+    return Outcome(
+        merchant_uid=payment.merchant_uid,
+        status=UNKNOWN,
+        imp_uid=payment.imp_uid,
+        error_code="status_" + (payment.status or "empty"),
+        error_message=f"Iamport reports status {payment.status!r}",
+        latency_ms=latency_ms,
+    )
+
+
+def resolve_by_lookup(
+    hook: Any, attempt_merchant_uid: str, expected_amount: int | None, billing_date: date,
+    attempt_no: int, settings: ChargeSettings,
+) -> Outcome | None:  # fmt: skip
+    """Ask Iamport what became of a merchant_uid. None means it has no record: safe to resend.
+
+    Raises IamportError when Iamport cannot be asked (the row stays unsettled).
+    """
+    payments = hook.find_all_payments(attempt_merchant_uid)
+    if not payments:
+        return None
+    paid = [p for p in payments if p.is_paid or p.status == "cancelled"]
+    chosen = paid[0] if paid else max(payments, key=lambda p: (p.started_at, p.failed_at))
+    return outcome_from_payment(chosen, expected_amount, billing_date, attempt_no, settings)
+
+
+class ChargeEngine:
+    """Charges a batch of candidates exactly once each, recording everything in the ledger."""
+
+    def __init__(
+        self,
+        hook: Any,
+        ledger: Ledger,
+        settings: ChargeSettings,
+        run: Mapping[str, Any],
+        *,
+        on_charge: Callable[[str], None] | None = None,
+        logger: logging.Logger | None = None,
+    ):
+        self.hook = hook
+        self.ledger = ledger
+        self.settings = settings
+        self.run = dict(run)
+        self.claim_token = new_claim_token()
+        self.limiter = RateLimiter(settings.requests_per_second)
+        self.log = logger or log
+        self._on_charge = on_charge
+        self.result = BatchResult()
+
+    # -- planning -------------------------------------------------------------------------------
+
+    def plan(
+        self, candidates: Sequence[ChargeCandidate], *, new_attempts: bool = True,
+        merchant_uids: Mapping[str, str] | None = None,
+    ) -> tuple[list[PlannedCharge], list[tuple[Attempt, ChargeCandidate]]]:  # fmt: skip
+        """Split candidates into new attempts to claim and stale unsettled rows to resolve.
+
+        A (subscription, billing date) with a paid, failed or in-flight attempt gets no new
+        attempt. ``merchant_uids`` overrides the scheme (single charges with a caller's id).
+        """
+        existing = self.ledger.attempts_for(c.subscription_id for c in candidates)
+        lease_cutoff = datetime.now(UTC) - timedelta(seconds=self.settings.pending_lease_seconds)
+        to_claim: list[PlannedCharge] = []
+        to_resolve: list[tuple[Attempt, ChargeCandidate]] = []
+        for c in candidates:
+            attempts = existing.get((c.subscription_id, c.billing_date), [])
+            statuses = {a.status for a in attempts}
+            if PAID in statuses or "cancelled" in statuses:
+                self.result.add("already_paid", c.amount)
+                continue
+            unsettled = [a for a in attempts if a.status in UNSETTLED]
+            if unsettled:
+                for a in unsettled:
+                    in_lease = a.requested_at is not None and a.requested_at >= lease_cutoff
+                    if in_lease and not self._left_by_dead_try(a):
+                        self.result.add("in_flight_elsewhere", c.amount)
+                    else:
+                        to_resolve.append((a, c))
+                continue
+            if attempts or not new_attempts:
+                self.result.add("already_settled", c.amount)
+                continue
+            attempt_no = 1
+            uid = (merchant_uids or {}).get(c.subscription_id) or merchant_uid_for(
+                c.subscription_id, c.billing_date, attempt_no
+            )
+            to_claim.append(PlannedCharge(c, attempt_no, uid))
+        return to_claim, to_resolve
+
+    def _left_by_dead_try(self, a: Attempt) -> bool:
+        """An earlier try of this very task instance is over when this try runs: no lease."""
+        return (
+            a.dag_id == self.run.get("dag_id")
+            and a.run_id == self.run.get("run_id")
+            and a.task_id == self.run.get("task_id")
+            and (a.try_number or 0) < (self.run.get("try_number") or 0)
+        )
+
+    # -- the batch ------------------------------------------------------------------------------
+
+    def charge_batch(
+        self,
+        candidates: Sequence[ChargeCandidate],
+        *,
+        merchant_uids: Mapping[str, str] | None = None,
+    ) -> BatchResult:
+        to_claim, to_resolve = self.plan(candidates, merchant_uids=merchant_uids)
+        resend = self.resolve_stale(to_resolve)
+        self.send_all(self.claim(to_claim) + resend)
+        return self.result
+
+    def charge_planned(self, planned: Sequence[PlannedCharge]) -> BatchResult:
+        """Send already-numbered attempts (dunning retries) through the same claim/send path."""
+        self.send_all(self.claim(planned))
+        return self.result
+
+    def claim(self, planned: Sequence[PlannedCharge]) -> list[PlannedCharge]:
+        owned = self.ledger.claim([p.ledger_row(self.run) for p in planned], self.claim_token)
+        for p in planned:
+            if p.merchant_uid not in owned:
+                self.result.add("claimed_elsewhere", p.candidate.amount)
+        return [p for p in planned if p.merchant_uid in owned]
+
+    def resolve_stale(
+        self, stale: Sequence[tuple[Attempt, ChargeCandidate]]
+    ) -> list[PlannedCharge]:
+        """Look up unsettled rows from earlier runs; return those Iamport never saw (resend)."""
+        resend: list[PlannedCharge] = []
+        outcomes: list[Outcome] = []
+        for attempt, cand in stale:
+            try:
+                outcome = resolve_by_lookup(
+                    self.hook, attempt.merchant_uid, attempt.amount, attempt.billing_date,
+                    attempt.attempt_no, self.settings,
+                )  # fmt: skip
+            except IamportError as e:
+                self.log.warning("lookup of %s failed, left unsettled: %s", attempt.merchant_uid, e)
+                self.result.add("unresolved", attempt.amount)
+                self.result.unknown_merchant_uids.append(attempt.merchant_uid)
+                continue
+            if outcome is None:
+                if self.ledger.reclaim(attempt, self.claim_token, self.run):
+                    resend.append(PlannedCharge(cand, attempt.attempt_no, attempt.merchant_uid))
+                else:
+                    self.result.add("claimed_elsewhere", cand.amount)
+                continue
+            outcomes.append(outcome)
+            self.result.add("resolved_" + outcome.status, outcome.amount or attempt.amount)
+            self.log.info(
+                "resolved %s (left %s by an earlier run): %s imp_uid=%s",
+                attempt.merchant_uid, attempt.status, outcome.status, outcome.imp_uid,
+            )  # fmt: skip
+        self.ledger.record_outcomes(outcomes)
+        return resend
+
+    def send_all(self, planned: Sequence[PlannedCharge]) -> None:
+        """Send claimed charges; then settle the unknowns by lookup and careful resends."""
+        pending = list(planned)
+        for round_no in range(self.settings.max_resend_rounds + 1):
+            if not pending:
+                return
+            unknown = self._send_round(pending)
+            if not unknown:
+                return
+            if round_no == self.settings.max_resend_rounds:
+                break
+            pending = self._settle_unknown(unknown)
+        for p in pending:
+            self.result.unknown_merchant_uids.append(p.merchant_uid)
+            self.result.add(UNKNOWN, p.candidate.amount)
+
+    def _settle_unknown(
+        self, unknown: Sequence[tuple[PlannedCharge, float]]
+    ) -> list[PlannedCharge]:
+        """Look unknown outcomes up once they had time to settle; return those to resend."""
+        latest = max(t for _, t in unknown)
+        delay = latest + self.settings.unknown_settle_seconds - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        resend: list[PlannedCharge] = []
+        outcomes: list[Outcome] = []
+        for p, _ in unknown:
+            try:
+                outcome = resolve_by_lookup(
+                    self.hook, p.merchant_uid, p.candidate.amount, p.candidate.billing_date,
+                    p.attempt_no, self.settings,
+                )  # fmt: skip
+            except IamportError as e:
+                self.log.warning("lookup of %s failed: %s", p.merchant_uid, e)
+                self.result.unknown_merchant_uids.append(p.merchant_uid)
+                self.result.add(UNKNOWN, p.candidate.amount)
+                continue
+            if outcome is None:
+                resend.append(p)
+                continue
+            outcomes.append(outcome)
+            self._count(outcome, p)
+        self.ledger.record_outcomes(outcomes, self.claim_token)
+        # Resent rows go back to pending so a crash now leaves them for reconciliation.
+        self.ledger.record_outcomes(
+            [Outcome(merchant_uid=p.merchant_uid, status=PENDING) for p in resend], self.claim_token
+        )
+        return resend
+
+    def _send_round(self, planned: Sequence[PlannedCharge]) -> list[tuple[PlannedCharge, float]]:
+        """One pass over ``planned`` with bounded concurrency; returns the unknown outcomes."""
+        unknown: list[tuple[PlannedCharge, float]] = []
+        buffer: list[Outcome] = []
+        last_flush = time.monotonic()
+        stop = threading.Event()
+        fatal: list[BaseException] = []
+        sent: set[str] = set()
+        queue = iter(planned)
+        workers = max(1, int(self.settings.max_concurrency))
+
+        def flush() -> None:
+            nonlocal last_flush
+            self.ledger.record_outcomes(buffer, self.claim_token)
+            buffer.clear()
+            last_flush = time.monotonic()
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="charge") as pool:
+            in_flight: dict[Future, PlannedCharge] = {}
+
+            def submit_next() -> bool:
+                if stop.is_set():
+                    return False
+                p = next(queue, None)
+                if p is None:
+                    return False
+                in_flight[pool.submit(self._charge_one, p, sent)] = p
+                return True
+
+            for _ in range(workers):
+                if not submit_next():
+                    break
+            while in_flight:
+                done, _ = wait(
+                    in_flight, timeout=self.settings.flush_seconds, return_when=FIRST_COMPLETED
+                )
+                for fut in done:
+                    p = in_flight.pop(fut)
+                    try:
+                        outcome, finished_at = fut.result()
+                    except IamportAuthError as e:
+                        stop.set()
+                        fatal.append(e)
+                        continue
+                    buffer.append(outcome)
+                    if outcome.status == UNKNOWN:
+                        unknown.append((p, finished_at))
+                    else:
+                        self._count(outcome, p)
+                    submit_next()
+                if len(buffer) >= self.settings.flush_every or (
+                    buffer and time.monotonic() - last_flush >= self.settings.flush_seconds
+                ):
+                    flush()
+            flush()
+        if fatal:
+            never_sent = [p.merchant_uid for p in planned if p.merchant_uid not in sent]
+            self.ledger.release(never_sent, self.claim_token)
+            raise fatal[0]
+        return unknown
+
+    def _charge_one(self, p: PlannedCharge, sent: set[str]) -> tuple[Outcome, float]:
+        """Send one charge and classify what came back. Runs in a worker thread."""
+        c = p.candidate
+        optional = {k: v for k, v in (
+            ("currency", c.currency if c.currency != "KRW" else None),
+            ("buyer_name", c.buyer_name), ("buyer_email", c.buyer_email),
+            ("buyer_tel", c.buyer_tel),
+        ) if v}  # fmt: skip
+        optional.update(c.options)
+        for rate_try in range(self.settings.rate_limit_retries + 1):
+            self.limiter.acquire()
+            started = time.monotonic()
+            sent.add(p.merchant_uid)
+            try:
+                payment = self.hook.charge_again(
+                    c.customer_uid, p.merchant_uid, c.amount, c.name, **optional
+                )
+                latency = _ms(started)
+                outcome = outcome_from_payment(
+                    payment, c.amount, c.billing_date, p.attempt_no, self.settings, latency
+                )
+            except IamportRateLimited as e:
+                if rate_try < self.settings.rate_limit_retries:
+                    time.sleep(e.retry_after if e.retry_after is not None else 0.5 * 2**rate_try)
+                    continue
+                outcome = Outcome(p.merchant_uid, UNKNOWN, error_code="rate_limited",
+                                  error_message=str(e), latency_ms=_ms(started))  # fmt: skip
+            except IamportBillingKeyMissing as e:
+                outcome = Outcome(
+                    p.merchant_uid, FAILED, error_code=MISSING_BILLING_KEY,
+                    error_message=e.api_message, fail_reason=e.api_message, decline_kind=HARD,
+                    latency_ms=_ms(started),
+                )  # fmt: skip
+            except IamportRequestRejected as e:
+                # A rejection may be Iamport refusing a merchant_uid it already charged: ask.
+                outcome = self._rejected(p, e, started)
+            except IamportOutcomeUnknown as e:
+                outcome = Outcome(p.merchant_uid, UNKNOWN, error_code="outcome_unknown",
+                                  error_message=str(e), latency_ms=_ms(started))  # fmt: skip
+            except IamportAuthError:
+                raise
+            except Exception as e:  # noqa: BLE001 - money may have moved: unknown, never lost
+                outcome = Outcome(p.merchant_uid, UNKNOWN, error_code="client_error",
+                                  error_message=f"{type(e).__name__}: {e}"[:500],
+                                  latency_ms=_ms(started))  # fmt: skip
+            break
+        self._log_charge(p, outcome)
+        if self._on_charge is not None:
+            self._on_charge(p.merchant_uid)
+        return outcome, time.monotonic()
+
+    def _rejected(self, p: PlannedCharge, e: IamportRequestRejected, started: float) -> Outcome:
+        c = p.candidate
+        try:
+            found = resolve_by_lookup(
+                self.hook, p.merchant_uid, c.amount, c.billing_date, p.attempt_no, self.settings
+            )
+        except IamportNotFound:
+            found = None
+        except IamportError:
+            return Outcome(p.merchant_uid, UNKNOWN, error_code=f"rejected_{e.code}",
+                           error_message=e.api_message, latency_ms=_ms(started))  # fmt: skip
+        if found is not None and found.status == PAID:
+            return found
+        kind = self.settings.decline_table.classify(e.api_message, e.code)
+        return Outcome(
+            p.merchant_uid, FAILED, error_code=str(e.code), error_message=e.api_message,
+            fail_reason=e.api_message, decline_kind=kind, latency_ms=_ms(started),
+            next_retry_date=(
+                next_retry_date(c.billing_date, p.attempt_no, self.settings.retry_schedule_days)
+                if kind == SOFT else None
+            ),
+        )  # fmt: skip
+
+    def _count(self, outcome: Outcome, p: PlannedCharge) -> None:
+        self.result.charges_sent += 1
+        label = outcome.status
+        if outcome.status == FAILED:
+            label = f"declined_{outcome.decline_kind or SOFT}"
+            if outcome.error_code == MISSING_BILLING_KEY:
+                label = MISSING_BILLING_KEY
+        self.result.add(label, outcome.amount or p.candidate.amount)
+
+    def _log_charge(self, p: PlannedCharge, outcome: Outcome) -> None:
+        self.log.info(
+            "charge customer_uid=%s merchant_uid=%s amount=%s outcome=%s imp_uid=%s "
+            "latency_ms=%s%s",
+            p.candidate.customer_uid, p.merchant_uid, p.candidate.amount, outcome.status,
+            outcome.imp_uid, outcome.latency_ms,
+            f" reason={outcome.fail_reason or outcome.error_message}"
+            if outcome.status != PAID else "",
+        )  # fmt: skip
+
+
+def _ms(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
+
+
+def _iso_ago(seconds: float) -> str:
+    return (datetime.now(UTC) - timedelta(seconds=seconds)).isoformat(timespec="milliseconds")
+
+
+def resolve_unsettled(
+    hook: Any, ledger: Ledger, settings: ChargeSettings, *, logger: logging.Logger | None = None,
+    limit: int = 10000,
+) -> dict[str, int]:  # fmt: skip
+    """Reconcile pending/unknown rows older than the lease: record what Iamport says happened.
+
+    Rows Iamport has no record of stay unsettled, marked ``not_found_at_iamport``: the next
+    charge run for that subscription resends them under the same merchant_uid.
+    """
+    lg = logger or log
+    counts: dict[str, int] = {}
+    stale = ledger.unsettled_attempts(
+        requested_before=_iso_ago(settings.pending_lease_seconds), limit=limit
+    )
+    outcomes: list[Outcome] = []
+    for a in stale:
+        try:
+            outcome = resolve_by_lookup(
+                hook, a.merchant_uid, a.amount, a.billing_date, a.attempt_no, settings
+            )
+        except IamportError as e:
+            lg.warning("could not look up %s: %s", a.merchant_uid, e)
+            counts["still_unknown"] = counts.get("still_unknown", 0) + 1
+            continue
+        if outcome is None:
+            # Iamport never saw it: it stays unsettled and the next charge run for the
+            # subscription resends it under the same merchant_uid.
+            outcome = Outcome(
+                a.merchant_uid, a.status, error_code="not_found_at_iamport",
+                error_message="Iamport has no payment for this merchant_uid; safe to resend",
+            )  # fmt: skip
+        outcomes.append(outcome)
+        counts[outcome.status] = counts.get(outcome.status, 0) + 1
+        lg.info(
+            "reconciled %s: %s -> %s imp_uid=%s",
+            a.merchant_uid,
+            a.status,
+            outcome.status,
+            outcome.imp_uid,
+        )
+    ledger.record_outcomes(outcomes)
+    return counts
+
+
+def iter_chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -1,0 +1,227 @@
+"""The charge engine against the emulator (real HTTP) and a real SQLite ledger."""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+
+import pytest
+import requests
+from support import (
+    HARD_DECLINE_CARD,
+    PAYING_CARD,
+    SOFT_DECLINE_CARD,
+    emulator_payments,
+    register_cards,
+)
+
+from iamport_billing.charging import ChargeEngine, ChargeSettings, RateLimiter, resolve_unsettled
+from iamport_billing.hooks.iamport import IamportHook
+from iamport_billing.ledger import Ledger
+from iamport_billing.policy import ChargeCandidate, merchant_uid_for
+
+DAY = date(2026, 11, 26)
+RUN = {"dag_id": "test", "run_id": "run-1", "task_id": "charge[0]", "try_number": 1}
+SETTINGS = ChargeSettings(max_concurrency=8, unknown_settle_seconds=0.1)
+
+
+def cand(sub: str, customer: str | None = None, amount: int = 1000) -> ChargeCandidate:
+    return ChargeCandidate(sub, customer or f"cust-{sub}", amount, DAY, name="plan")
+
+
+@pytest.fixture
+def ledger(sqlite_warehouse):
+    with Ledger.from_conn_id("billing_warehouse") as led:
+        led.init_schema()
+        yield led
+
+
+@pytest.fixture
+def hook(emulator):
+    h = IamportHook(pool_maxsize=8)
+    yield h
+    h.close()
+
+
+def engine(hook, ledger, settings=SETTINGS, run=RUN) -> ChargeEngine:
+    return ChargeEngine(hook, ledger, settings, run)
+
+
+def set_faults(emulator, **faults) -> None:
+    requests.post(f"{emulator.url}/__emulator__/faults", json=faults, timeout=5).raise_for_status()
+
+
+def paid_by_merchant_uid(emulator) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for p in emulator_payments(emulator.config.db_path):
+        if p["status"] == "paid":
+            counts[p["merchant_uid"]] = counts.get(p["merchant_uid"], 0) + 1
+    return counts
+
+
+def ledger_rows(ledger) -> dict[str, tuple]:
+    rows = ledger.query(
+        "SELECT merchant_uid, status, imp_uid, amount, decline_kind, next_retry_date, error_code "
+        "FROM billing_charge_attempts"
+    )
+    return {r[0]: r[1:] for r in rows}
+
+
+def test_every_candidate_is_charged_once_and_the_ledger_matches(hook, ledger, emulator):
+    subs = [f"s{i:03d}" for i in range(60)]
+    register_cards(emulator, [(f"cust-{s}", PAYING_CARD) for s in subs])
+    result = engine(hook, ledger).charge_batch([cand(s) for s in subs])
+    assert result.counts == {"paid": 60}
+    assert result.amounts == {"paid": 60_000}
+    paid = paid_by_merchant_uid(emulator)
+    assert paid == {merchant_uid_for(s, DAY, 1): 1 for s in subs}
+    imp_uids = {p["merchant_uid"]: p["imp_uid"] for p in emulator_payments(emulator.config.db_path)}
+    for uid, (status, imp_uid, amount, *_rest) in ledger_rows(ledger).items():
+        assert (status, imp_uid, amount) == ("paid", imp_uids[uid], 1000)
+
+
+def test_running_the_batch_again_charges_nobody(hook, ledger, emulator):
+    register_cards(emulator, [("cust-a", PAYING_CARD), ("cust-b", PAYING_CARD)])
+    engine(hook, ledger).charge_batch([cand("a"), cand("b")])
+    again = engine(hook, ledger, run={**RUN, "run_id": "run-2"}).charge_batch(
+        [cand("a"), cand("b")]
+    )
+    assert again.counts == {"already_paid": 2}
+    assert again.charges_sent == 0
+    assert len(emulator_payments(emulator.config.db_path)) == 2
+
+
+def test_declines_are_classified_and_soft_ones_scheduled(hook, ledger, emulator):
+    register_cards(emulator, [("cust-soft", SOFT_DECLINE_CARD), ("cust-hard", HARD_DECLINE_CARD)])
+    result = engine(hook, ledger).charge_batch([cand("soft"), cand("hard")])
+    assert result.counts == {"declined_soft": 1, "declined_hard": 1}
+    rows = ledger_rows(ledger)
+    soft = rows[merchant_uid_for("soft", DAY, 1)]
+    hard = rows[merchant_uid_for("hard", DAY, 1)]
+    assert (soft[0], soft[3], str(soft[4])[:10]) == ("failed", "soft", str(DAY + timedelta(1)))
+    assert (hard[0], hard[3], hard[4]) == ("failed", "hard", None)
+
+
+def test_a_declined_subscription_is_not_recharged_by_a_rerun(hook, ledger, emulator):
+    register_cards(emulator, [("cust-soft", SOFT_DECLINE_CARD)])
+    engine(hook, ledger).charge_batch([cand("soft")])
+    again = engine(hook, ledger).charge_batch([cand("soft")])
+    assert again.counts == {"already_settled": 1}
+    assert len(emulator_payments(emulator.config.db_path)) == 1
+
+
+def test_missing_billing_key_is_a_hard_failure_without_a_payment(hook, ledger, emulator):
+    result = engine(hook, ledger).charge_batch([cand("ghost")])
+    assert result.counts == {"missing_billing_key": 1}
+    (row,) = ledger_rows(ledger).values()
+    assert (row[0], row[3], row[5]) == ("failed", "hard", "missing_billing_key")
+    assert emulator_payments(emulator.config.db_path) == []
+
+
+def test_dropped_responses_are_resolved_by_lookup_without_a_second_charge(hook, ledger, emulator):
+    subs = [f"d{i}" for i in range(10)]
+    register_cards(emulator, [(f"cust-{s}", PAYING_CARD) for s in subs])
+    hook.get_token()
+    set_faults(emulator, drop_after_commit_rate=1.0)
+    eng = engine(hook, ledger, ChargeSettings(max_concurrency=4, unknown_settle_seconds=0.1))
+    # Lookups must work while charges keep being dropped: only the POST is affected.
+    result = eng.charge_batch([cand(s) for s in subs])
+    assert result.counts == {"paid": 10}
+    assert paid_by_merchant_uid(emulator) == {merchant_uid_for(s, DAY, 1): 1 for s in subs}
+    assert {r[0] for r in ledger_rows(ledger).values()} == {"paid"}
+
+
+def test_server_errors_before_processing_are_resent_with_the_same_merchant_uid(
+    hook, ledger, emulator
+):
+    register_cards(emulator, [("cust-x", PAYING_CARD)])
+    hook.get_token()
+    set_faults(emulator, error_rate=1.0)
+    eng = engine(hook, ledger, ChargeSettings(max_concurrency=1, unknown_settle_seconds=0.1))
+    original = eng._settle_unknown
+
+    def heal_then_settle(unknown):
+        set_faults(emulator, error_rate=0.0)
+        return original(unknown)
+
+    eng._settle_unknown = heal_then_settle
+    result = eng.charge_batch([cand("x")])
+    assert result.counts == {"paid": 1}
+    assert paid_by_merchant_uid(emulator) == {merchant_uid_for("x", DAY, 1): 1}
+
+
+def test_outcomes_that_stay_unknown_are_reported_not_lost(hook, ledger, emulator):
+    register_cards(emulator, [("cust-x", PAYING_CARD)])
+    hook.get_token()
+    set_faults(emulator, error_rate=1.0)
+    settings = ChargeSettings(max_concurrency=1, unknown_settle_seconds=0.0, max_resend_rounds=0)
+    result = engine(hook, ledger, settings).charge_batch([cand("x")])
+    assert result.unknown_merchant_uids == [merchant_uid_for("x", DAY, 1)]
+    assert ledger_rows(ledger)[merchant_uid_for("x", DAY, 1)][0] == "unknown"
+
+
+def test_pending_row_left_by_a_crash_is_looked_up_before_anything_else(hook, ledger, emulator):
+    """A crash after the charge reached Iamport: the retry finds it paid, charges nothing."""
+    register_cards(emulator, [("cust-a", PAYING_CARD), ("cust-b", PAYING_CARD)])
+    uid_a, uid_b = merchant_uid_for("a", DAY, 1), merchant_uid_for("b", DAY, 1)
+    crashed = engine(hook, ledger)
+    crashed.claim(crashed.plan([cand("a"), cand("b")])[0])  # both rows pending, then "crash"
+    hook.charge_again("cust-a", uid_a, 1000, "plan")  # only a's request had reached Iamport
+    retry = engine(hook, ledger, run={**RUN, "try_number": 2})
+    result = retry.charge_batch([cand("a"), cand("b")])
+    assert result.counts == {"resolved_paid": 1, "paid": 1}
+    assert paid_by_merchant_uid(emulator) == {uid_a: 1, uid_b: 1}
+    assert {v[0] for v in ledger_rows(ledger).values()} == {"paid"}
+
+
+def test_a_fresh_pending_row_of_another_run_is_left_alone(hook, ledger, emulator):
+    register_cards(emulator, [("cust-a", PAYING_CARD)])
+    other = engine(hook, ledger, run={**RUN, "run_id": "other"})
+    other.claim(other.plan([cand("a")])[0])
+    result = engine(hook, ledger).charge_batch([cand("a")])
+    assert result.counts == {"in_flight_elsewhere": 1}
+    assert emulator_payments(emulator.config.db_path) == []
+
+
+def test_two_engines_racing_for_one_batch_charge_each_subscription_once(hook, ledger, emulator):
+    import threading
+
+    subs = [f"r{i:02d}" for i in range(40)]
+    register_cards(emulator, [(f"cust-{s}", PAYING_CARD) for s in subs])
+    results = []
+
+    def run(run_id):
+        with Ledger.from_conn_id("billing_warehouse") as own:
+            results.append(
+                engine(IamportHook(), own, run={**RUN, "run_id": run_id}).charge_batch(
+                    [cand(s) for s in subs]
+                )
+            )
+
+    threads = [threading.Thread(target=run, args=(f"race-{i}",)) for i in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert paid_by_merchant_uid(emulator) == {merchant_uid_for(s, DAY, 1): 1 for s in subs}
+    assert sum(r.counts.get("paid", 0) for r in results) == 40
+
+
+def test_reconcile_settles_stale_rows_and_leaves_unseen_ones_marked(hook, ledger, emulator):
+    register_cards(emulator, [("cust-a", PAYING_CARD)])
+    old = engine(hook, ledger, run={**RUN, "run_id": "old"})
+    old.claim(old.plan([cand("a"), cand("b")])[0])
+    hook.charge_again("cust-a", merchant_uid_for("a", DAY, 1), 1000, "plan")
+    counts = resolve_unsettled(hook, ledger, ChargeSettings(pending_lease_seconds=0))
+    assert counts == {"paid": 1, "pending": 1}
+    rows = ledger_rows(ledger)
+    assert rows[merchant_uid_for("a", DAY, 1)][0] == "paid"
+    assert rows[merchant_uid_for("b", DAY, 1)][0] == "pending"
+    assert rows[merchant_uid_for("b", DAY, 1)][5] == "not_found_at_iamport"
+
+
+def test_rate_limiter_spaces_request_starts():
+    import time
+
+    limiter = RateLimiter(50)
+    start = time.monotonic()
+    for _ in range(26):
+        limiter.acquire()
+    assert time.monotonic() - start >= 0.45
