@@ -1,0 +1,87 @@
+"""``iamport-emulator`` console script: a local Iamport V1 server with fault injection."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from iamport_billing.emulator.config import (
+    DEFAULT_IMP_KEY,
+    DEFAULT_IMP_SECRET,
+    DEFAULT_TOKEN_TTL_S,
+    EmulatorConfig,
+)
+from iamport_billing.emulator.server import SECRET_ENV, serve
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="iamport-emulator",
+        description="Emulated Iamport (PortOne V1) billing API backed by SQLite. The "
+        "/__emulator__ admin endpoints (faults, stats) need no token and are only served on "
+        "loopback binds.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
+    p.add_argument("--port", type=int, default=8099, help="0 picks a free port")
+    p.add_argument("--db", default="iamport-emulator.db", help="SQLite file (created if missing)")
+    p.add_argument("--imp-key", default=DEFAULT_IMP_KEY)
+    p.add_argument(
+        "--imp-secret",
+        default=os.environ.get(SECRET_ENV, DEFAULT_IMP_SECRET),
+        help=f"default from ${SECRET_ENV}, else {DEFAULT_IMP_SECRET!r}",
+    )
+    p.add_argument("--latency-ms", type=float, default=0.0, help="mean added latency")
+    p.add_argument("--latency-jitter-ms", type=float, default=0.0, help="latency std deviation")
+    p.add_argument("--error-rate", type=float, default=0.0, help="P(HTTP 500/502/503 up front)")
+    p.add_argument("--rate-limit-rate", type=float, default=0.0, help="P(HTTP 429 up front)")
+    p.add_argument(
+        "--drop-after-commit-rate",
+        type=float,
+        default=0.0,
+        help="P(again commits the payment, then the connection is reset without an answer)",
+    )
+    p.add_argument("--token-ttl-s", type=int, default=DEFAULT_TOKEN_TTL_S)
+    p.add_argument(
+        "--token-extend-window-s",
+        type=int,
+        default=None,
+        help="getToken this close to expiry extends the token (default 60 s scaled by TTL/1800)",
+    )
+    p.add_argument(
+        "--token-extend-s",
+        type=int,
+        default=None,
+        help="extension length (default 300 s scaled by TTL/1800)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed of the fault randomness")
+    p.add_argument("--log-level", default="warning", help="uvicorn log level")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        config = EmulatorConfig(
+            host=args.host,
+            port=args.port,
+            db_path=args.db,
+            imp_key=args.imp_key,
+            imp_secret=args.imp_secret,
+            latency_ms=args.latency_ms,
+            latency_jitter_ms=args.latency_jitter_ms,
+            error_rate=args.error_rate,
+            rate_limit_rate=args.rate_limit_rate,
+            drop_after_commit_rate=args.drop_after_commit_rate,
+            token_ttl_s=args.token_ttl_s,
+            token_extend_window_s=args.token_extend_window_s,
+            token_extend_s=args.token_extend_s,
+            seed=args.seed,
+            log_level=args.log_level,
+        )
+    except ValueError as e:
+        build_parser().error(str(e))
+    serve(config)
+
+
+if __name__ == "__main__":
+    main()

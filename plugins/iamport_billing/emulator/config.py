@@ -1,0 +1,149 @@
+"""Emulator settings and the test-card table that decides charge outcomes."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+DEFAULT_IMP_KEY = "imp_test_key"
+DEFAULT_IMP_SECRET = "imp_test_secret"
+DEFAULT_TOKEN_TTL_S = 1800
+# Real Iamport: a getToken in the last 60 s of a 30-minute token extends it by 300 s.
+REAL_TOKEN_TTL_S = 1800
+REAL_EXTEND_WINDOW_S = 60
+REAL_EXTEND_BY_S = 300
+
+# Test cards, like a card network's: the registered number decides every later charge.
+CARD_ALWAYS_PAID = "4242-4242-4242-4242"
+CARD_SOFT_DECLINE = "4000-0000-0000-0002"
+CARD_HARD_DECLINE = "4000-0000-0000-0069"
+SOFT_DECLINE_REASON = "[잔액부족] 카드 잔액이 부족합니다 (insufficient funds)"
+HARD_DECLINE_REASON = "[분실도난] 분실 또는 도난 카드입니다 (lost or stolen card)"
+
+# Outcome classes stored with each billing key (the full card number is never stored).
+BEHAVIOR_PAID = "paid"
+BEHAVIOR_SOFT_DECLINE = "soft_decline"
+BEHAVIOR_HARD_DECLINE = "hard_decline"
+
+
+def card_digits(card_number: str) -> str:
+    return "".join(ch for ch in card_number if ch.isdigit())
+
+
+def card_behavior(card_number: str) -> str:
+    """What charges on this card do; unknown numbers are approved."""
+    digits = card_digits(card_number)
+    if digits == card_digits(CARD_SOFT_DECLINE):
+        return BEHAVIOR_SOFT_DECLINE
+    if digits == card_digits(CARD_HARD_DECLINE):
+        return BEHAVIOR_HARD_DECLINE
+    return BEHAVIOR_PAID
+
+
+def is_loopback_host(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+FAULT_FIELDS = (
+    "latency_ms",
+    "latency_jitter_ms",
+    "error_rate",
+    "rate_limit_rate",
+    "drop_after_commit_rate",
+    "token_ttl_s",
+    "token_extend_window_s",
+    "token_extend_s",
+)
+
+
+@dataclass
+class EmulatorConfig:
+    """Every CLI option. Fault fields can also be changed at runtime (POST /__emulator__/faults).
+
+    ``token_extend_window_s``/``token_extend_s`` default to the real 60 s/300 s scaled by
+    ``token_ttl_s``/1800, so a short TTL still expires instead of being extended forever.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    db_path: str = "iamport-emulator.db"
+    imp_key: str = DEFAULT_IMP_KEY
+    imp_secret: str = field(default=DEFAULT_IMP_SECRET, repr=False)
+    latency_ms: float = 0.0
+    latency_jitter_ms: float = 0.0
+    error_rate: float = 0.0
+    rate_limit_rate: float = 0.0
+    drop_after_commit_rate: float = 0.0
+    token_ttl_s: int = DEFAULT_TOKEN_TTL_S
+    token_extend_window_s: int | None = None
+    token_extend_s: int | None = None
+    seed: int | None = None
+    log_level: str = "warning"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("error_rate", "rate_limit_rate", "drop_after_commit_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1], got {value}")
+        if self.latency_ms < 0 or self.latency_jitter_ms < 0:
+            raise ValueError("latency_ms and latency_jitter_ms must be >= 0")
+        if self.token_ttl_s < 1:
+            raise ValueError("token_ttl_s must be >= 1")
+        for name in ("token_extend_window_s", "token_extend_s"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0")
+
+    @property
+    def extend_window_s(self) -> int:
+        if self.token_extend_window_s is not None:
+            return self.token_extend_window_s
+        return self.token_ttl_s * REAL_EXTEND_WINDOW_S // REAL_TOKEN_TTL_S
+
+    @property
+    def extend_by_s(self) -> int:
+        if self.token_extend_s is not None:
+            return self.token_extend_s
+        return self.token_ttl_s * REAL_EXTEND_BY_S // REAL_TOKEN_TTL_S
+
+    @property
+    def admin_enabled(self) -> bool:
+        """The /__emulator__ endpoints need no token, so they exist only on loopback binds."""
+        return is_loopback_host(self.host)
+
+    def faults(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {name: data[name] for name in FAULT_FIELDS}
+
+    def update_faults(self, changes: dict[str, Any]) -> None:
+        """Apply runtime fault changes atomically: all valid or none applied."""
+        unknown = set(changes) - set(FAULT_FIELDS) - {"seed"}
+        if unknown:
+            raise ValueError(f"unknown fault fields: {sorted(unknown)}")
+        coerced = {name: _coerce(name, value) for name, value in changes.items()}
+        candidate = EmulatorConfig(**{**asdict(self), **coerced})
+        for name in (*FAULT_FIELDS, "seed"):
+            setattr(self, name, getattr(candidate, name))
+
+
+_INT_FIELDS = {"token_ttl_s", "token_extend_window_s", "token_extend_s", "seed"}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if value is None and name in ("token_extend_window_s", "token_extend_s", "seed"):
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number")
+    try:
+        return int(value) if name in _INT_FIELDS else float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
