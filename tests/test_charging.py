@@ -6,6 +6,10 @@ from datetime import date, timedelta
 
 import pytest
 import requests
+from iamport_billing.charging import ChargeEngine, ChargeSettings, RateLimiter, resolve_unsettled
+from iamport_billing.hooks.iamport import IamportHook
+from iamport_billing.ledger import Ledger
+from iamport_billing.policy import ChargeCandidate, merchant_uid_for
 from support import (
     HARD_DECLINE_CARD,
     PAYING_CARD,
@@ -13,11 +17,6 @@ from support import (
     emulator_payments,
     register_cards,
 )
-
-from iamport_billing.charging import ChargeEngine, ChargeSettings, RateLimiter, resolve_unsettled
-from iamport_billing.hooks.iamport import IamportHook
-from iamport_billing.ledger import Ledger
-from iamport_billing.policy import ChargeCandidate, merchant_uid_for
 
 DAY = date(2026, 11, 26)
 RUN = {"dag_id": "test", "run_id": "run-1", "task_id": "charge[0]", "try_number": 1}

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 import requests
-from support import HARD_DECLINE_CARD, PAYING_CARD, SOFT_DECLINE_CARD, register_cards
-
 from iamport_billing.errors import (
     IamportAuthError,
     IamportBillingKeyMissing,
@@ -25,6 +23,7 @@ from iamport_billing.errors import (
     IamportTransportError,
 )
 from iamport_billing.hooks.iamport import IamportHook, settings_from_connection
+from support import HARD_DECLINE_CARD, PAYING_CARD, SOFT_DECLINE_CARD, register_cards
 
 
 def stats(emulator) -> dict:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from datetime import date
 
 import pytest
-from support import add_subscriptions
-
 from iamport_billing.ledger import DEFAULT_DUE_QUERY, Ledger, Outcome, checked_identifier
 from iamport_billing.policy import PAID, PENDING, RejectedRow
+from support import add_subscriptions
 
 DAY = date(2026, 11, 26)
 RUN = {"dag_id": "d", "run_id": "r1", "task_id": "charge[0]", "try_number": 1}

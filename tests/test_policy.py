@@ -7,7 +7,6 @@ from decimal import Decimal
 
 import pendulum
 import pytest
-
 from iamport_billing.policy import (
     HARD,
     SOFT,

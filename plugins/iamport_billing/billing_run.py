@@ -1,0 +1,327 @@
+"""The steps of a billing run (plan, reconcile, write back, report) as plain functions.
+
+DAG files wire these into tasks; each takes explicit arguments so it can be tested alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from datetime import date
+from typing import Any
+
+from iamport_billing.ledger import ATTEMPTS, Ledger
+from iamport_billing.policy import (
+    FAILED,
+    HARD,
+    REJECTED,
+    SOFT,
+    UNSETTLED,
+    ChargeCandidate,
+    Guardrails,
+    PlanTotals,
+    RejectedRow,
+    ValidationLimits,
+    add_month_anchored,
+    billing_date_of_run,
+    guardrail_violations,
+    to_date,
+    validate_row,
+)
+
+log = logging.getLogger(__name__)
+MAX_MAP_LENGTH = 1024
+
+
+class GuardrailTripped(Exception):
+    """The plan broke a limit: nothing was charged."""
+
+
+def run_info(context: Mapping[str, Any]) -> dict[str, Any]:
+    """Who is writing to the ledger: stored on every attempt row for the audit trail."""
+    ti = context["ti"]
+    map_index = getattr(ti, "map_index", -1)
+    task_id = ti.task_id if map_index is None or map_index < 0 else f"{ti.task_id}[{map_index}]"
+    return {
+        "dag_id": ti.dag_id,
+        "run_id": ti.run_id,
+        "task_id": task_id,
+        "try_number": int(getattr(ti, "try_number", 1) or 1),
+    }
+
+
+def billing_date_from_context(context: Mapping[str, Any]) -> date:
+    """Logical date in Asia/Seoul; ``run_after`` for manual runs that have no logical date."""
+    dag_run = context.get("dag_run")
+    return billing_date_of_run(context.get("logical_date"), getattr(dag_run, "run_after", None))
+
+
+def validated(
+    rows: Iterable[Mapping[str, Any]], *, run_date: date, limits: ValidationLimits
+) -> Iterator[ChargeCandidate | RejectedRow]:
+    """Validate rows in subscription_id order; a subscription listed twice is rejected whole."""
+    group: list[Mapping[str, Any]] = []
+    for row in rows:
+        sub = row.get("subscription_id")
+        if group and (sub is None or sub != group[0].get("subscription_id")):
+            yield from _close_group(group, run_date, limits)
+            group = []
+        if sub is None:
+            yield validate_row(row, run_date=run_date, limits=limits)
+        else:
+            group.append(row)
+    if group:
+        yield from _close_group(group, run_date, limits)
+
+
+def _close_group(
+    group: list[Mapping[str, Any]], run_date: date, limits: ValidationLimits
+) -> Iterator[ChargeCandidate | RejectedRow]:
+    if len(group) == 1:
+        yield validate_row(group[0], run_date=run_date, limits=limits)
+        return
+    first = validate_row(group[0], run_date=run_date, limits=limits)
+    sub = str(group[0].get("subscription_id"))
+    yield RejectedRow(
+        subscription_id=sub,
+        customer_uid=getattr(first, "customer_uid", None),
+        amount=getattr(first, "amount", None),
+        billing_date=first.billing_date,
+        code="duplicate_in_due_query",
+        reason=f"subscription {sub!r} appears {len(group)} times in the due query",
+        currency=getattr(first, "currency", None),
+    )
+
+
+@dataclass
+class Plan:
+    billing_date: str
+    batches: list[dict[str, Any]]
+    count: int
+    total_amount: int
+    rejected: list[dict[str, Any]]
+    rejected_count: int
+    dry_run: bool
+    previous_total: int | None
+    violations: list[str]
+
+    def as_xcom(self) -> dict[str, Any]:
+        """Small and free of customer data beyond ids: safe for XCom."""
+        return {k: v for k, v in asdict(self).items() if k != "rejected"}
+
+
+def plan_run(
+    ledger: Ledger,
+    *,
+    due_query: str,
+    billing_date: date,
+    batch_size: int,
+    limits: ValidationLimits,
+    guardrails: Guardrails,
+    dry_run: bool,
+    run: Mapping[str, Any],
+    logger: logging.Logger | None = None,
+) -> Plan:
+    """Stream the due rows once: reject bad ones, total the rest, cut keyset batches."""
+    lg = logger or log
+    totals = PlanTotals()
+    batches: list[dict[str, Any]] = []
+    rejected_sample: list[dict[str, Any]] = []
+    pending_rejects: list[RejectedRow] = []
+    batch_count, batch_after, last_sub = 0, None, None
+
+    for item in validated(
+        ledger.iter_due(due_query, billing_date), run_date=billing_date, limits=limits
+    ):
+        if isinstance(item, RejectedRow):
+            totals.rejected += 1
+            pending_rejects.append(item)
+            if len(rejected_sample) < 100:
+                rejected_sample.append(
+                    {
+                        "subscription_id": item.subscription_id,
+                        "code": item.code,
+                        "reason": item.reason,
+                    }
+                )
+            if not dry_run and len(pending_rejects) >= 500:
+                ledger.record_rejected(pending_rejects, run)
+                pending_rejects.clear()
+            continue
+        totals.count += 1
+        totals.total_amount += item.amount
+        key = item.billing_date.isoformat()
+        totals.by_billing_date[key] = totals.by_billing_date.get(key, 0) + 1
+        last_sub = item.subscription_id
+        batch_count += 1
+        if batch_count >= batch_size:
+            batches.append({"after": batch_after, "until": last_sub, "count": batch_count})
+            batch_after, batch_count = last_sub, 0
+    if batch_count:
+        batches.append({"after": batch_after, "until": last_sub, "count": batch_count})
+    if not dry_run and pending_rejects:
+        ledger.record_rejected(pending_rejects, run)
+
+    batches = _fit_map_length(batches)
+    for b in batches:
+        b["billing_date"] = billing_date.isoformat()
+    previous = ledger.previous_run_total(str(run.get("dag_id")), billing_date)
+    violations = guardrail_violations(totals, guardrails, previous)
+    ledger.record_run(
+        run, billing_date, totals.count, totals.total_amount, totals.rejected, dry_run,
+        "; ".join(violations) or None,
+    )  # fmt: skip
+    plan = Plan(
+        billing_date=billing_date.isoformat(),
+        batches=[] if (dry_run or violations) else batches,
+        count=totals.count,
+        total_amount=totals.total_amount,
+        rejected=rejected_sample,
+        rejected_count=totals.rejected,
+        dry_run=dry_run,
+        previous_total=previous,
+        violations=violations,
+    )
+    lg.info(
+        "plan for %s: %d charges, %s KRW in %d batches; %d rejected%s",
+        billing_date, totals.count, f"{totals.total_amount:,}", len(batches), totals.rejected,
+        " (dry run: nothing will be charged)" if dry_run else "",
+    )  # fmt: skip
+    for r in rejected_sample:
+        lg.warning("rejected %s: %s (%s)", r["subscription_id"], r["reason"], r["code"])
+    if violations:
+        raise GuardrailTripped("guardrail tripped, nothing charged: " + "; ".join(violations))
+    return plan
+
+
+def _fit_map_length(batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Merge neighbouring keyset ranges until Airflow can map them (max_map_length)."""
+    while len(batches) > MAX_MAP_LENGTH:
+        merged = []
+        for i in range(0, len(batches), 2):
+            pair = batches[i : i + 2]
+            merged.append(
+                {
+                    "after": pair[0]["after"],
+                    "until": pair[-1]["until"],
+                    "count": sum(b["count"] for b in pair),
+                }
+            )
+        batches = merged
+    return batches
+
+
+def candidates_in_batch(
+    ledger: Ledger, *, due_query: str, batch: Mapping[str, Any], limits: ValidationLimits
+) -> list[ChargeCandidate]:
+    """Re-read one keyset range and keep the rows the plan accepted (same validation)."""
+    billing_date = to_date(batch["billing_date"])
+    assert billing_date is not None
+    rows = ledger.iter_due(
+        due_query, billing_date, after=batch.get("after"), until=batch.get("until")
+    )
+    if batch.get("after") is None:
+        rows = (r for r in rows if r.get("subscription_id") is not None)
+    return [
+        c
+        for c in validated(rows, run_date=billing_date, limits=limits)
+        if isinstance(c, ChargeCandidate)
+    ]
+
+
+def write_back(
+    ledger: Ledger, *, subscriptions_table: str, logger: logging.Logger | None = None
+) -> dict[str, int]:
+    """Apply settled outcomes to subscriptions; idempotent, and it catches up on older runs.
+
+    Paid: next_billing_date moves one month on (anchor day kept). Hard declines and missing
+    billing keys: ``payment_method_required``. Soft declines whose retries are exhausted:
+    ``past_due``. Soft declines with a retry date stay active for the dunning run.
+    """
+    lg = logger or log
+    moves = [
+        (sub, day, add_month_anchored(day, anchor))
+        for sub, day, anchor in ledger.paid_not_advanced(subscriptions_table)
+    ]
+    ledger.advance_subscriptions(moves, subscriptions_table)
+    hard = _latest_failed_subscriptions(ledger, subscriptions_table, HARD)
+    ledger.set_subscription_status(
+        hard, "payment_method_required", subscriptions_table=subscriptions_table
+    )
+    exhausted = _latest_failed_subscriptions(ledger, subscriptions_table, SOFT, exhausted=True)
+    ledger.set_subscription_status(exhausted, "past_due", subscriptions_table=subscriptions_table)
+    counts = {
+        "advanced": len(moves),
+        "payment_method_required": len(hard),
+        "past_due": len(exhausted),
+    }
+    lg.info("write-back: %s", counts)
+    return counts
+
+
+def _latest_failed_subscriptions(
+    ledger: Ledger, subscriptions_table: str, kind: str, *, exhausted: bool = False
+) -> list[str]:
+    """Active subscriptions whose latest attempt on their current billing date failed ``kind``."""
+    from iamport_billing.ledger import checked_identifier
+
+    table = checked_identifier(subscriptions_table)
+    extra = " AND a.next_retry_date IS NULL" if exhausted else ""
+    rows = ledger.query(
+        f"SELECT DISTINCT a.subscription_id FROM {ATTEMPTS} a "
+        f"JOIN {table} s ON s.subscription_id = a.subscription_id "
+        "WHERE a.status = %s AND a.decline_kind = %s AND s.status = 'active' "
+        f"AND s.next_billing_date = a.billing_date{extra} "
+        f"AND a.attempt_no = (SELECT MAX(b.attempt_no) FROM {ATTEMPTS} b "
+        "WHERE b.subscription_id = a.subscription_id AND b.billing_date = a.billing_date "
+        "AND b.status <> %s)",
+        [FAILED, kind, REJECTED],
+    )
+    return [r[0] for r in rows]
+
+
+def run_report(ledger: Ledger, *, run: Mapping[str, Any], billing_date: date) -> dict[str, Any]:
+    """Counts and amounts by status for this run, and what is still unsettled."""
+    by_status = ledger.summary("dag_id = %s AND run_id = %s", [run["dag_id"], run["run_id"]])
+    unsettled = ledger.summary(
+        "status IN (%s, %s) AND billing_date <= %s", [*UNSETTLED, billing_date.isoformat()]
+    )
+    reasons = ledger.query(
+        f"SELECT COALESCE(fail_reason, error_message), COUNT(*) FROM {ATTEMPTS} "
+        "WHERE dag_id = %s AND run_id = %s AND status IN (%s, %s) "
+        "GROUP BY COALESCE(fail_reason, error_message) ORDER BY COUNT(*) DESC LIMIT 10",
+        [run["dag_id"], run["run_id"], FAILED, REJECTED],
+    )
+    guard = ledger.query(
+        "SELECT guardrail, dry_run FROM billing_runs WHERE dag_id = %s AND run_id = %s",
+        [run["dag_id"], run["run_id"]],
+    )
+    return {
+        "billing_date": billing_date.isoformat(),
+        "by_status": by_status,
+        "unsettled": unsettled,
+        "top_reasons": [{"reason": r[0], "count": int(r[1])} for r in reasons],
+        "guardrail": guard[0][0] if guard else None,
+        "dry_run": bool(guard[0][1]) if guard else False,
+    }
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """A human summary for the task log and the demo."""
+    lines = [f"Billing run for {report['billing_date']}"]
+    if report.get("dry_run"):
+        lines.append("  DRY RUN: nothing was charged")
+    if report.get("guardrail"):
+        lines.append(f"  GUARDRAIL TRIPPED: {report['guardrail']}")
+    lines.append(f"  {'outcome':<12} {'count':>8} {'amount (KRW)':>16}")
+    for status, v in sorted(report["by_status"].items()):
+        lines.append(f"  {status:<12} {v['count']:>8,} {v['amount']:>16,}")
+    if not report["by_status"]:
+        lines.append("  (no attempts recorded by this run)")
+    unsettled = sum(v["count"] for v in report["unsettled"].values())
+    lines.append(f"  unsettled (pending/unknown) up to this date: {unsettled}")
+    if report["top_reasons"]:
+        lines.append("  top decline / rejection reasons:")
+        lines.extend(f"    {r['count']:>6}  {r['reason']}" for r in report["top_reasons"])
+    return "\n".join(lines)

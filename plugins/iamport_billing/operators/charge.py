@@ -1,0 +1,165 @@
+"""ChargeAgainOperator: charge stored billing keys through ``POST /subscribe/payments/again``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from iamport_billing.billing_run import candidates_in_batch, run_info
+from iamport_billing.charging import ChargeEngine, ChargeSettings
+from iamport_billing.hooks.iamport import IamportHook
+from iamport_billing.ledger import DEFAULT_DUE_QUERY, Ledger
+from iamport_billing.policy import (
+    ChargeCandidate,
+    DeclineTable,
+    RejectedRow,
+    ValidationLimits,
+    billing_date_of_run,
+    to_date,
+    validate_row,
+)
+
+
+class ChargeAgainOperator(BaseOperator):
+    """Charge one customer, or one keyset batch of due subscriptions, exactly once each.
+
+    Every charge is written ahead to the ledger as ``pending`` before the API call and its
+    outcome committed after; a retried or re-run task looks unsettled rows up at Iamport
+    before charging anything. Returns counts and amounts by outcome (no customer data).
+
+    One charge (the classic server call): pass ``customer_uid``, ``merchant_uid``, ``amount``
+    and ``name`` (plus ``optional`` fields of the API). A batch: pass ``batch`` as produced by
+    the daily run's plan step (``{"billing_date", "after", "until"}``).
+
+    :param iamport_conn_id: ``iamport`` connection.
+    :param warehouse_conn_id: SQL connection holding the ledger (and the due query's tables).
+    :param max_concurrency: charges in flight at once within this task.
+    :param requests_per_second: cap on charge requests started per second (None: no cap).
+    :param due_query: SQL returning due rows; ``:billing_date`` is bound as a parameter.
+    :param fail_on_unknown: fail the task (so Airflow retries and the retry looks them up)
+        when outcomes are still unknown at the end.
+    """
+
+    template_fields: Sequence[str] = (
+        "customer_uid", "merchant_uid", "amount", "name", "optional", "batch", "due_query",
+        "max_concurrency", "requests_per_second", "subscription_id", "billing_date",
+    )  # fmt: skip
+    template_fields_renderers = {"due_query": "sql", "optional": "json", "batch": "json"}
+    ui_color = "#f3e8ff"
+
+    def __init__(
+        self,
+        *,
+        iamport_conn_id: str = "iamport_default",
+        warehouse_conn_id: str = "billing_warehouse",
+        customer_uid: str | None = None,
+        merchant_uid: str | None = None,
+        amount: int | str | None = None,
+        name: str | None = None,
+        optional: Mapping[str, Any] | None = None,
+        subscription_id: str | None = None,
+        billing_date: str | None = None,
+        batch: Mapping[str, Any] | None = None,
+        due_query: str = DEFAULT_DUE_QUERY,
+        max_concurrency: int | str = 8,
+        requests_per_second: float | str | None = None,
+        validation: Mapping[str, Any] | None = None,
+        decline_table: Mapping[str, Any] | None = None,
+        retry_schedule_days: Sequence[int] = (1, 3, 5, 7),
+        pending_lease_seconds: float = 300.0,
+        unknown_settle_seconds: float = 2.0,
+        fail_on_unknown: bool = True,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        self.iamport_conn_id = iamport_conn_id
+        self.warehouse_conn_id = warehouse_conn_id
+        self.customer_uid = customer_uid
+        self.merchant_uid = merchant_uid
+        self.amount = amount
+        self.name = name
+        self.optional = dict(optional or {})
+        self.subscription_id = subscription_id
+        self.billing_date = billing_date
+        self.batch = batch
+        self.due_query = due_query
+        self.max_concurrency = max_concurrency
+        self.requests_per_second = requests_per_second
+        self.validation = dict(validation or {})
+        self.decline_table = dict(decline_table or {})
+        self.retry_schedule_days = tuple(retry_schedule_days)
+        self.pending_lease_seconds = pending_lease_seconds
+        self.unknown_settle_seconds = unknown_settle_seconds
+        self.fail_on_unknown = fail_on_unknown
+
+    def _settings(self) -> ChargeSettings:
+        rps = self.requests_per_second
+        return ChargeSettings(
+            max_concurrency=int(self.max_concurrency),
+            requests_per_second=float(rps) if rps not in (None, "", "None", 0) else None,
+            retry_schedule_days=self.retry_schedule_days,
+            decline_table=DeclineTable.from_config(self.decline_table),
+            pending_lease_seconds=float(self.pending_lease_seconds),
+            unknown_settle_seconds=float(self.unknown_settle_seconds),
+        )
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        settings = self._settings()
+        limits = ValidationLimits(**self.validation)
+        hook = IamportHook(self.iamport_conn_id, pool_maxsize=settings.max_concurrency)
+        with Ledger.from_conn_id(self.warehouse_conn_id) as ledger:
+            ledger.init_schema()
+            engine = ChargeEngine(hook, ledger, settings, run_info(context), logger=self.log)
+            if self.batch is not None:
+                candidates = candidates_in_batch(
+                    ledger, due_query=self.due_query, batch=self.batch, limits=limits
+                )
+                self.log.info("batch %s: %d charges to consider", dict(self.batch), len(candidates))
+                result = engine.charge_batch(candidates)
+            else:
+                candidate = self._single_candidate(context, limits)
+                result = engine.charge_batch(
+                    [candidate], merchant_uids={candidate.subscription_id: str(self.merchant_uid)}
+                )
+        hook.close()
+        summary = result.as_dict()
+        self.log.info("charge summary: %s", summary)
+        if result.unknown_merchant_uids and self.fail_on_unknown:
+            raise AirflowException(
+                f"{len(result.unknown_merchant_uids)} charge outcomes still unknown "
+                f"(e.g. {result.unknown_merchant_uids[:5]}); a retry looks them up first"
+            )
+        return summary
+
+    def _single_candidate(self, context: Any, limits: ValidationLimits) -> ChargeCandidate:
+        if not (self.customer_uid and self.merchant_uid and self.amount is not None):
+            raise AirflowFailException(
+                "ChargeAgainOperator needs either batch, or customer_uid, merchant_uid and amount"
+            )
+        dag_run = context.get("dag_run")
+        billing_date = to_date(self.billing_date) or billing_date_of_run(
+            context.get("logical_date"), getattr(dag_run, "run_after", None)
+        )
+        row = {
+            "subscription_id": self.subscription_id or self.merchant_uid,
+            "customer_uid": self.customer_uid,
+            "amount": self.amount,
+            "name": self.name,
+            "billing_date": billing_date,
+            "currency": self.optional.get("currency"),
+            **{k: self.optional.get(k) for k in ("buyer_name", "buyer_email", "buyer_tel")},
+        }
+        passthrough = {
+            k: v for k, v in self.optional.items()
+            if k not in ("currency", "buyer_name", "buyer_email", "buyer_tel")
+        }  # fmt: skip
+        checked = validate_row(
+            row, run_date=billing_date, limits=limits, merchant_uid=str(self.merchant_uid),
+            options=passthrough,
+        )  # fmt: skip
+        if isinstance(checked, RejectedRow):
+            raise AirflowFailException(f"charge rejected before any call: {checked.reason}")
+        return checked

@@ -1,0 +1,119 @@
+"""Task bodies of the billing DAGs: read the Airflow context, call the billing steps.
+
+Kept out of the DAG files so that DAG files only wire, and kept thin so that the logic is
+tested in ``billing_run`` and ``charging`` without Airflow.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from iamport_billing.billing_run import (
+    GuardrailTripped,
+    billing_date_from_context,
+    format_report,
+    plan_run,
+    run_info,
+    run_report,
+    write_back,
+)
+from iamport_billing.charging import ChargeSettings, resolve_unsettled
+from iamport_billing.config import BillingConfig
+from iamport_billing.hooks.iamport import IamportHook
+from iamport_billing.ledger import Ledger
+from iamport_billing.policy import Guardrails
+
+log = logging.getLogger(__name__)
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value in (None, "", "None") else int(value)
+
+
+def charge_settings(cfg: BillingConfig, params: dict[str, Any] | None = None) -> ChargeSettings:
+    params = params or {}
+    rps = params.get("requests_per_second")
+    return ChargeSettings(
+        max_concurrency=int(params.get("max_concurrency") or 8),
+        requests_per_second=float(rps) if rps not in (None, "", 0) else None,
+        retry_schedule_days=cfg.retry_schedule_days,
+        decline_table=cfg.declines,
+        pending_lease_seconds=cfg.pending_lease_seconds,
+        unknown_settle_seconds=cfg.unknown_settle_seconds,
+    )
+
+
+def reconcile_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, int]:
+    """Settle what earlier runs left pending/unknown before this run plans anything."""
+    with Ledger.from_conn_id(cfg.warehouse_conn_id) as ledger:
+        ledger.init_schema()
+        hook = IamportHook(cfg.iamport_conn_id)
+        try:
+            counts = resolve_unsettled(hook, ledger, charge_settings(cfg, context.get("params")))
+        finally:
+            hook.close()
+    log.info("reconciled earlier unsettled attempts: %s", counts or "none")
+    return counts
+
+
+def plan_step(cfg: BillingConfig, context: dict[str, Any]) -> list[dict[str, Any]]:
+    """Validate, total and batch the due rows; the batches are the charge task's map input."""
+    params = context.get("params") or {}
+    guardrails = Guardrails(
+        max_count=_opt_int(params.get("max_count")),
+        max_total_amount=_opt_int(params.get("max_total_amount")),
+        max_total_multiple_of_previous=cfg.max_total_multiple_of_previous,
+    )
+    with Ledger.from_conn_id(cfg.warehouse_conn_id) as ledger:
+        ledger.init_schema()
+        try:
+            plan = plan_run(
+                ledger,
+                due_query=cfg.due_query,
+                billing_date=billing_date_from_context(context),
+                batch_size=int(params.get("batch_size") or 500),
+                limits=cfg.limits,
+                guardrails=guardrails,
+                dry_run=bool(params.get("dry_run")),
+                run=run_info(context),
+            )
+        except GuardrailTripped as e:
+            raise AirflowFailException(str(e)) from None
+    context["ti"].xcom_push(key="plan", value=plan.as_xcom())
+    return plan.batches
+
+
+def write_back_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, int]:
+    with Ledger.from_conn_id(cfg.warehouse_conn_id) as ledger:
+        return write_back(ledger, subscriptions_table=cfg.subscriptions_table)
+
+
+def report_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, Any]:
+    """Log the run's summary; fail (so alerts fire) on a tripped guardrail or open unknowns."""
+    run = run_info(context)
+    billing_date = billing_date_from_context(context)
+    with Ledger.from_conn_id(cfg.warehouse_conn_id) as ledger:
+        ledger.init_schema()
+        report = run_report(ledger, run=run, billing_date=billing_date)
+    log.info("\n%s", format_report(report))
+    if report["guardrail"]:
+        raise AirflowFailException(f"guardrail tripped: {report['guardrail']}")
+    unsettled = sum(v["count"] for v in report["unsettled"].values())
+    if unsettled:
+        raise AirflowException(
+            f"{unsettled} charge outcomes are still pending/unknown: the reconcile DAG or the "
+            "next run looks them up; see the runbook"
+        )
+    ti = context["ti"]
+    failed = ti.get_ti_count(
+        dag_id=run["dag_id"],
+        run_ids=[run["run_id"]],
+        task_ids=[t for t in ti.task.upstream_task_ids],
+        states=["failed", "upstream_failed"],
+    )
+    if failed:
+        raise AirflowException(f"{failed} upstream task instance(s) failed in this run")
+    return report
