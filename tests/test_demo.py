@@ -1,0 +1,36 @@
+"""`make demo` end to end: seeds, charges through Airflow, summarises; a rerun charges nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.airflow
+
+
+def run_demo(root: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "IAMPORT"))}
+    env["IAMPORT_DEMO_ROOT"] = str(root)
+    return subprocess.run(
+        [sys.executable, "-m", "iamport_billing.demo"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_demo_charges_once_then_charges_nothing_new(tmp_path):
+    first = run_demo(tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "paid                 1,856" in first.stdout
+    assert "recorded 1,962 new payments" in first.stdout
+    assert "bad-zero-amount    amount 0 is not positive" in first.stdout
+    second = run_demo(tmp_path)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "Nothing new was charged" in second.stdout
+    assert "paid                 1,856" in second.stdout
