@@ -3,6 +3,8 @@ SQLite and on a PostgreSQL warehouse."""
 
 from __future__ import annotations
 
+import json
+import os
 from datetime import date
 
 import pendulum
@@ -31,11 +33,16 @@ def logical(day: date):
 def daily_dag(airflow_db, monkeypatch):
     monkeypatch.setenv("IAMPORT_BILLING_UNKNOWN_SETTLE_SECONDS", "0.1")
     monkeypatch.setenv("IAMPORT_BILLING_TASK_RETRY_DELAY_SECONDS", "1")
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag()
+    bag = daily_dag_bag()
     assert bag.import_errors == {}
     return bag.get_dag("iamport_billing_daily")
+
+
+def daily_dag_bag():
+    """Parse the DAGs now, so they see the environment the test has set up."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag()
 
 
 @pytest.fixture
@@ -178,3 +185,18 @@ def test_month_end_anchor_is_kept(daily_dag, ledger, emulator):
     assert subscription(ledger, "m1")[1] == "2026-02-28"
     run_dag(daily_dag, date(2026, 2, 28))
     assert subscription(ledger, "m1")[1] == "2026-03-31"
+
+
+def test_a_failed_charge_task_fails_the_run(airflow_db, monkeypatch, ledger, emulator):
+    monkeypatch.setenv("IAMPORT_BILLING_TASK_RETRIES", "0")
+    add_subscriptions(ledger, [("ok1", "cust-ok1", 1000)], DAY)
+    register_cards(emulator, [("cust-ok1", PAYING_CARD)])
+    conn = json.loads(os.environ["AIRFLOW_CONN_IAMPORT_DEFAULT"])
+    conn["password"] = "not-the-secret"
+    monkeypatch.setenv("AIRFLOW_CONN_IAMPORT_DEFAULT", json.dumps(conn))
+    dr, states = run_dag(daily_dag_bag().get_dag("iamport_billing_daily"), DAY)
+    assert states["charge[0]"] == "failed"
+    assert states["write_back"] == "success"
+    assert states["report"] == "failed"
+    assert dr.state == "failed"
+    assert emulator_payments(emulator.config.db_path) == []

@@ -11,8 +11,10 @@ from typing import Any
 
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from iamport_billing import alerts
 from iamport_billing.billing_run import (
     GuardrailTripped,
+    _latest_failed_subscriptions,
     billing_date_from_context,
     format_report,
     plan_run,
@@ -24,7 +26,7 @@ from iamport_billing.charging import ChargeSettings, resolve_unsettled
 from iamport_billing.config import BillingConfig
 from iamport_billing.hooks.iamport import IamportHook
 from iamport_billing.ledger import Ledger
-from iamport_billing.policy import Guardrails
+from iamport_billing.policy import SOFT, Guardrails
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,16 @@ def plan_step(cfg: BillingConfig, context: dict[str, Any]) -> list[dict[str, Any
 
 def write_back_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, int]:
     with Ledger.from_conn_id(cfg.warehouse_conn_id) as ledger:
-        return write_back(ledger, subscriptions_table=cfg.subscriptions_table)
+        going_past_due = _latest_failed_subscriptions(
+            ledger, cfg.subscriptions_table, SOFT, exhausted=True
+        )
+        counts = write_back(ledger, subscriptions_table=cfg.subscriptions_table)
+        found = alerts.past_due_alert(
+            ledger, going_past_due, cfg=cfg, run=run_info(context),
+            billing_date=billing_date_from_context(context),
+        )  # fmt: skip
+    alerts.send(found, cfg)
+    return counts
 
 
 def report_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, Any]:
@@ -99,6 +110,7 @@ def report_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, Any]:
         ledger.init_schema()
         report = run_report(ledger, run=run, billing_date=billing_date)
     log.info("\n%s", format_report(report))
+    alerts.send(alerts.run_alerts(report, cfg=cfg, run=run), cfg)
     if report["guardrail"]:
         raise AirflowFailException(f"guardrail tripped: {report['guardrail']}")
     unsettled = sum(v["count"] for v in report["unsettled"].values())
@@ -111,7 +123,7 @@ def report_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, Any]:
     failed = ti.get_ti_count(
         dag_id=run["dag_id"],
         run_ids=[run["run_id"]],
-        task_ids=[t for t in ti.task.upstream_task_ids],
+        task_ids=sorted(ti.task.get_flat_relative_ids(upstream=True)),
         states=["failed", "upstream_failed"],
     )
     if failed:
