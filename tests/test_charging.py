@@ -224,3 +224,24 @@ def test_rate_limiter_spaces_request_starts():
     for _ in range(26):
         limiter.acquire()
     assert time.monotonic() - start >= 0.45
+
+
+def test_pending_row_is_committed_before_the_charge_is_sent(hook, ledger, emulator):
+    """Write-ahead: another connection already sees the pending row when the POST leaves."""
+    register_cards(emulator, [("cust-a", PAYING_CARD), ("cust-b", PAYING_CARD)])
+    seen: dict[str, str | None] = {}
+    send = hook.charge_again
+
+    def observed_charge(customer_uid, merchant_uid, amount, name, **optional):
+        with Ledger.from_conn_id("billing_warehouse") as other:
+            row = other.get_attempt(merchant_uid)
+            seen[merchant_uid] = row.status if row else None
+        return send(customer_uid, merchant_uid, amount, name, **optional)
+
+    hook.charge_again = observed_charge
+    engine(hook, ledger).charge_batch([cand("a"), cand("b")])
+    assert seen == {
+        merchant_uid_for("a", DAY, 1): "pending",
+        merchant_uid_for("b", DAY, 1): "pending",
+    }
+    assert {v[0] for v in ledger_rows(ledger).values()} == {"paid"}
