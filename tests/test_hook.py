@@ -332,6 +332,35 @@ def test_refused_connection_on_charge_is_a_transport_error_not_unknown(monkeypat
         IamportHook().get_token()
 
 
+def test_charge_to_a_closed_port_is_not_unknown_because_nothing_was_sent(monkeypatch):
+    from iamport_billing.api_types import AccessToken
+    from iamport_billing.hooks.iamport import TOKEN_CACHE
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_IAMPORT_DEFAULT",
+        json.dumps(
+            {
+                "conn_type": "iamport",
+                "host": "http://127.0.0.1:9",
+                "login": "k",
+                "password": "s",
+                "extra": {"max_retries": 2},
+            }
+        ),
+    )
+    hook = IamportHook()
+    TOKEN_CACHE._tokens[hook._token_key()] = (
+        AccessToken("t" * 40, 2**31, 0),
+        time.monotonic() + 60,
+    )
+    try:
+        with pytest.raises(IamportTransportError) as err:
+            hook.charge_again("c", "closed-1", 1000, "plan")
+        assert not isinstance(err.value, IamportOutcomeUnknown)
+    finally:
+        TOKEN_CACHE.clear()
+
+
 def _conn(**kw):
     from airflow.sdk import Connection
 
