@@ -735,7 +735,7 @@ def test_iamport_hook_round_trip(
 
     conn = {
         "conn_type": "iamport", "host": emulator.url, "login": "imp_test_key",
-        "password": "imp_test_secret", "extra": {"auth_header_style": "raw"},
+        "password": "imp_test_secret", "extra": {"header_style": "raw"},
     }  # fmt: skip
     monkeypatch.setenv("AIRFLOW_CONN_IAMPORT_EMULATOR", json.dumps(conn))
     customer_uid, merchant_uid = uid("cust"), uid("order")

@@ -206,7 +206,7 @@ def test_test_connection_succeeds_against_the_emulator(hook):
 
 def test_raw_authorization_header_style_works(emulator, monkeypatch, cards):
     conn = json.loads(__import__("os").environ["AIRFLOW_CONN_IAMPORT_DEFAULT"])
-    conn["extra"]["auth_header_style"] = "raw"
+    conn["extra"]["header_style"] = "raw"
     monkeypatch.setenv("AIRFLOW_CONN_IAMPORT_DEFAULT", json.dumps(conn))
     assert IamportHook().charge_again("paying", "raw-1", 1000, "plan").is_paid
 

@@ -18,15 +18,12 @@ CONNECTION_EXTRA_FIELDS: dict[str, dict[str, Any]] = {
         "description": "Sub-merchant (agency) Tier code, sent as the `Tier` header. Leave empty.",
         "schema": {"type": ["string", "null"], "maxLength": 3},
     },
-    "auth_header_style": {
+    "header_style": {
         "label": "Authorization header style",
         "description": "`bearer` (Authorization: Bearer <token>, per the docs) or `raw` "
         "(Authorization: <token>, as the old official clients send).",
-        "schema": {
-            "type": ["string", "null"],
-            "enum": ["bearer", "raw", None],
-            "default": "bearer",
-        },
+        # Not named auth_header_*: Airflow masks extras whose names look sensitive.
+        "schema": {"type": ["string", "null"], "enum": ["bearer", "raw", None], "default": "bearer"},
     },
     "connect_timeout": {
         "label": "Connect timeout (s)",
@@ -104,7 +101,7 @@ def get_provider_info() -> dict[str, Any]:
                         "login": "imp_key from the PortOne console (V1 API)",
                         "password": "imp_secret",
                         "tier_code": "e.g. A01 (sub-merchants only)",
-                        "auth_header_style": "bearer",
+                        "header_style": "bearer",
                         "connect_timeout": "10",
                         "read_timeout": "30",
                     },

@@ -21,6 +21,7 @@ from iamport_billing.policy import (
     to_date,
     validate_row,
 )
+from iamport_billing.ui.links import BillingPageLink
 
 
 class ChargeAgainOperator(BaseOperator):
@@ -49,6 +50,7 @@ class ChargeAgainOperator(BaseOperator):
     )  # fmt: skip
     template_fields_renderers = {"due_query": "sql", "optional": "json", "batch": "json"}
     ui_color = "#f3e8ff"
+    operator_extra_links = (BillingPageLink(),)
 
     def __init__(
         self,

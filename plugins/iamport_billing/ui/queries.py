@@ -1,0 +1,266 @@
+"""Read-side queries of the Billing page, over the same Ledger the DAGs write.
+
+Everything is aggregated in SQL (GROUP BY, LIMIT/OFFSET) so a page costs a few small queries
+however many attempts the ledger holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any
+
+from iamport_billing.ledger import (
+    ATTEMPT_COLUMNS,
+    ATTEMPTS,
+    RUNS,
+    SUBSCRIPTIONS,
+    Attempt,
+    Ledger,
+    checked_identifier,
+)
+from iamport_billing.policy import FAILED, PAID, REJECTED, UNSETTLED, to_date
+
+FILTER_FIELDS = ("status", "billing_date", "customer_uid", "merchant_uid", "dag_id", "run_id")
+# The columns write-back relies on, so they exist in a custom subscriptions table too.
+SUBSCRIPTION_COLUMNS = ("subscription_id", "status", "next_billing_date", "billing_anchor_day")
+
+
+def decline_rate(paid: int, failed: int) -> float | None:
+    """Declined share of the charges that reached a decision (rejected rows never did)."""
+    decided = paid + failed
+    return failed / decided if decided else None
+
+
+@dataclass
+class Outcomes:
+    """Counts and amounts by ledger status."""
+
+    by_status: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def count(self, *statuses: str) -> int:
+        return sum(self.by_status.get(s, {}).get("count", 0) for s in statuses)
+
+    def amount(self, *statuses: str) -> int:
+        return sum(self.by_status.get(s, {}).get("amount", 0) for s in statuses)
+
+    @property
+    def decline_rate(self) -> float | None:
+        return decline_rate(self.count(PAID), self.count(FAILED))
+
+    @property
+    def unsettled(self) -> int:
+        return self.count(*UNSETTLED)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run's plan step recorded (billing_runs)."""
+
+    billing_date: date
+    planned_count: int
+    planned_total: int
+    rejected_count: int
+    dry_run: bool
+    guardrail: str | None
+
+
+@dataclass
+class RunRow:
+    """One DAG run: its plan (None if it planned nothing, e.g. a reconcile run) and outcomes."""
+
+    dag_id: str
+    run_id: str
+    plan: RunPlan | None
+    outcomes: Outcomes
+
+
+@dataclass
+class DateRow:
+    """One billing date: outcomes of every attempt for it, and the runs that worked on it."""
+
+    billing_date: date
+    outcomes: Outcomes
+    runs: list[RunRow]
+    top_reasons: list[tuple[str, int]]
+
+
+@dataclass(frozen=True)
+class AttemptFilter:
+    status: str | None = None
+    billing_date: str | None = None
+    customer_uid: str | None = None
+    merchant_uid: str | None = None
+    dag_id: str | None = None
+    run_id: str | None = None
+
+    def where(self) -> tuple[str, list[Any]]:
+        clauses, params = ["1 = 1"], []
+        for name in FILTER_FIELDS:
+            value = getattr(self, name)
+            if value:
+                clauses.append(f"{name} = %s")
+                params.append(value)
+        return " AND ".join(clauses), params
+
+    def as_params(self) -> dict[str, str]:
+        return {k: v for k in FILTER_FIELDS if (v := getattr(self, k))}
+
+
+@dataclass
+class AttemptPage:
+    attempts: list[Attempt]
+    total: int
+    page: int
+    page_size: int
+
+    @property
+    def pages(self) -> int:
+        return max(1, -(-self.total // self.page_size))
+
+
+def _chunks(values: Sequence[str], size: int = 500) -> list[list[str]]:
+    return [list(values[i : i + size]) for i in range(0, len(values), size)]
+
+
+class BillingQueries:
+    def __init__(self, ledger: Ledger, subscriptions_table: str = SUBSCRIPTIONS):
+        self.ledger = ledger
+        self.subscriptions_table = checked_identifier(subscriptions_table)
+
+    def _outcomes(self, where: str, params: Sequence[Any]) -> Outcomes:
+        return Outcomes(self.ledger.summary(where, params))
+
+    def billing_dates(self, limit: int = 30) -> list[date]:
+        """The latest billing dates that have attempts, newest first."""
+        rows = self.ledger.query(
+            f"SELECT DISTINCT billing_date FROM {ATTEMPTS} ORDER BY billing_date DESC "
+            f"LIMIT {int(limit)}"
+        )
+        return [d for r in rows if (d := to_date(r[0])) is not None]
+
+    def outcomes_by_date(self, dates: Sequence[date]) -> dict[date, Outcomes]:
+        if not dates:
+            return {}
+        marks = ", ".join(["%s"] * len(dates))
+        rows = self.ledger.query(
+            f"SELECT billing_date, status, COUNT(*), COALESCE(SUM(amount), 0) FROM {ATTEMPTS} "
+            f"WHERE billing_date IN ({marks}) GROUP BY billing_date, status",
+            [d.isoformat() for d in dates],
+        )
+        found: dict[date, Outcomes] = {d: Outcomes() for d in dates}
+        for day, status, count, amount in rows:
+            found[to_date(day)].by_status[status] = {"count": int(count), "amount": int(amount)}
+        return found
+
+    def top_reasons(self, where: str, params: Sequence[Any], limit: int = 5) -> list[tuple]:
+        """Decline reasons (fail_reason) and rejection reasons, most frequent first."""
+        rows = self.ledger.query(
+            f"SELECT COALESCE(fail_reason, error_message, error_code), COUNT(*) FROM {ATTEMPTS} "
+            f"WHERE {where} AND status IN (%s, %s) "
+            "GROUP BY COALESCE(fail_reason, error_message, error_code) "
+            f"ORDER BY COUNT(*) DESC LIMIT {int(limit)}",
+            [*params, FAILED, REJECTED],
+        )
+        return [(str(r[0]), int(r[1])) for r in rows]
+
+    def runs_for(self, dates: Sequence[date]) -> dict[date, list[RunRow]]:
+        """Per billing date: the runs that planned it or wrote attempts for it.
+
+        A run's own billing date (billing_runs) can differ from its attempts' dates: a row due
+        earlier is charged under its own date's merchant_uid. Both kinds are listed.
+        """
+        if not dates:
+            return {}
+        iso = [d.isoformat() for d in dates]
+        marks = ", ".join(["%s"] * len(iso))
+        pairs = self.ledger.query(
+            f"SELECT DISTINCT billing_date, dag_id, run_id FROM {ATTEMPTS} "
+            f"WHERE billing_date IN ({marks}) AND run_id IS NOT NULL "
+            f"UNION SELECT billing_date, dag_id, run_id FROM {RUNS} "
+            f"WHERE billing_date IN ({marks})",
+            [*iso, *iso],
+        )
+        run_ids = sorted({r[2] for r in pairs})
+        plans, outcomes = self._plans(run_ids), self._outcomes_by_run(run_ids)
+        found: dict[date, list[RunRow]] = {d: [] for d in dates}
+        for day, dag_id, run_id in sorted(pairs, key=lambda r: str(r[2]), reverse=True):
+            plan = plans.get((dag_id, run_id))
+            found[to_date(day)].append(
+                RunRow(dag_id, run_id, plan, outcomes.get((dag_id, run_id), Outcomes()))
+            )
+        return found
+
+    def _plans(self, run_ids: Sequence[str]) -> dict[tuple[str, str], RunPlan]:
+        found: dict[tuple[str, str], RunPlan] = {}
+        for chunk in _chunks(run_ids):
+            for r in self.ledger.query(
+                f"SELECT dag_id, run_id, billing_date, planned_count, planned_total, "
+                f"rejected_count, dry_run, guardrail FROM {RUNS} "
+                f"WHERE run_id IN ({', '.join(['%s'] * len(chunk))})",
+                chunk,
+            ):
+                found[(r[0], r[1])] = RunPlan(
+                    to_date(r[2]), int(r[3]), int(r[4]), int(r[5]), bool(r[6]), r[7]
+                )
+        return found
+
+    def _outcomes_by_run(self, run_ids: Sequence[str]) -> dict[tuple[str, str], Outcomes]:
+        found: dict[tuple[str, str], Outcomes] = {}
+        for chunk in _chunks(run_ids):
+            for dag_id, run_id, status, count, amount in self.ledger.query(
+                f"SELECT dag_id, run_id, status, COUNT(*), COALESCE(SUM(amount), 0) "
+                f"FROM {ATTEMPTS} WHERE run_id IN ({', '.join(['%s'] * len(chunk))}) "
+                "GROUP BY dag_id, run_id, status",
+                chunk,
+            ):
+                entry = found.setdefault((dag_id, run_id), Outcomes())
+                entry.by_status[status] = {"count": int(count), "amount": int(amount)}
+        return found
+
+    def date_rows(self, limit: int = 30) -> list[DateRow]:
+        """The overview table: the latest billing dates, newest first."""
+        dates = self.billing_dates(limit)
+        outcomes = self.outcomes_by_date(dates)
+        runs = self.runs_for(dates)
+        return [
+            DateRow(
+                billing_date=d,
+                outcomes=outcomes[d],
+                runs=runs[d],
+                top_reasons=self.top_reasons("billing_date = %s", [d.isoformat()], limit=3),
+            )
+            for d in dates
+        ]
+
+    def unsettled(self) -> Outcomes:
+        """Attempts still pending/unknown, of any date: each needs a lookup before anything else."""
+        return self._outcomes(f"status IN ({', '.join(['%s'] * len(UNSETTLED))})", UNSETTLED)
+
+    def attempts(self, filters: AttemptFilter, page: int = 1, page_size: int = 50) -> AttemptPage:
+        where, params = filters.where()
+        (total,) = self.ledger.query(f"SELECT COUNT(*) FROM {ATTEMPTS} WHERE {where}", params)[0]
+        page = max(1, page)
+        rows = self.ledger.query(
+            f"SELECT {', '.join(ATTEMPT_COLUMNS)} FROM {ATTEMPTS} WHERE {where} "
+            "ORDER BY billing_date DESC, requested_at DESC, merchant_uid "
+            f"LIMIT {int(page_size)} OFFSET {int((page - 1) * page_size)}",
+            params,
+        )
+        return AttemptPage([Attempt.from_row(r) for r in rows], int(total), page, page_size)
+
+    def subscription(self, subscription_id: str) -> tuple[dict[str, Any] | None, list[Attempt]]:
+        """The subscription row (None if the warehouse has none) and every attempt, newest first."""
+        found = self.ledger.query(
+            f"SELECT {', '.join(SUBSCRIPTION_COLUMNS)} FROM {self.subscriptions_table} "
+            "WHERE subscription_id = %s",
+            [subscription_id],
+        )
+        row = dict(zip(SUBSCRIPTION_COLUMNS, found[0], strict=True)) if found else None
+        attempts = self.ledger.query(
+            f"SELECT {', '.join(ATTEMPT_COLUMNS)} FROM {ATTEMPTS} WHERE subscription_id = %s "
+            "ORDER BY billing_date DESC, attempt_no DESC",
+            [subscription_id],
+        )
+        return row, [Attempt.from_row(r) for r in attempts]

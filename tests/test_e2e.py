@@ -1,0 +1,275 @@
+"""A real Airflow end to end: PostgreSQL metadata DB, api-server, scheduler, dag-processor and
+triggerer (LocalExecutor) as processes, the emulator as a process, a SQLite warehouse with a few
+hundred subscriptions. iamport_billing_daily is triggered through the REST API; the ledger is
+checked against the emulator, the Billing page behind Airflow's login, in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import quote
+
+import pendulum
+import pytest
+import requests
+from conftest import ARTIFACTS, PG_DSN
+from iamport_billing.devserver import (
+    DAG_ID,
+    AirflowApi,
+    AirflowStack,
+    iamport_conn,
+    sqlite_conn,
+)
+from iamport_billing.emulator import EmulatorConfig, start_emulator_process
+from iamport_billing.ledger import Ledger
+from iamport_billing.policy import SEOUL
+from iamport_billing.sample_data import seed_sample
+from support import emulator_payments
+
+pytestmark = [pytest.mark.e2e, pytest.mark.postgres, pytest.mark.timeout(600)]
+
+USER, PASSWORD = "ops", "e2e-ops-password"
+SUBSCRIPTIONS = 300
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def airflow(tmp_path_factory):
+    """Everything started once for the module; always stopped and dropped afterwards."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    root = tmp_path_factory.mktemp("e2e")
+    db_name = f"iamport_e2e_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(PG_DSN)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {db_name}")
+
+    warehouse, emulator_db = root / "warehouse.db", root / "emulator.db"
+    # Due yesterday (Seoul), so the triggered run (billing date: today) charges them all, under
+    # yesterday's merchant_uids. The scheduler makes no cron runs (use_job_schedule=False).
+    due = pendulum.now(SEOUL).date().subtract(days=1)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AIRFLOW_CONN_BILLING_WAREHOUSE", json.dumps(sqlite_conn(warehouse)))
+    with Ledger.from_conn_id("billing_warehouse") as ledger:
+        counts = seed_sample(ledger, emulator_db, due, n=SUBSCRIPTIONS, seed=5)
+    emulator_cfg = EmulatorConfig(db_path=str(emulator_db), latency_ms=5, seed=5)
+    emulator = start_emulator_process(emulator_cfg, log_path=root / "emulator.log")
+    stack = AirflowStack(
+        home=root / "airflow",
+        sql_alchemy_conn=f"postgresql+psycopg2://postgres@127.0.0.1:5432/{db_name}",
+        users={USER: ("admin", PASSWORD)},
+        extra_env={
+            "AIRFLOW_CONN_IAMPORT_DEFAULT": json.dumps(iamport_conn(emulator.url, emulator_cfg)),
+            "AIRFLOW_CONN_BILLING_WAREHOUSE": json.dumps(sqlite_conn(warehouse)),
+            "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+            "IAMPORT_BILLING_TASK_RETRY_DELAY_SECONDS": "3",
+            "IAMPORT_BILLING_UNKNOWN_SETTLE_SECONDS": "0.2",
+        },
+    )
+    try:
+        stack.migrate()
+        stack.start()
+        stack.wait_ready(180)
+        api = AirflowApi(stack.url, USER, PASSWORD)
+        api.set_pool("iamport_api", 4, "Iamport charge batches in flight")
+        api.wait_for_dag(DAG_ID, 180, stack)
+        run_id = api.trigger(DAG_ID, {"batch_size": 100, "max_concurrency": 8})
+        api.unpause(DAG_ID)
+        state = api.wait_for_run(DAG_ID, run_id, 300, stack)
+        yield SimpleNamespace(
+            stack=stack, api=api, run_id=run_id, state=state, warehouse=warehouse,
+            emulator=emulator, emulator_db=emulator_db, emulator_cfg=emulator_cfg,
+            counts=counts, due=due,
+        )  # fmt: skip
+    finally:
+        stack.stop()
+        emulator.stop()
+        mp.undo()
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")
+        admin.close()
+
+
+def ledger_rows(path: Path) -> list[dict]:
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM billing_charge_attempts")]
+    finally:
+        conn.close()
+
+
+def test_triggered_run_succeeds_with_every_charge_batch(airflow):
+    states = airflow.api.task_states(DAG_ID, airflow.run_id)
+    assert airflow.state == "success", states
+    assert all(s == "success" for s in states.values()), states
+    batches = -(-(SUBSCRIPTIONS - airflow.counts.invalid) // 100)
+    assert sum(1 for task in states if task.startswith("charge[")) == batches
+
+
+def test_every_attempt_was_written_by_the_triggered_run(airflow):
+    rows = ledger_rows(airflow.warehouse)
+    assert {(r["dag_id"], r["run_id"]) for r in rows} == {(DAG_ID, airflow.run_id)}
+
+
+def test_ledger_matches_the_emulator_payments(airflow):
+    rows = ledger_rows(airflow.warehouse)
+    payments = emulator_payments(airflow.emulator_db)
+    paid_ledger = {
+        (r["merchant_uid"], r["imp_uid"], r["amount"]) for r in rows if r["status"] == "paid"
+    }
+    paid_emulator = {
+        (p["merchant_uid"], p["imp_uid"], int(p["amount"]))
+        for p in payments
+        if p["status"] == "paid"
+    }
+    assert paid_ledger == paid_emulator
+    assert len(paid_ledger) == airflow.counts.paying
+    merchant_uids = [p["merchant_uid"] for p in payments]
+    assert len(merchant_uids) == len(set(merchant_uids)), "a merchant_uid was charged twice"
+    by_status = {}
+    for r in rows:
+        by_status[r["status"]] = by_status.get(r["status"], 0) + 1
+    declined = airflow.counts.soft_decline + airflow.counts.hard_decline
+    assert by_status == {
+        "paid": airflow.counts.paying,
+        "failed": declined + airflow.counts.no_billing_key,
+        "rejected": airflow.counts.invalid,
+    }
+
+
+def test_billing_page_refuses_anonymous_requests(airflow):
+    r = requests.get(f"{airflow.stack.url}/billing/", timeout=30)
+    assert r.status_code in (401, 403)
+
+
+def test_billing_page_shows_the_run_to_a_logged_in_user(airflow):
+    r = airflow.api.call("GET", "/billing/")
+    assert r.status_code == 200
+    assert airflow.run_id in r.text
+    assert f">{airflow.counts.paying}</a>" in r.text
+
+
+def test_charge_task_links_to_the_billing_page(airflow):
+    links = airflow.api.ok(
+        "GET",
+        f"/api/v2/dags/{DAG_ID}/dagRuns/{airflow.run_id}/taskInstances/charge/links",
+        params={"map_index": 0},
+    )
+    url = links["extra_links"]["Billing"]
+    assert url.endswith(quote(airflow.run_id, safe=""))
+    assert url.startswith(f"{airflow.stack.url}/billing/attempts?dag_id={DAG_ID}&run_id=")
+    assert airflow.api.session.get(url, timeout=30).status_code == 200
+
+
+def test_iamport_connection_form_has_labelled_fields_and_placeholders(airflow):
+    meta = airflow.api.ok("GET", "/ui/connections/hook_meta")
+    (form,) = [m for m in meta if m["connection_type"] == "iamport"]
+    fields = form["standard_fields"]
+    assert fields["host"] == {
+        "hidden": False,
+        "title": "API base URL",
+        "placeholder": "https://api.iamport.kr",
+    }
+    assert fields["password"]["title"] == "imp_secret (REST API secret)"
+    assert fields["password"]["hidden"] is False
+    assert fields["port"]["hidden"] is True
+    extras = form["extra_fields"]
+    assert extras["read_timeout"]["schema"]["title"] == "Read timeout (s)"
+    assert "***" not in json.dumps(extras)
+
+
+def test_connection_test_button_reaches_the_emulator(airflow):
+    body = {
+        "connection_id": "iamport_check",
+        "conn_type": "iamport",
+        "host": airflow.emulator.url,
+        "login": airflow.emulator_cfg.imp_key,
+        "password": airflow.emulator_cfg.imp_secret,
+    }
+    good = airflow.api.ok("POST", "/api/v2/connections/test", json=body)
+    bad = airflow.api.ok("POST", "/api/v2/connections/test", json={**body, "password": "wrong"})
+    assert good["status"] is True, good
+    assert bad["status"] is False
+    assert "wrong" not in bad["message"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium through chromedriver; installed from Debian's packages when missing."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        _install_chromium()
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="iamport-e2e-chromium-")
+    for arg in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run", "--window-size=1400,1000",
+        f"--user-data-dir={profile}",
+    ):  # fmt: skip
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def _install_chromium() -> None:
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("Chromium is not installed and cannot be (needs root and apt-get)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    packages = ["chromium", "chromium-driver", "fonts-nanum"]
+    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", *packages]):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if done.returncode:
+            pytest.skip(f"Chromium could not be installed: {done.stderr[-500:]}")
+
+
+def test_billing_page_in_headless_chromium(airflow, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url = airflow.stack.url
+    browser.get(f"{url}/billing/")
+    assert "Sign in to Airflow" in browser.page_source  # no cookie yet: the login link page
+    browser.get(f"{url}/auth/login?next={url}/billing/")
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.NAME, "password"))
+    browser.find_element(By.NAME, "username").send_keys(USER)
+    browser.find_element(By.NAME, "password").send_keys(PASSWORD)
+    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    WebDriverWait(browser, 60).until(lambda d: d.get_cookie("_token"))
+    browser.get(f"{url}/billing/")
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "svg rect.bar"))
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "billing-page.png"
+    browser.save_screenshot(str(shot))
+
+    text = browser.find_element(By.TAG_NAME, "body").text
+    assert "Billing runs by billing date" in text
+    assert airflow.due.isoformat() in text
+    assert f"{airflow.counts.paying}" in text
+    assert len(browser.find_elements(By.CSS_SELECTOR, "svg rect.bar")) == 1
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+    browser.get(f"{url}/plugin/billing")  # the "Billing" nav entry: the page in Airflow's UI
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.TAG_NAME, "iframe"))
+    time.sleep(2)
+    browser.save_screenshot(str(ARTIFACTS / "billing-in-airflow-nav.png"))
+    frame = browser.find_element(By.TAG_NAME, "iframe")
+    browser.switch_to.frame(frame)
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "svg rect.bar"))
+    assert "Billing runs by billing date" in browser.find_element(By.TAG_NAME, "body").text

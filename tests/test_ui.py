@@ -1,0 +1,283 @@
+"""The Billing page, mounted by Airflow's own API server app (plugin loaded by entry point),
+behind SimpleAuthManager, reading a real SQLite ledger."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import date, timedelta
+
+import pytest
+from iamport_billing.ledger import Ledger
+from iamport_billing.ui.chart import ChartPoint, build_chart, nice_ceiling
+from iamport_billing.ui.links import BillingPageLink, split_task_id, task_log_url
+from support import add_subscriptions
+
+pytestmark = pytest.mark.airflow
+
+USER, PASSWORD = "ops", "ops-password"
+DAG = "iamport_billing_daily"
+DAY = date(2026, 11, 26)
+RUN = "scheduled__2026-11-26T01:00:00+00:00"
+
+
+def attempt(merchant_uid, status, **fields):
+    row = {
+        "merchant_uid": merchant_uid,
+        "subscription_id": merchant_uid.split("-")[0],
+        "billing_date": DAY,
+        "attempt_no": 1,
+        "customer_uid": "cust-" + merchant_uid.split("-")[0],
+        "amount": 9_900,
+        "currency": "KRW",
+        "status": status,
+        "dag_id": DAG,
+        "run_id": RUN,
+        "task_id": "charge[3]",
+        "requested_at": "2026-11-26T01:00:05+00:00",
+    }
+    row.update(fields)
+    return row
+
+
+def seed_ledger(ledger: Ledger) -> None:
+    """Day DAY: 3 paid, 1 soft decline, 1 unknown, 1 rejected; 31 older days of two paid each."""
+    run = {"dag_id": DAG, "run_id": RUN}
+    rows = [
+        attempt(f"s{i}-20261126-01", "paid", imp_uid=f"imp_{i}",
+                receipt_url=f"http://127.0.0.1:1/receipts/imp_{i}")
+        for i in range(3)
+    ] + [
+        attempt("s7-20261126-01", "failed", fail_reason="[잔액부족] insufficient funds",
+                decline_kind="soft", next_retry_date=DAY + timedelta(days=1)),
+        attempt("s8-20261126-01", "unknown", error_message="read timeout"),
+        attempt("s9-rejected", "rejected", attempt_no=0, error_code="non_positive_amount",
+                error_message="amount must be > 0", amount=0),
+    ]  # fmt: skip
+    for i in range(1, 32):
+        day = DAY - timedelta(days=i)
+        rows += [
+            attempt(f"old{i}{x}-{day:%Y%m%d}-01", "paid", billing_date=day, run_id=f"run-{day}",
+                    amount=1_000 * i)
+            for x in "ab"
+        ]  # fmt: skip
+    for row in rows:
+        assert ledger.insert_attempt(row)
+    ledger.record_run(run, DAY, 5, 49_500, 1, False, None)
+    add_subscriptions(ledger, [("s7", "cust-s7", 9_900)], DAY)
+
+
+@pytest.fixture(scope="module")
+def client(airflow_db, tmp_path_factory):
+    """Airflow's API server app in-process, with SimpleAuthManager and one known user."""
+    from fastapi.testclient import TestClient
+
+    home = tmp_path_factory.mktemp("ui")
+    passwords = home / "passwords.json"
+    passwords.write_text(json.dumps({USER: PASSWORD}))
+    warehouse = home / "warehouse.db"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AIRFLOW__CORE__AUTH_MANAGER", _simple_auth_manager())
+    mp.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", f"{USER}:viewer")
+    mp.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE", str(passwords))
+    mp.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "False")
+    mp.setenv("AIRFLOW__API_AUTH__JWT_SECRET", "test-ui-jwt-secret-" + "x" * 64)
+    mp.setenv(
+        "AIRFLOW_CONN_BILLING_WAREHOUSE",
+        json.dumps({"conn_type": "sqlite", "host": str(warehouse)}),
+    )
+    with Ledger.from_conn_id("billing_warehouse") as ledger:
+        ledger.init_schema()
+        seed_ledger(ledger)
+    from airflow.api_fastapi.app import create_app, purge_cached_app
+
+    purge_cached_app()
+    with TestClient(create_app()) as c:
+        yield c
+    purge_cached_app()
+    mp.undo()
+
+
+def _simple_auth_manager() -> str:
+    from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
+
+    return f"{SimpleAuthManager.__module__}.{SimpleAuthManager.__name__}"
+
+
+@pytest.fixture(scope="module")
+def auth(client) -> dict[str, str]:
+    r = client.post("/auth/token", json={"username": USER, "password": PASSWORD})
+    assert r.status_code == 201, r.text
+    return {"Authorization": f"Bearer {r.json()['access_token']}"}
+
+
+def page(client, auth, path: str, **params) -> str:
+    r = client.get("/billing" + path, headers=auth, params=params)
+    assert r.status_code == 200, r.text
+    return r.text
+
+
+def cells(html: str) -> list[str]:
+    """Text of every table cell, tags stripped."""
+    found = re.findall(r"<td[^>]*>(.*?)</td>", html, re.S)
+    return [re.sub(r"<[^>]+>|\s+", " ", c).strip() for c in found]
+
+
+def test_anonymous_request_is_refused_with_401(client):
+    assert client.get("/billing/").status_code == 401
+    assert client.get("/billing/attempts").status_code == 401
+
+
+def test_invalid_token_is_refused_with_403(client):
+    r = client.get("/billing/", headers={"Authorization": "Bearer not-a-jwt"})
+    assert r.status_code == 403
+
+
+def test_browser_without_login_gets_a_link_to_airflow_login(client):
+    r = client.get("/billing/", headers={"Accept": "text/html"})
+    assert r.status_code == 401
+    assert "/auth/login?next=%2Fbilling%2F" in r.text
+
+
+def test_overview_shows_outcomes_decline_rate_and_reasons_by_billing_date(client, auth):
+    html = page(client, auth, "/")
+    row = next(c for c in _rows(html) if c[0] == DAY.isoformat())
+    # paid, paid KRW, declined, declined KRW, decline rate, rejected, unknown/pending
+    assert row[1:8] == ["3", "29,700", "1", "9,900", "25.0%", "1", "1"]
+    assert "insufficient funds" in row[8]
+    assert RUN in row[9]
+
+
+def test_overview_lists_runs_by_the_dates_of_the_attempts_they_wrote(client, auth):
+    yesterday = DAY - timedelta(days=1)
+    row = next(c for c in _rows(page(client, auth, "/")) if c[0] == yesterday.isoformat())
+    assert f"run-{yesterday}" in row[9] and RUN not in row[9]
+
+
+def test_overview_counts_unknowns_outstanding(client, auth):
+    html = page(client, auth, "/")
+    assert "unknowns / pending outstanding (9,900 KRW)" in html
+    assert re.search(r'status=unknown">1</a> / <a [^>]*status=pending">0</a>', html)
+
+
+def test_overview_charts_the_last_30_billing_dates(client, auth):
+    html = page(client, auth, "/")
+    assert html.count('<rect class="bar"') == 30
+    assert f"{DAY.isoformat()}: 29,700 KRW paid" in html
+    assert f"{DAY.isoformat()}: 25.0% declined" in html
+    oldest_shown = DAY - timedelta(days=29)
+    assert f"{oldest_shown.isoformat()}: 58,000 KRW paid" in html
+    assert f"{(oldest_shown - timedelta(days=1)).isoformat()}: " not in html
+
+
+def test_billing_date_page_lists_its_runs_and_reasons(client, auth):
+    html = page(client, auth, f"/dates/{DAY.isoformat()}")
+    assert f'href="/dags/{DAG}/runs/scheduled__2026-11-26T01%3A00%3A00%2B00%3A00"' in html
+    assert "amount must be &gt; 0" in html
+    assert "[잔액부족] insufficient funds" in html
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        (
+            {"status": "paid", "billing_date": DAY.isoformat()},
+            {"s0-20261126-01", "s1-20261126-01", "s2-20261126-01"},
+        ),  # fmt: skip
+        ({"customer_uid": "cust-s7"}, {"s7-20261126-01"}),
+        ({"merchant_uid": "s8-20261126-01"}, {"s8-20261126-01"}),
+        ({"status": "unknown"}, {"s8-20261126-01"}),
+    ],
+)
+def test_attempts_filter(client, auth, params, expected):
+    html = page(client, auth, "/attempts", **params)
+    shown = {r[0] for r in _rows(html) if len(r) > 1}
+    assert shown == expected
+
+
+def test_attempts_are_paged_50_at_a_time(client, auth):
+    first = page(client, auth, "/attempts", status="paid")
+    second = page(client, auth, "/attempts", status="paid", page=2)
+    assert "65 attempts" in first and "page 1 of 2" in first
+    assert len(_rows(first)) == 50 and len(_rows(second)) == 15
+    assert not {r[0] for r in _rows(first)} & {r[0] for r in _rows(second)}
+
+
+def test_paging_links_keep_the_filters(client, auth):
+    first = page(client, auth, "/attempts", status="paid")
+    second = page(client, auth, "/attempts", status="paid", page=2)
+    assert 'href="/billing/attempts?page=2&amp;status=paid">next' in first
+    assert 'href="/billing/attempts?page=1&amp;status=paid">← previous' in second
+    assert "next →" not in second
+
+
+def test_attempt_links_to_dag_run_task_log_and_receipt(client, auth):
+    html = page(client, auth, "/attempts", merchant_uid="s0-20261126-01")
+    run_url = f"/dags/{DAG}/runs/scheduled__2026-11-26T01%3A00%3A00%2B00%3A00"
+    assert f'href="{run_url}" target="_top"' in html
+    assert f'href="{run_url}/tasks/charge?map_index=3" target="_top"' in html
+    assert 'href="http://127.0.0.1:1/receipts/imp_0"' in html
+
+
+def test_declined_attempt_has_no_receipt_link(client, auth):
+    html = page(client, auth, "/attempts", merchant_uid="s7-20261126-01")
+    assert "receipt</a>" not in html
+
+
+def test_subscription_page_shows_its_row_and_history(client, auth):
+    html = page(client, auth, "/subscriptions/s7")
+    assert "payment_method_required" not in html and ">active<" in html
+    assert [r[0] for r in _rows(html)] == ["s7-20261126-01"]
+
+
+def test_unknown_subscription_is_404(client, auth):
+    assert client.get("/billing/subscriptions/nope", headers=auth).status_code == 404
+
+
+def test_pages_load_nothing_from_outside(client, auth):
+    for path in ("/", "/attempts", f"/dates/{DAY.isoformat()}", "/subscriptions/s7"):
+        html = page(client, auth, path)
+        assert "<script" not in html and "<link" not in html
+        assert not re.search(r'src="https?://', html)
+
+
+def test_plugin_is_loaded_from_the_entry_point_with_a_nav_entry(client):
+    from airflow import plugins_manager
+
+    apps, _ = plugins_manager.get_fastapi_plugins()
+    assert {"name": "Billing", "url_prefix": "/billing"}.items() <= next(
+        a for a in apps if a["name"] == "Billing"
+    ).items()
+    views, _ = plugins_manager._get_ui_plugins()
+    assert any(v["name"] == "Billing" and v["href"] == "/billing/" for v in views)
+
+
+def test_charge_operator_links_to_its_runs_attempts():
+    from airflow.models.taskinstancekey import TaskInstanceKey
+    from iamport_billing.operators.charge import ChargeAgainOperator
+
+    (link,) = ChargeAgainOperator.operator_extra_links
+    assert isinstance(link, BillingPageLink)
+    url = link.get_link(None, ti_key=TaskInstanceKey(DAG, "charge", RUN, 1, 2))
+    assert url.endswith(
+        "/billing/attempts?dag_id=iamport_billing_daily&run_id="
+        "scheduled__2026-11-26T01%3A00%3A00%2B00%3A00"
+    )
+
+
+def test_mapped_ledger_task_id_becomes_task_page_with_map_index():
+    assert split_task_id("charge[12]") == ("charge", 12)
+    assert split_task_id("plan") == ("plan", None)
+    assert task_log_url("d", "r", "plan") == "/dags/d/runs/r/tasks/plan"
+
+
+def test_chart_scales_bars_to_a_round_maximum():
+    chart = build_chart([ChartPoint(DAY, 7_000, 0.5), ChartPoint(DAY, 3_500, None)])
+    assert nice_ceiling(7_000) == 10_000
+    assert chart.bars[0].height == pytest.approx((chart.plot[3] - chart.plot[1]) * 0.7, abs=0.2)
+    assert len(chart.dots) == 1
+
+
+def _rows(html: str) -> list[list[str]]:
+    body = html.split("<tbody>")[-1]
+    return [cells(tr) for tr in re.findall(r"<tr>(.*?)</tr>", body, re.S)]
