@@ -23,7 +23,11 @@ CONNECTION_EXTRA_FIELDS: dict[str, dict[str, Any]] = {
         "description": "`bearer` (Authorization: Bearer <token>, per the docs) or `raw` "
         "(Authorization: <token>, as the old official clients send).",
         # Not named auth_header_*: Airflow masks extras whose names look sensitive.
-        "schema": {"type": ["string", "null"], "enum": ["bearer", "raw", None], "default": "bearer"},
+        "schema": {
+            "type": ["string", "null"],
+            "enum": ["bearer", "raw", None],
+            "default": "bearer",
+        },
     },
     "connect_timeout": {
         "label": "Connect timeout (s)",

@@ -511,7 +511,7 @@ class IamportHook(BaseHook):
         return Payment.from_api(self._payload(status, body))
 
     def find_payment(self, merchant_uid: str, status: str | None = None) -> Payment:
-        """Latest payment for a merchant_uid (optionally with that status); IamportNotFound if none."""
+        """Latest payment of a merchant_uid (optionally with ``status``); else IamportNotFound."""
         path = f"/payments/find/{quote(merchant_uid, safe='')}"
         if status:
             _check_status(status, allow_all=False)
