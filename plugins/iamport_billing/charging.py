@@ -16,9 +16,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from queue import Empty, SimpleQueue
 from typing import Any
 
 from iamport_billing.api_types import Payment
@@ -390,6 +391,9 @@ class ChargeEngine:
 
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="charge") as pool:
             in_flight: dict[Future, PlannedCharge] = {}
+            # Workers post finished futures here: O(1) per charge, where wait() re-arms a
+            # waiter on every future in flight each time (O(concurrency) per charge).
+            finished: SimpleQueue[Future] = SimpleQueue()
 
             def submit_next() -> bool:
                 if stop.is_set():
@@ -397,16 +401,16 @@ class ChargeEngine:
                 p = next(queue, None)
                 if p is None:
                     return False
-                in_flight[pool.submit(self._charge_one, p, sent)] = p
+                fut = pool.submit(self._charge_one, p, sent)
+                in_flight[fut] = p
+                fut.add_done_callback(finished.put)
                 return True
 
             for _ in range(workers):
                 if not submit_next():
                     break
             while in_flight:
-                done, _ = wait(
-                    in_flight, timeout=self.settings.flush_seconds, return_when=FIRST_COMPLETED
-                )
+                done = _take_finished(finished, self.settings.flush_seconds)
                 for fut in done:
                     p = in_flight.pop(fut)
                     try:
@@ -524,6 +528,19 @@ class ChargeEngine:
             f" reason={outcome.fail_reason or outcome.error_message}"
             if outcome.status != PAID else "",
         )  # fmt: skip
+
+
+def _take_finished(finished: SimpleQueue[Future], timeout: float) -> list[Future]:
+    """Futures finished so far: wait up to ``timeout`` for the first, then take the rest."""
+    try:
+        done = [finished.get(timeout=timeout)]
+    except Empty:
+        return []
+    while True:
+        try:
+            done.append(finished.get_nowait())
+        except Empty:
+            return done
 
 
 def _ms(started: float) -> int:
