@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from iamport_billing.net import is_loopback_host
 
 DEFAULT_IMP_KEY = "imp_test_key"
 DEFAULT_IMP_SECRET = "imp_test_secret"
@@ -39,15 +40,6 @@ def card_behavior(card_number: str) -> str:
     if digits == card_digits(CARD_HARD_DECLINE):
         return BEHAVIOR_HARD_DECLINE
     return BEHAVIOR_PAID
-
-
-def is_loopback_host(host: str) -> bool:
-    if host in ("localhost", "localhost.localdomain"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 FAULT_FIELDS = (

@@ -6,7 +6,6 @@ password as Basic auth and every unknown extra as a header, and has no timeout b
 
 from __future__ import annotations
 
-import ipaddress
 import random
 import threading
 import time
@@ -37,6 +36,7 @@ from iamport_billing.errors import (
     IamportRequestRejected,
     IamportTransportError,
 )
+from iamport_billing.net import is_loopback_host
 
 DEFAULT_BASE_URL = "https://api.iamport.kr"
 TOKEN_REFRESH_MARGIN_S = 60.0
@@ -89,15 +89,6 @@ class IamportSettings:
         return f"IamportSettings(base_url={self.base_url!r}, imp_key={self.imp_key!r}, ...)"
 
 
-def _is_loopback(host: str) -> bool:
-    if host in ("localhost", "localhost.localdomain"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def settings_from_connection(conn: Any) -> IamportSettings:
     """Build settings from an Airflow connection; refuse plain http to a remote host."""
     extra = conn.extra_dejson or {}
@@ -115,7 +106,7 @@ def settings_from_connection(conn: Any) -> IamportSettings:
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https"):
         raise ValueError(f"Iamport base URL must be http(s), got {parts.scheme!r}")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname or ""):
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname or ""):
         if not _bool(extra.get("allow_insecure_http"), False):
             raise ValueError(
                 f"Refusing plain http to non-loopback host {parts.hostname!r}: set the "
