@@ -1,4 +1,6 @@
-"""Daily recurring billing through Iamport: reconcile -> plan -> charge (mapped) -> write back -> report.
+"""Daily recurring billing through Iamport.
+
+reconcile -> plan -> charge (mapped per batch) -> write back -> report.
 
 Wiring only: every step lives in the ``iamport_billing`` package. Billing date = the run's
 logical date in Asia/Seoul (``run_after`` for manual runs without one).
@@ -6,11 +8,11 @@ logical date in Asia/Seoul (``run_after`` for manual runs without one).
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import time, timedelta
 
 import pendulum
 from airflow.sdk import DAG, CronTriggerTimetable, Param, task
-from iamport_billing import tasks
+from iamport_billing import alerts, tasks
 from iamport_billing.config import BillingConfig
 from iamport_billing.operators.charge import ChargeAgainOperator
 
@@ -34,7 +36,8 @@ with DAG(
         "max_count": Param(None, type=["null", "integer"], minimum=0),
         "max_total_amount": Param(None, type=["null", "integer"], minimum=0),
     },
-    default_args={"retries": 0},
+    default_args={"retries": 0, "on_failure_callback": alerts.TaskFailureAlert(cfg)},
+    deadline=alerts.deadline_alerts(cfg, starts_at=time(10, 0)),
 ) as dag:
 
     @task

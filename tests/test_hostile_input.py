@@ -172,11 +172,12 @@ def test_every_kind_of_bad_row_is_rejected_with_its_reason_and_never_sent(world,
     assert stats["requests"][CHARGE] == len(GOOD)
     assert ledger.query("SELECT COUNT(*) FROM billing_runs")[0][0] == 1  # SQL name was data
 
-    # Ops are told: an alert counts them, the plan log names each one with its reason.
+    # Ops are told: the alert and the plan log name each one with its reason.
     (alert,) = receiver.of_kind("rejected_rows")
     assert alert["counts"] == {"rejected": len(EXPECTED_CODES)}
-    assert alert["details"]
     for sub, code in EXPECTED_CODES.items():
+        named = f"{sub or '(no subscription_id)'}: "
+        assert any(d.startswith(named) and d.endswith(f"({code})") for d in alert["details"])
         assert f"rejected {sub}: " in caplog.text and f"({code})" in caplog.text
 
 

@@ -32,6 +32,7 @@ from iamport_billing.policy import (
 
 log = logging.getLogger(__name__)
 MAX_MAP_LENGTH = 1024
+REJECTED_SHOWN = 50  # rejected rows named in a report/alert; the ledger has them all
 
 
 class GuardrailTripped(Exception):
@@ -293,6 +294,11 @@ def run_report(ledger: Ledger, *, run: Mapping[str, Any], billing_date: date) ->
         "GROUP BY COALESCE(fail_reason, error_message) ORDER BY COUNT(*) DESC LIMIT 10",
         [run["dag_id"], run["run_id"], FAILED, REJECTED],
     )
+    rejected = ledger.query(
+        f"SELECT subscription_id, error_code, error_message FROM {ATTEMPTS} "
+        "WHERE dag_id = %s AND run_id = %s AND status = %s ORDER BY subscription_id LIMIT %s",
+        [run["dag_id"], run["run_id"], REJECTED, REJECTED_SHOWN],
+    )
     guard = ledger.query(
         "SELECT guardrail, dry_run FROM billing_runs WHERE dag_id = %s AND run_id = %s",
         [run["dag_id"], run["run_id"]],
@@ -302,6 +308,9 @@ def run_report(ledger: Ledger, *, run: Mapping[str, Any], billing_date: date) ->
         "by_status": by_status,
         "unsettled": unsettled,
         "top_reasons": [{"reason": r[0], "count": int(r[1])} for r in reasons],
+        "rejected": [
+            {"subscription_id": r[0], "code": r[1], "reason": r[2]} for r in rejected
+        ],
         "guardrail": guard[0][0] if guard else None,
         "dry_run": bool(guard[0][1]) if guard else False,
     }

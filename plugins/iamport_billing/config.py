@@ -43,6 +43,18 @@ class BillingConfig:
     unknown_settle_seconds: float = 2.0
     task_retries: int = 3
     task_retry_delay_seconds: float = 60.0
+    # Dunning: attempts per billing date including the first charge (retry schedule + 1).
+    max_attempts: int = len(DEFAULT_RETRY_SCHEDULE_DAYS) + 1
+    # Alerting: connection ids of the channels (unset = that channel is off).
+    alert_slack_conn_id: str | None = None
+    alert_email_conn_id: str | None = None
+    alert_webhook_conn_id: str | None = None
+    alert_decline_rate: float = 0.2
+    alert_decline_min_attempts: int = 20
+    daily_deadline: str = "12:00"
+    airflow_base_url: str | None = None
+    reconcile_window_hours: int = 48
+    precheck_days_ahead: int = 1
 
     @classmethod
     def from_env(cls) -> BillingConfig:
@@ -54,17 +66,21 @@ class BillingConfig:
         validation = _env("VALIDATION")
         multiple = _env("MAX_TOTAL_MULTIPLE_OF_PREVIOUS", "3")
         schedule = _env("RETRY_SCHEDULE_DAYS")
+        days = (
+            tuple(int(x) for x in schedule.split(",")) if schedule else DEFAULT_RETRY_SCHEDULE_DAYS
+        )
+        max_attempts = int(_env("MAX_ATTEMPTS", str(len(days) + 1)))  # type: ignore[arg-type]
+        if max_attempts < 1:
+            raise ValueError("IAMPORT_BILLING_MAX_ATTEMPTS must be at least 1")
         return cls(
             iamport_conn_id=_env("IAMPORT_CONN_ID", cls.iamport_conn_id),  # type: ignore[arg-type]
             warehouse_conn_id=_env("WAREHOUSE_CONN_ID", cls.warehouse_conn_id),  # type: ignore[arg-type]
             pool=_env("POOL", cls.pool),  # type: ignore[arg-type]
             due_query=due_query or DEFAULT_DUE_QUERY,
             subscriptions_table=_env("SUBSCRIPTIONS_TABLE", SUBSCRIPTIONS),  # type: ignore[arg-type]
-            retry_schedule_days=(
-                tuple(int(x) for x in schedule.split(","))
-                if schedule
-                else DEFAULT_RETRY_SCHEDULE_DAYS
-            ),
+            # One schedule serves every caller of policy.next_retry_date: cut to max_attempts.
+            retry_schedule_days=days[: max_attempts - 1],
+            max_attempts=min(max_attempts, len(days) + 1),
             decline_table=json.loads(decline) if decline else {},
             validation=json.loads(validation) if validation else {},
             max_total_multiple_of_previous=(
@@ -74,6 +90,15 @@ class BillingConfig:
             unknown_settle_seconds=float(_env("UNKNOWN_SETTLE_SECONDS", "2")),  # type: ignore[arg-type]
             task_retries=int(_env("TASK_RETRIES", "3")),  # type: ignore[arg-type]
             task_retry_delay_seconds=float(_env("TASK_RETRY_DELAY_SECONDS", "60")),  # type: ignore[arg-type]
+            alert_slack_conn_id=_env("ALERT_SLACK_CONN_ID"),
+            alert_email_conn_id=_env("ALERT_EMAIL_CONN_ID"),
+            alert_webhook_conn_id=_env("ALERT_WEBHOOK_CONN_ID"),
+            alert_decline_rate=float(_env("ALERT_DECLINE_RATE", "0.2")),  # type: ignore[arg-type]
+            alert_decline_min_attempts=int(_env("ALERT_DECLINE_MIN_ATTEMPTS", "20")),  # type: ignore[arg-type]
+            daily_deadline=_env("DAILY_DEADLINE", "12:00"),  # type: ignore[arg-type]
+            airflow_base_url=_env("AIRFLOW_BASE_URL"),
+            reconcile_window_hours=int(_env("RECONCILE_WINDOW_HOURS", "48")),  # type: ignore[arg-type]
+            precheck_days_ahead=int(_env("PRECHECK_DAYS_AHEAD", "1")),  # type: ignore[arg-type]
         )
 
     @property

@@ -15,6 +15,8 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from iamport_billing.policy import (
+    CANCELLED,
+    FAILED,
     PAID,
     PENDING,
     REJECTED,
@@ -40,7 +42,8 @@ ATTEMPT_COLUMNS = (
     "merchant_uid", "subscription_id", "billing_date", "attempt_no", "customer_uid", "amount",
     "currency", "status", "imp_uid", "fail_reason", "error_code", "error_message",
     "decline_kind", "next_retry_date", "requested_at", "completed_at", "dag_id", "run_id",
-    "task_id", "try_number", "claim_token", "cancel_amount", "receipt_url", "latency_ms", "updated_at",
+    "task_id", "try_number", "claim_token", "cancel_amount", "receipt_url", "latency_ms",
+    "updated_at",
 )  # fmt: skip
 
 
@@ -64,6 +67,9 @@ def _ddl(dialect: str) -> list[str]:
         )""",
         f"""CREATE INDEX IF NOT EXISTS ix_{SUBSCRIPTIONS}_due
             ON {SUBSCRIPTIONS} (status, next_billing_date)""",
+        # The keyset pages of the default due query walk this in subscription_id order.
+        f"""CREATE INDEX IF NOT EXISTS ix_{SUBSCRIPTIONS}_keyset
+            ON {SUBSCRIPTIONS} (status, subscription_id, next_billing_date)""",
         f"""CREATE TABLE IF NOT EXISTS {ATTEMPTS} (
             merchant_uid TEXT PRIMARY KEY,
             subscription_id TEXT,
@@ -91,7 +97,8 @@ def _ddl(dialect: str) -> list[str]:
             latency_ms INTEGER,
             updated_at {ts_t}
         )""",
-        f"CREATE INDEX IF NOT EXISTS ix_{ATTEMPTS}_sub ON {ATTEMPTS} (subscription_id, billing_date)",
+        f"CREATE INDEX IF NOT EXISTS ix_{ATTEMPTS}_sub "
+        f"ON {ATTEMPTS} (subscription_id, billing_date)",
         f"CREATE INDEX IF NOT EXISTS ix_{ATTEMPTS}_status ON {ATTEMPTS} (status)",
         f"CREATE INDEX IF NOT EXISTS ix_{ATTEMPTS}_run ON {ATTEMPTS} (run_id)",
         f"CREATE INDEX IF NOT EXISTS ix_{ATTEMPTS}_date ON {ATTEMPTS} (billing_date)",
@@ -283,41 +290,53 @@ class Ledger:
         inner, n = self.due_sql(due_query)
         base_params: list[Any] = [billing_date.isoformat()] * n
         if after is None:
-            for row in self._fetch_dicts(
+            yield from self._fetch_dicts(
                 f"SELECT * FROM ({inner}) due WHERE due.subscription_id IS NULL", base_params
-            ):
-                yield row
+            )
+        key = self._keyset_column(inner, base_params)
         cursor_key = after
         last_page_key: str | None = None
         while True:
             where = ["due.subscription_id IS NOT NULL"]
             params = list(base_params)
             if cursor_key is not None:
-                where.append("CAST(due.subscription_id AS TEXT) > %s")
+                where.append(f"{key} > %s")
                 params.append(cursor_key)
             if until is not None:
-                where.append("CAST(due.subscription_id AS TEXT) <= %s")
+                where.append(f"{key} <= %s")
                 params.append(until)
             # Fetch whole subscription_id groups: LIMIT on distinct keys, so duplicates of the
             # page's last key are not split across pages.
             keys_sql = (
-                f"SELECT DISTINCT CAST(due.subscription_id AS TEXT) AS k FROM ({inner}) due "
+                f"SELECT DISTINCT {key} AS k FROM ({inner}) due "
                 f"WHERE {' AND '.join(where)} ORDER BY k LIMIT {int(page_size)}"
             )
             keys = [r[0] for r in self.query(keys_sql, params)]
             if not keys:
                 return
             last_page_key = keys[-1]
-            page_where = [*where, "CAST(due.subscription_id AS TEXT) <= %s"]
+            page_where = [*where, f"{key} <= %s"]
             rows = self._fetch_dicts(
-                f"SELECT * FROM ({inner}) due WHERE {' AND '.join(page_where)} "
-                f"ORDER BY CAST(due.subscription_id AS TEXT)",
+                f"SELECT * FROM ({inner}) due WHERE {' AND '.join(page_where)} ORDER BY {key}",
                 [*params, last_page_key],
             )
             yield from rows
             if len(keys) < page_size:
                 return
             cursor_key = last_page_key
+
+    def _keyset_column(self, inner: str, params: Sequence[Any]) -> str:
+        """Keys compare as text. SQLite uses no index through a CAST, which made every page a
+        full scan and sort (quadratic in N): when every key is already text, use the column."""
+        cast = "CAST(due.subscription_id AS TEXT)"
+        if self.dialect != "sqlite":
+            return cast  # PostgreSQL drops a text-to-text cast and keeps its index
+        other_types = self.query(
+            f"SELECT 1 FROM ({inner}) due WHERE typeof(due.subscription_id) "
+            "NOT IN ('text', 'null') LIMIT 1",
+            params,
+        )
+        return cast if other_types else "due.subscription_id"
 
     def _fetch_dicts(self, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
         with closing(self.conn.cursor()) as cur:
@@ -592,9 +611,13 @@ class Ledger:
         )
 
     def set_subscription_status(
-        self, subscription_ids: Sequence[str], status: str, *, only_from: Sequence[str] = ("active",),
+        self,
+        subscription_ids: Sequence[str],
+        status: str,
+        *,
+        only_from: Sequence[str] = ("active",),
         subscriptions_table: str = SUBSCRIPTIONS,
-    ) -> None:  # fmt: skip
+    ) -> None:
         table = checked_identifier(subscriptions_table)
         marks = ", ".join(["%s"] * len(only_from))
         stamp = now_iso()
@@ -612,6 +635,109 @@ class Ledger:
             params,
         )
         return {r[0]: {"count": int(r[1]), "amount": int(r[2] or 0)} for r in rows}
+
+    # -- dunning, backfills, reconciliation, refunds ---------------------------------------------
+
+    def retryable_failures(
+        self,
+        *,
+        decline_kinds: Sequence[str],
+        subscription_statuses: Sequence[str],
+        subscriptions_table: str = SUBSCRIPTIONS,
+        retry_due_by: date | None = None,
+        billing_from: date | None = None,
+        billing_to: date | None = None,
+        subscription_ids: Sequence[str] | None = None,
+        max_attempt_no: int = 99,
+    ) -> list[dict[str, Any]]:
+        """Failed attempts that may get a next attempt, with the subscription's current data.
+
+        Only the latest attempt of a (subscription, billing date), only when nothing for that
+        pair is paid, cancelled, pending or unknown, and only while the subscription still sits
+        on that billing date: the ledger side of "never charge a period twice".
+        """
+        table = checked_identifier(subscriptions_table)
+        where = [
+            "a.status = %s",
+            f"a.decline_kind IN ({', '.join(['%s'] * len(decline_kinds))})",
+            f"s.status IN ({', '.join(['%s'] * len(subscription_statuses))})",
+            "s.next_billing_date = a.billing_date",
+            "a.attempt_no < %s",
+            f"a.attempt_no = (SELECT MAX(b.attempt_no) FROM {ATTEMPTS} b "
+            "WHERE b.subscription_id = a.subscription_id AND b.billing_date = a.billing_date "
+            "AND b.status <> %s)",
+            f"NOT EXISTS (SELECT 1 FROM {ATTEMPTS} c WHERE c.subscription_id = a.subscription_id "
+            "AND c.billing_date = a.billing_date AND c.status IN (%s, %s, %s, %s))",
+        ]
+        params: list[Any] = [
+            FAILED, *decline_kinds, *subscription_statuses, max_attempt_no, REJECTED,
+            PAID, CANCELLED, *UNSETTLED,
+        ]  # fmt: skip
+        if retry_due_by is not None:
+            where.append("a.next_retry_date <= %s")
+            params.append(retry_due_by.isoformat())
+        if billing_from is not None:
+            where.append("a.billing_date >= %s")
+            params.append(billing_from.isoformat())
+        if billing_to is not None:
+            where.append("a.billing_date <= %s")
+            params.append(billing_to.isoformat())
+        sql = (
+            "SELECT a.subscription_id, a.billing_date, a.attempt_no, a.merchant_uid, "
+            "COALESCE(s.customer_uid, a.customer_uid) AS customer_uid, a.amount, a.currency, "
+            "a.decline_kind, a.next_retry_date, a.fail_reason, s.name, s.buyer_name, "
+            "s.buyer_email, s.buyer_tel, s.status AS subscription_status "
+            f"FROM {ATTEMPTS} a JOIN {table} s ON s.subscription_id = a.subscription_id "
+            "WHERE " + " AND ".join(where)
+        )
+        order = " ORDER BY a.subscription_id, a.billing_date"
+        if subscription_ids is None:
+            return self._fetch_dicts(sql + order, params)
+        ids = list(dict.fromkeys(subscription_ids))
+        rows: list[dict[str, Any]] = []
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ", ".join(["%s"] * len(chunk))
+            rows += self._fetch_dicts(
+                f"{sql} AND a.subscription_id IN ({marks}){order}", [*params, *chunk]
+            )
+        return rows
+
+    def attempts_by_merchant_uid(self, merchant_uids: Iterable[str]) -> dict[str, Attempt]:
+        """Ledger rows for these merchant_uids (reconciliation compares them with Iamport)."""
+        uids = list(dict.fromkeys(merchant_uids))
+        found: dict[str, Attempt] = {}
+        for start in range(0, len(uids), 500):
+            chunk = uids[start : start + 500]
+            marks = ", ".join(["%s"] * len(chunk))
+            for a in self._select_attempts(f"merchant_uid IN ({marks})", chunk):
+                found[a.merchant_uid] = a
+        return found
+
+    def double_paid(self, billing_from: date) -> list[tuple[str, date, int]]:
+        """(subscription, billing date, paid attempts) with more than one paid attempt."""
+        rows = self.query(
+            f"SELECT subscription_id, billing_date, COUNT(*) FROM {ATTEMPTS} "
+            "WHERE status = %s AND billing_date >= %s "
+            "GROUP BY subscription_id, billing_date HAVING COUNT(*) > 1",
+            [PAID, billing_from.isoformat()],
+        )
+        return [(r[0], to_date(r[1]), int(r[2])) for r in rows]  # type: ignore[misc]
+
+    def record_cancellation(
+        self, merchant_uid: str, *, imp_uid: str | None, cancel_amount: int
+    ) -> bool:
+        """Mark a charge ``cancelled`` with the total refunded so far (Iamport's cancel_amount)."""
+        stamp = now_iso()
+        return (
+            self.execute(
+                f"UPDATE {ATTEMPTS} SET status = %s, cancel_amount = %s, "
+                "imp_uid = COALESCE(%s, imp_uid), completed_at = COALESCE(completed_at, %s), "
+                "updated_at = %s WHERE merchant_uid = %s",
+                [CANCELLED, int(cancel_amount), imp_uid, stamp, stamp, merchant_uid],
+            )
+            == 1
+        )
 
 
 def checked_identifier(name: str) -> str:

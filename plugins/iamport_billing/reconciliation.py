@@ -1,0 +1,185 @@
+"""Hourly reconciliation of the ledger against Iamport, the source of truth for money.
+
+1. pending/unknown rows older than the lease are looked up (``charging.resolve_unsettled``);
+2. Iamport's payments in the window (``GET /payments/status/all``) whose merchant_uid is ours
+   but has no ledger row are recorded;
+3. rows whose status or amount disagrees with Iamport are fixed when Iamport's answer settles
+   it (a refund made in the PortOne console, a decline that was in fact paid) and flagged for a
+   person when it does not (amounts differ, money we recorded that Iamport does not have, a
+   period paid twice, outcomes still unknown).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from iamport_billing.api_types import Payment
+from iamport_billing.charging import (
+    ChargeSettings,
+    _iso_ago,
+    outcome_from_payment,
+    resolve_by_lookup,
+    resolve_unsettled,
+)
+from iamport_billing.ledger import Attempt, Ledger
+from iamport_billing.policy import CANCELLED, PAID, SEOUL, UNSETTLED, parse_merchant_uid
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReconcileReport:
+    """What was fixed automatically and what needs a person (ids and amounts, no card data)."""
+
+    window: tuple[int, int]
+    scanned: int = 0
+    resolved: dict[str, int] = field(default_factory=dict)
+    recorded_missing: list[str] = field(default_factory=list)
+    fixed: list[dict[str, Any]] = field(default_factory=list)
+    needs_person: list[dict[str, Any]] = field(default_factory=list)
+    still_unsettled: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def unsettled_count(self) -> int:
+        return sum(v["count"] for v in self.still_unsettled.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["window"] = list(self.window)
+        data["needs_person"] = self.needs_person[:100]
+        data["fixed"] = self.fixed[:100]
+        data["recorded_missing"] = self.recorded_missing[:100]
+        return data
+
+
+def _best(payments: Sequence[Payment]) -> Payment:
+    """The record that decides: a paid/cancelled one if any, else the latest."""
+    settled = [p for p in payments if p.is_paid or p.status == CANCELLED]
+    return settled[0] if settled else max(payments, key=lambda p: (p.started_at, p.failed_at))
+
+
+def reconcile(
+    hook: Any,
+    ledger: Ledger,
+    settings: ChargeSettings,
+    *,
+    until: datetime,
+    window: timedelta,
+    run: Mapping[str, Any],
+    logger: logging.Logger | None = None,
+) -> ReconcileReport:
+    lg = logger or log
+    since_ts, until_ts = int((until - window).timestamp()), int(until.timestamp())
+    report = ReconcileReport(window=(since_ts, until_ts))
+    report.resolved = resolve_unsettled(hook, ledger, settings, logger=lg)
+
+    ours: dict[str, list[Payment]] = {}
+    for payment in hook.list_payments("all", since_ts, until_ts):
+        report.scanned += 1
+        if parse_merchant_uid(payment.merchant_uid) is not None:
+            ours.setdefault(payment.merchant_uid, []).append(payment)
+    rows = ledger.attempts_by_merchant_uid(ours)
+    for merchant_uid, payments in sorted(ours.items()):
+        row = rows.get(merchant_uid)
+        if row is None:
+            _record_missing(hook, ledger, settings, merchant_uid, run, report, lg)
+        elif row.status not in UNSETTLED:  # unsettled ones are in flight or left to step 1
+            _compare(ledger, settings, row, _best(payments), report, lg)
+
+    first_day = datetime.fromtimestamp(since_ts, SEOUL).date() - timedelta(days=1)
+    for sub, day, n in ledger.double_paid(first_day):
+        report.needs_person.append(
+            {"subscription_id": sub, "billing_date": day.isoformat(), "problem":
+             f"{n} paid attempts for one billing date: refund all but one"}
+        )  # fmt: skip
+    report.still_unsettled = ledger.summary(
+        "status IN (%s, %s) AND (requested_at IS NULL OR requested_at < %s)",
+        [*UNSETTLED, _iso_ago(settings.pending_lease_seconds)],
+    )
+    lg.info(
+        "reconciliation: %d payments scanned, resolved %s, %d recorded, %d fixed, "
+        "%d need a person, %d still unsettled",
+        report.scanned, report.resolved or "none", len(report.recorded_missing),
+        len(report.fixed), len(report.needs_person), report.unsettled_count,
+    )  # fmt: skip
+    for item in report.needs_person:
+        lg.warning("needs a person: %s", item)
+    return report
+
+
+def _record_missing(
+    hook: Any, ledger: Ledger, settings: ChargeSettings, merchant_uid: str,
+    run: Mapping[str, Any], report: ReconcileReport, lg: logging.Logger,
+) -> None:  # fmt: skip
+    """Insert the ledger row Iamport proves we should have (its full history decides)."""
+    parsed = parse_merchant_uid(merchant_uid)
+    assert parsed is not None
+    sub, billing_date, attempt_no = parsed
+    outcome = resolve_by_lookup(hook, merchant_uid, None, billing_date, attempt_no, settings)
+    if outcome is None:
+        return
+    payment = hook.find_payment(merchant_uid)
+    row = {
+        **asdict(outcome),
+        "subscription_id": sub,
+        "billing_date": billing_date,
+        "attempt_no": attempt_no,
+        "customer_uid": payment.customer_uid,
+        "amount": outcome.amount if outcome.amount is not None else int(payment.amount),
+        "currency": payment.currency,
+        "cancel_amount": int(payment.cancel_amount or 0),
+        "error_code": outcome.error_code or "found_by_reconciliation",
+        "error_message": outcome.error_message
+        or "Iamport had this payment but the ledger did not: recorded by reconciliation",
+        **run,
+    }
+    if ledger.insert_attempt(row):
+        report.recorded_missing.append(merchant_uid)
+        lg.warning(
+            "recorded %s (%s, %s KRW) missing from the ledger",
+            merchant_uid, outcome.status, row["amount"],
+        )  # fmt: skip
+
+
+def _compare(
+    ledger: Ledger, settings: ChargeSettings, row: Attempt, payment: Payment,
+    report: ReconcileReport, lg: logging.Logger,
+) -> None:  # fmt: skip
+    """Fix what Iamport's record settles; flag what it does not."""
+    item = {
+        "merchant_uid": row.merchant_uid,
+        "ledger_status": row.status,
+        "ledger_amount": row.amount,
+        "iamport_status": payment.status,
+        "iamport_amount": int(payment.amount),
+        "imp_uid": payment.imp_uid,
+    }
+    money_moved = payment.is_paid or payment.status == CANCELLED
+    if money_moved and row.amount is not None and int(payment.amount) != row.amount:
+        flagged = {**item, "problem": "amount differs from the ledger"}
+    elif not money_moved and row.status in (PAID, CANCELLED):
+        flagged = {**item, "problem": "ledger records money Iamport does not have"}
+    elif payment.status == CANCELLED and (
+        row.status != CANCELLED or (row.cancel_amount or 0) != int(payment.cancel_amount)
+    ):
+        ledger.record_cancellation(
+            row.merchant_uid, imp_uid=payment.imp_uid, cancel_amount=int(payment.cancel_amount)
+        )
+        report.fixed.append({**item, "fix": f"recorded cancel of {int(payment.cancel_amount)}"})
+        lg.warning("fixed %s", report.fixed[-1])
+        return
+    elif payment.is_paid and row.status != PAID:
+        outcome = outcome_from_payment(
+            payment, row.amount, row.billing_date, row.attempt_no, settings
+        )
+        ledger.record_outcomes([outcome])
+        report.fixed.append({**item, "fix": "ledger set to paid as Iamport reports"})
+        lg.warning("fixed %s", report.fixed[-1])
+        return
+    else:
+        return
+    report.needs_person.append(flagged)

@@ -1,0 +1,88 @@
+"""CancelPaymentOperator: full and partial refunds with checksum, recorded in the ledger."""
+
+from __future__ import annotations
+
+from datetime import date
+
+import pytest
+from airflow.sdk.exceptions import AirflowFailException
+from iamport_billing.charging import ChargeEngine
+from iamport_billing.hooks.iamport import IamportHook
+from iamport_billing.ledger import Ledger
+from iamport_billing.operators.cancel import CancelPaymentOperator
+from iamport_billing.policy import ChargeCandidate
+from ops_support import RUN, SETTINGS, subscribe
+from support import PAYING_CARD, emulator_payments
+
+DAY = date(2026, 11, 26)
+UID = "c1-20261126-01"
+
+
+@pytest.fixture
+def ledger(sqlite_warehouse):
+    with Ledger.from_conn_id("billing_warehouse") as led:
+        led.init_schema()
+        yield led
+
+
+@pytest.fixture
+def paid(ledger, emulator):
+    """c1 charged 10,000 KRW through the engine; returns its imp_uid."""
+    subscribe(ledger, emulator, "c1", PAYING_CARD, DAY, amount=10_000)
+    hook = IamportHook()
+    ChargeEngine(hook, ledger, SETTINGS, RUN).charge_batch(
+        [ChargeCandidate("c1", "cust-c1", 10_000, DAY, name="plan")]
+    )
+    hook.close()
+    return ledger.get_attempt(UID).imp_uid
+
+
+def cancel(**kwargs):
+    return CancelPaymentOperator(task_id="cancel", reason="customer asked", **kwargs).execute({})
+
+
+def at_iamport(emulator):
+    (p,) = emulator_payments(emulator.config.db_path)
+    return p["status"], p["cancel_amount"]
+
+
+def in_ledger(ledger):
+    a = ledger.get_attempt(UID)
+    return a.status, a.amount, a.cancel_amount
+
+
+def test_full_cancel_by_merchant_uid(ledger, emulator, paid):
+    summary = cancel(merchant_uid=UID)
+    assert (summary["cancel_amount"], summary["remaining"]) == (10_000, 0)
+    assert at_iamport(emulator) == ("cancelled", 10_000)
+    assert in_ledger(ledger) == ("cancelled", 10_000, 10_000)
+
+
+def test_partial_cancels_by_imp_uid_add_up(ledger, emulator, paid):
+    cancel(imp_uid=paid, amount=3000)
+    summary = cancel(imp_uid=paid, amount=2000)
+    assert summary["remaining"] == 5000
+    assert at_iamport(emulator) == ("cancelled", 5000)
+    assert in_ledger(ledger) == ("cancelled", 10_000, 5000)
+
+
+def test_retry_after_a_lost_answer_does_not_refund_twice(ledger, emulator, paid):
+    hook = IamportHook()
+    hook.cancel_payment(imp_uid=paid, amount=3000, reason="first try", checksum=10_000)
+    hook.close()  # the answer was lost: the ledger never heard of this refund
+    summary = cancel(imp_uid=paid, amount=3000)
+    assert summary["cancel_amount"] == 3000
+    assert at_iamport(emulator) == ("cancelled", 3000)
+    assert in_ledger(ledger) == ("cancelled", 10_000, 3000)
+
+
+def test_wrong_checksum_is_refused(ledger, emulator, paid):
+    with pytest.raises(AirflowFailException, match="checksum"):
+        cancel(imp_uid=paid, amount=1000, checksum=9000)
+    assert at_iamport(emulator) == ("paid", 0)
+
+
+def test_nothing_to_cancel_fails_without_calling_cancel(ledger, emulator, paid):
+    with pytest.raises(AirflowFailException, match="no paid payment"):
+        cancel(merchant_uid="c1-20261126-02")
+    assert at_iamport(emulator) == ("paid", 0)
