@@ -1,0 +1,79 @@
+"""The refund and reconcile DAGs through Airflow (dag.test()) on both warehouses."""
+
+from __future__ import annotations
+
+from datetime import date
+
+import pendulum
+import pytest
+from iamport_billing.charging import ChargeEngine
+from iamport_billing.hooks.iamport import IamportHook
+from iamport_billing.ledger import Ledger
+from iamport_billing.policy import ChargeCandidate, merchant_uid_for
+from ops_support import RUN, SETTINGS, subscribe
+from support import PAYING_CARD, emulator_payments
+
+pytestmark = pytest.mark.airflow
+
+DAY = date(2026, 11, 26)
+
+
+@pytest.fixture
+def ledger(warehouse):
+    with Ledger.from_conn_id("billing_warehouse") as led:
+        led.init_schema()
+        yield led
+
+
+def dag(dag_id: str):
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag()
+    assert bag.import_errors == {}
+    return bag.get_dag(dag_id)
+
+
+def states(dr) -> dict[str, str]:
+    return {ti.task_id: ti.state for ti in dr.get_task_instances()}
+
+
+def charge(ledger, sub: str, amount: int = 10_000) -> str:
+    hook = IamportHook()
+    ChargeEngine(hook, ledger, SETTINGS, RUN).charge_batch(
+        [ChargeCandidate(sub, f"cust-{sub}", amount, DAY, name="plan")]
+    )
+    hook.close()
+    return merchant_uid_for(sub, DAY, 1)
+
+
+def test_refund_dag_cancels_part_of_a_charge_and_records_it(airflow_db, ledger, emulator):
+    subscribe(ledger, emulator, "r1", PAYING_CARD, DAY, amount=10_000)
+    uid = charge(ledger, "r1")
+    dr = dag("iamport_billing_refund").test(
+        run_conf={"merchant_uid": uid, "amount": 3000, "reason": "customer asked"}
+    )
+    assert states(dr) == {"cancel": "success"}
+    (payment,) = emulator_payments(emulator.config.db_path)
+    assert (payment["status"], int(payment["cancel_amount"])) == ("cancelled", 3000)
+    row = ledger.get_attempt(uid)
+    assert (row.status, row.cancel_amount) == ("cancelled", 3000)
+
+
+def test_reconcile_dag_settles_pending_rows_and_records_missing_payments(
+    airflow_db, ledger, emulator, monkeypatch
+):
+    monkeypatch.setenv("IAMPORT_BILLING_PENDING_LEASE_SECONDS", "0")
+    subscribe(ledger, emulator, "a", PAYING_CARD, DAY)
+    subscribe(ledger, emulator, "b", PAYING_CARD, DAY)
+    hook = IamportHook()
+    crashed = ChargeEngine(hook, ledger, SETTINGS, RUN)
+    crashed.claim(crashed.plan([ChargeCandidate("a", "cust-a", 9900, DAY, name="plan")])[0])
+    hook.charge_again("cust-a", merchant_uid_for("a", DAY, 1), 9900, "plan")
+    hook.charge_again("cust-b", merchant_uid_for("b", DAY, 1), 9900, "plan")  # no ledger row
+    hook.close()
+    dr = dag("iamport_billing_reconcile").test(logical_date=pendulum.now("UTC").add(minutes=1))
+    assert states(dr) == {"reconcile": "success"}
+    paid = {p["merchant_uid"]: p["imp_uid"] for p in emulator_payments(emulator.config.db_path)}
+    for uid, imp_uid in paid.items():
+        row = ledger.get_attempt(uid)
+        assert (row.status, row.imp_uid) == ("paid", imp_uid)
