@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -65,15 +66,34 @@ def sqlite_warehouse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-@pytest.fixture
-def postgres_warehouse(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A fresh database on the real PostgreSQL server, dropped afterwards."""
-    psycopg2 = pytest.importorskip("psycopg2")
-    name = f"iamport_test_{uuid.uuid4().hex[:10]}"
+@contextmanager
+def scratch_database(prefix: str = "iamport_test") -> Iterator[str]:
+    """A fresh database on the real PostgreSQL server, dropped (forcibly) afterwards."""
+    import psycopg2
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = psycopg2.connect(PG_DSN)
     admin.autocommit = True
     with admin.cursor() as cur:
         cur.execute(f"CREATE DATABASE {name}")
+    try:
+        yield name
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+@pytest.fixture
+def postgres_database() -> Iterator[str]:
+    with scratch_database() as name:
+        yield name
+
+
+@pytest.fixture
+def postgres_warehouse(postgres_database: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The ``billing_warehouse`` connection on a fresh PostgreSQL database."""
+    name = postgres_database
     monkeypatch.setenv(
         conn_env("billing_warehouse"),
         json.dumps(
@@ -86,12 +106,7 @@ def postgres_warehouse(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
             }
         ),
     )
-    try:
-        yield name
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.close()
+    return name
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from datetime import date, timedelta
 from pathlib import Path
 
 import pendulum
+import psycopg2
 import pytest
 import requests
 from alert_receivers import http_receiver
@@ -43,17 +43,20 @@ def free_port() -> int:
 
 
 class Airflow:
-    """A throwaway Airflow: SQLite metadata, the execution API and a LocalExecutor scheduler."""
+    """A throwaway Airflow: PostgreSQL metadata (the CLI and the scheduler write at once, which
+    SQLite answers with 'database is locked'), the execution API and a LocalExecutor scheduler."""
 
-    def __init__(self, home: Path, extra_env: dict[str, str]):
+    def __init__(self, home: Path, extra_env: dict[str, str], metadata_db: str):
         self.home = home
-        self.db = home / "airflow.db"
+        self.db = metadata_db
         port = free_port()
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")},
             **extra_env,
             "AIRFLOW_HOME": str(home),
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.db}",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": (
+                f"postgresql+psycopg2://postgres@127.0.0.1:5432/{metadata_db}"
+            ),
             "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -102,9 +105,11 @@ class Airflow:
                 proc.wait()
 
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
-        conn = sqlite3.connect(self.db, timeout=30)
+        conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname=self.db)
         try:
-            return conn.execute(sql, params).fetchall()
+            with conn.cursor() as cur:
+                cur.execute(sql, params)
+                return cur.fetchall()
         finally:
             conn.close()
 
@@ -115,7 +120,7 @@ class Airflow:
             rows = self.query("SELECT id, completed_at FROM backfill ORDER BY id DESC LIMIT 1")
             if rows and rows[0][1] is not None:
                 return self.query(
-                    "SELECT logical_date, state FROM dag_run WHERE backfill_id = ? "
+                    "SELECT logical_date, state FROM dag_run WHERE backfill_id = %s "
                     "ORDER BY logical_date",
                     (rows[0][0],),
                 )
@@ -134,7 +139,7 @@ def receiver():
 
 
 @pytest.fixture
-def services(tmp_path: Path, receiver):
+def services(tmp_path: Path, receiver, postgres_database):
     emu_db = tmp_path / "emulator.db"
     emulator = start_emulator_process(EmulatorConfig(db_path=str(emu_db), seed=3))
     warehouse = tmp_path / "warehouse.db"
@@ -154,7 +159,7 @@ def services(tmp_path: Path, receiver):
             {"conn_type": "http", "host": receiver.url, "password": "hook-secret-token"}
         ),
     }  # fmt: skip
-    airflow = Airflow(tmp_path / "airflow", conns)
+    airflow = Airflow(tmp_path / "airflow", conns, postgres_database)
     airflow.home.mkdir()
     try:
         airflow.cli("db", "migrate")
