@@ -245,3 +245,59 @@ def test_pending_row_is_committed_before_the_charge_is_sent(hook, ledger, emulat
         merchant_uid_for("b", DAY, 1): "pending",
     }
     assert {v[0] for v in ledger_rows(ledger).values()} == {"paid"}
+
+
+def _refusing(hook, code: int, message: str):
+    """The hook, but every charge is refused with a non-zero code (what the emulator never
+    sends: code -1, or a duplicate refusal while the first request is still being processed)."""
+    from iamport_billing.errors import IamportRequestRejected
+
+    def refuse(customer_uid, merchant_uid, amount, name, **optional):
+        raise IamportRequestRejected(code, message)
+
+    hook.charge_again = refuse
+    return hook
+
+
+@pytest.mark.parametrize(
+    "code, message",
+    [(-1, "PG사 통신 오류"), (1, "이미 주문이 이루어진 건입니다. (동일한 merchant_uid로 ...)")],
+)
+def test_an_unclear_refusal_is_unknown_not_a_decline(hook, ledger, emulator, code, message):
+    result = engine(_refusing(hook, code, message), ledger).charge_batch([cand("a")])
+    assert result.unknown_merchant_uids == [merchant_uid_for("a", DAY, 1)]
+    assert ledger_rows(ledger)[merchant_uid_for("a", DAY, 1)][0] == "unknown"
+
+
+def test_a_plain_refusal_of_a_first_send_is_a_decline(hook, ledger, emulator):
+    result = engine(_refusing(hook, 1, "한도초과"), ledger).charge_batch([cand("a")])
+    assert result.counts == {"declined_soft": 1}
+    assert ledger_rows(ledger)[merchant_uid_for("a", DAY, 1)][:4:3] == ("failed", "soft")
+
+
+def test_a_refusal_of_a_resend_is_unknown(hook, ledger, emulator):
+    old = engine(hook, ledger, run={**RUN, "try_number": 1})
+    old.claim(old.plan([cand("a")])[0])
+    retry = engine(_refusing(hook, 1, "한도초과"), ledger, run={**RUN, "try_number": 2})
+    result = retry.charge_batch([cand("a")])
+    assert result.unknown_merchant_uids == [merchant_uid_for("a", DAY, 1)]
+
+
+def test_rows_are_claimed_in_chunks_just_before_they_are_sent(hook, ledger, emulator):
+    subs = [f"c{i:03d}" for i in range(200)]
+    register_cards(emulator, [(f"cust-{s}", PAYING_CARD) for s in subs])
+    rows_when_sent: list[int] = []
+    send = hook.charge_again
+
+    def observed(customer_uid, merchant_uid, amount, name, **optional):
+        with Ledger.from_conn_id("billing_warehouse") as other:
+            rows_when_sent.append(other.query("SELECT COUNT(*) FROM billing_charge_attempts")[0][0])
+        return send(customer_uid, merchant_uid, amount, name, **optional)
+
+    hook.charge_again = observed
+    settings = ChargeSettings(max_concurrency=1, unknown_settle_seconds=0.1)
+    assert engine(hook, ledger, settings).charge_batch([cand(s) for s in subs]).counts == {
+        "paid": 200
+    }
+    assert rows_when_sent[0] == 50
+    assert max(rows_when_sent) == 200

@@ -396,3 +396,19 @@ def test_provider_registers_the_iamport_connection_type(airflow_db):
     ).stdout
     types = {h["connection_type"]: h for h in json.loads(out[out.index("[{") :])}
     assert types["iamport"]["class"] == "iamport_billing.hooks.iamport.IamportHook"
+
+
+def test_a_404_that_is_not_iamports_envelope_on_charge_is_unknown(stub):
+    stub.reply = (404, "text/html", "<html>Not Found</html>")
+    with pytest.raises(IamportOutcomeUnknown):
+        IamportHook().charge_again("c", "m-404", 1000, "plan")
+
+
+def test_iamports_404_on_charge_means_no_billing_key(stub):
+    stub.reply = (
+        404,
+        "application/json",
+        json.dumps({"code": 1, "message": "없음", "response": None}),
+    )
+    with pytest.raises(IamportBillingKeyMissing):
+        IamportHook().charge_again("c", "m-404b", 1000, "plan")

@@ -116,3 +116,46 @@ def test_table_names_must_be_plain_identifiers():
     assert checked_identifier("billing.subs") == "billing.subs"
     with pytest.raises(ValueError):
         checked_identifier("subs; DROP TABLE x")
+
+
+def test_a_late_lookup_never_overwrites_a_settled_row(ledger):
+    ledger.claim([attempt_row()], "tok")
+    ledger.record_outcomes([Outcome("s1-20261126-01", PAID, imp_uid="imp_1")], "tok")
+    ledger.record_outcomes([Outcome("s1-20261126-01", PENDING)], only_unsettled=True)
+    assert ledger.get_attempt("s1-20261126-01").status == PAID
+
+
+def test_the_owner_renews_the_lease_of_a_row_it_leaves_unsettled(ledger):
+    ledger.claim([attempt_row()], "tok")
+    ledger.execute(
+        "UPDATE billing_charge_attempts SET requested_at = %s", ["2000-01-01T00:00:00+00:00"]
+    )
+    ledger.record_outcomes([Outcome("s1-20261126-01", "unknown")], "tok")
+    assert ledger.get_attempt("s1-20261126-01").requested_at.year > 2000
+
+
+def test_a_rejected_row_with_an_absurd_amount_is_stored_without_it(ledger):
+    huge = RejectedRow("s9", "c9", 10**20, DAY, "amount_over_cap", "amount over the cap")
+    ledger.record_rejected([huge], RUN)
+    assert ledger.query("SELECT amount, error_code FROM billing_charge_attempts") == [
+        (None, "amount_over_cap")
+    ]
+
+
+def test_a_partly_refunded_payment_still_advances_its_subscription(ledger):
+    add_subscriptions(ledger, [("s1", "c1", 1000)], DAY)
+    ledger.claim([attempt_row()], "tok")
+    ledger.record_outcomes([Outcome("s1-20261126-01", PAID, imp_uid="imp_1")], "tok")
+    ledger.record_cancellation("s1-20261126-01", imp_uid="imp_1", cancel_amount=300)
+    assert ledger.paid_not_advanced() == [("s1", DAY, DAY.day)]
+
+
+def test_write_back_joins_a_custom_table_with_integer_ids(ledger):
+    ledger.execute(
+        "CREATE TABLE custom_subs (subscription_id INTEGER PRIMARY KEY, status TEXT, "
+        "next_billing_date TEXT, billing_anchor_day INTEGER)"
+    )
+    ledger.execute("INSERT INTO custom_subs VALUES (7, 'active', %s, 26)", [DAY.isoformat()])
+    ledger.claim([attempt_row("7-20261126-01", "7")], "tok")
+    ledger.record_outcomes([Outcome("7-20261126-01", PAID, imp_uid="imp_7")], "tok")
+    assert ledger.paid_not_advanced("custom_subs") == [("7", DAY, 26)]

@@ -223,3 +223,8 @@ def test_guardrails_name_every_broken_limit():
 def test_guardrails_pass_within_limits():
     totals = PlanTotals(count=10, total_amount=1_000_000)
     assert guardrail_violations(totals, Guardrails(max_count=10), previous_total=900_000) == []
+
+
+def test_a_row_without_its_billing_date_is_rejected_not_charged_for_the_run_date():
+    r = validate_row(row(billing_date=None), run_date=RUN, limits=LIMITS)
+    assert isinstance(r, RejectedRow) and r.code == "missing_billing_date"

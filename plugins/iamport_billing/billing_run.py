@@ -65,7 +65,8 @@ def validated(
     group: list[Mapping[str, Any]] = []
     for row in rows:
         sub = row.get("subscription_id")
-        if group and (sub is None or sub != group[0].get("subscription_id")):
+        # Compared as text, as the keyset orders them (SQLite may mix 1 and '1').
+        if group and (sub is None or str(sub) != str(group[0].get("subscription_id"))):
             yield from _close_group(group, run_date, limits)
             group = []
         if sub is None:
@@ -232,7 +233,11 @@ def candidates_in_batch(
 
 
 def write_back(
-    ledger: Ledger, *, subscriptions_table: str, logger: logging.Logger | None = None
+    ledger: Ledger,
+    *,
+    subscriptions_table: str,
+    since: date | None = None,
+    logger: logging.Logger | None = None,
 ) -> dict[str, int]:
     """Apply settled outcomes to subscriptions; idempotent, and it catches up on older runs.
 
@@ -243,7 +248,7 @@ def write_back(
     lg = logger or log
     moves = [
         (sub, day, add_month_anchored(day, anchor))
-        for sub, day, anchor in ledger.paid_not_advanced(subscriptions_table)
+        for sub, day, anchor in ledger.paid_not_advanced(subscriptions_table, since=since)
     ]
     ledger.advance_subscriptions(moves, subscriptions_table)
     hard = _latest_failed_subscriptions(ledger, subscriptions_table, HARD)
@@ -271,9 +276,9 @@ def _latest_failed_subscriptions(
     extra = " AND a.next_retry_date IS NULL" if exhausted else ""
     rows = ledger.query(
         f"SELECT DISTINCT a.subscription_id FROM {ATTEMPTS} a "
-        f"JOIN {table} s ON s.subscription_id = a.subscription_id "
+        f"JOIN {table} s ON {ledger.sub_key('s')} = a.subscription_id "
         "WHERE a.status = %s AND a.decline_kind = %s AND s.status = 'active' "
-        f"AND s.next_billing_date = a.billing_date{extra} "
+        f"AND {ledger.sub_date('s')} = a.billing_date{extra} "
         f"AND a.attempt_no = (SELECT MAX(b.attempt_no) FROM {ATTEMPTS} b "
         "WHERE b.subscription_id = a.subscription_id AND b.billing_date = a.billing_date "
         "AND b.status <> %s)",
@@ -308,9 +313,7 @@ def run_report(ledger: Ledger, *, run: Mapping[str, Any], billing_date: date) ->
         "by_status": by_status,
         "unsettled": unsettled,
         "top_reasons": [{"reason": r[0], "count": int(r[1])} for r in reasons],
-        "rejected": [
-            {"subscription_id": r[0], "code": r[1], "reason": r[2]} for r in rejected
-        ],
+        "rejected": [{"subscription_id": r[0], "code": r[1], "reason": r[2]} for r in rejected],
         "guardrail": guard[0][0] if guard else None,
         "dry_run": bool(guard[0][1]) if guard else False,
     }

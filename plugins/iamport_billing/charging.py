@@ -15,10 +15,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
+from itertools import chain
 from queue import Empty, SimpleQueue
 from typing import Any
 
@@ -50,6 +51,8 @@ from iamport_billing.policy import (
 log = logging.getLogger(__name__)
 
 MISSING_BILLING_KEY = "missing_billing_key"
+# Iamport's refusal of a merchant_uid that already has a paid or cancelled payment.
+DUPLICATE_MARKERS = ("이미 주문이 이루어진", "동일한 merchant_uid")
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,9 @@ class PlannedCharge:
     candidate: ChargeCandidate
     attempt_no: int
     merchant_uid: str
+    # Sent before (by an earlier try, run or round): a refusal now may be Iamport still
+    # working on the first request, so it can never be taken as a decline.
+    resend: bool = False
 
     def ledger_row(self, run: Mapping[str, Any]) -> dict[str, Any]:
         c = self.candidate
@@ -178,6 +184,15 @@ def outcome_from_payment(
     )
 
 
+def decisive_payment(payments: Sequence[Payment]) -> Payment:
+    """Of a merchant_uid's records, the one that decides: paid/cancelled if any, else the
+    latest started."""
+    settled = [p for p in payments if p.is_paid or p.status == "cancelled"]
+    if settled:
+        return settled[0]
+    return max(payments, key=lambda p: (p.started_at or 0, p.failed_at or 0))
+
+
 def resolve_by_lookup(
     hook: Any, attempt_merchant_uid: str, expected_amount: int | None, billing_date: date,
     attempt_no: int, settings: ChargeSettings,
@@ -189,9 +204,9 @@ def resolve_by_lookup(
     payments = hook.find_all_payments(attempt_merchant_uid)
     if not payments:
         return None
-    paid = [p for p in payments if p.is_paid or p.status == "cancelled"]
-    chosen = paid[0] if paid else max(payments, key=lambda p: (p.started_at, p.failed_at))
-    return outcome_from_payment(chosen, expected_amount, billing_date, attempt_no, settings)
+    return outcome_from_payment(
+        decisive_payment(payments), expected_amount, billing_date, attempt_no, settings
+    )
 
 
 class ChargeEngine:
@@ -213,6 +228,10 @@ class ChargeEngine:
         self.run = dict(run)
         self.claim_token = new_claim_token()
         self.limiter = RateLimiter(settings.requests_per_second)
+        # merchant_uids this engine inserted as new pending rows, and those it ever sent:
+        # only the first minus the second may be released (deleted) when a batch stops early.
+        self._fresh: set[str] = set()
+        self._sent: set[str] = set()
         self.log = logger or log
         self._on_charge = on_charge
         self.result = BatchResult()
@@ -276,20 +295,30 @@ class ChargeEngine:
     ) -> BatchResult:
         to_claim, to_resolve = self.plan(candidates, merchant_uids=merchant_uids)
         resend = self.resolve_stale(to_resolve)
-        self.send_all(self.claim(to_claim) + resend)
+        self.send_all(resend, to_claim)
         return self.result
 
     def charge_planned(self, planned: Sequence[PlannedCharge]) -> BatchResult:
         """Send already-numbered attempts (dunning retries) through the same claim/send path."""
-        self.send_all(self.claim(planned))
+        self.send_all([], planned)
         return self.result
 
     def claim(self, planned: Sequence[PlannedCharge]) -> list[PlannedCharge]:
-        owned = self.ledger.claim([p.ledger_row(self.run) for p in planned], self.claim_token)
+        """Write-ahead pending rows; return the charges this engine now owns (once each)."""
+        unique = list({p.merchant_uid: p for p in planned}.values())
+        owned = self.ledger.claim([p.ledger_row(self.run) for p in unique], self.claim_token)
+        self._fresh |= owned
         for p in planned:
             if p.merchant_uid not in owned:
                 self.result.add("claimed_elsewhere", p.candidate.amount)
-        return [p for p in planned if p.merchant_uid in owned]
+        return [p for p in unique if p.merchant_uid in owned]
+
+    def _claimed_as_sent(self, planned: Sequence[PlannedCharge]) -> Iterator[PlannedCharge]:
+        """Claim in small chunks just before sending: a row's lease (requested_at) starts
+        when it is about to go out, not when a long batch began."""
+        chunk = max(50, 4 * int(self.settings.max_concurrency))
+        for part in iter_chunks(planned, chunk):
+            yield from self.claim(part)
 
     def resolve_stale(
         self, stale: Sequence[tuple[Attempt, ChargeCandidate]]
@@ -310,7 +339,9 @@ class ChargeEngine:
                 continue
             if outcome is None:
                 if self.ledger.reclaim(attempt, self.claim_token, self.run):
-                    resend.append(PlannedCharge(cand, attempt.attempt_no, attempt.merchant_uid))
+                    resend.append(
+                        PlannedCharge(cand, attempt.attempt_no, attempt.merchant_uid, resend=True)
+                    )
                 else:
                     self.result.add("claimed_elsewhere", cand.amount)
                 continue
@@ -320,21 +351,23 @@ class ChargeEngine:
                 "resolved %s (left %s by an earlier run): %s imp_uid=%s",
                 attempt.merchant_uid, attempt.status, outcome.status, outcome.imp_uid,
             )  # fmt: skip
-        self.ledger.record_outcomes(outcomes)
+        self.ledger.record_outcomes(outcomes, only_unsettled=True)
         return resend
 
-    def send_all(self, planned: Sequence[PlannedCharge]) -> None:
-        """Send claimed charges; then settle the unknowns by lookup and careful resends."""
-        pending = list(planned)
+    def send_all(self, owned: Sequence[PlannedCharge], to_claim: Sequence[PlannedCharge]) -> None:
+        """Send what this engine owns and what it can claim; then settle the unknowns by
+        lookup and careful resends of the same merchant_uid."""
+        pending: Iterable[PlannedCharge] = chain(owned, self._claimed_as_sent(to_claim))
         for round_no in range(self.settings.max_resend_rounds + 1):
-            if not pending:
-                return
             unknown = self._send_round(pending)
             if not unknown:
                 return
             if round_no == self.settings.max_resend_rounds:
+                pending = [p for p, _ in unknown]
                 break
             pending = self._settle_unknown(unknown)
+            if not pending:
+                return
         for p in pending:
             self.result.unknown_merchant_uids.append(p.merchant_uid)
             self.result.add(UNKNOWN, p.candidate.amount)
@@ -361,7 +394,7 @@ class ChargeEngine:
                 self.result.add(UNKNOWN, p.candidate.amount)
                 continue
             if outcome is None:
-                resend.append(p)
+                resend.append(replace(p, resend=True))
                 continue
             outcomes.append(outcome)
             self._count(outcome, p)
@@ -372,14 +405,13 @@ class ChargeEngine:
         )
         return resend
 
-    def _send_round(self, planned: Sequence[PlannedCharge]) -> list[tuple[PlannedCharge, float]]:
+    def _send_round(self, planned: Iterable[PlannedCharge]) -> list[tuple[PlannedCharge, float]]:
         """One pass over ``planned`` with bounded concurrency; returns the unknown outcomes."""
         unknown: list[tuple[PlannedCharge, float]] = []
         buffer: list[Outcome] = []
         last_flush = time.monotonic()
         stop = threading.Event()
         fatal: list[BaseException] = []
-        sent: set[str] = set()
         queue = iter(planned)
         workers = max(1, int(self.settings.max_concurrency))
 
@@ -401,7 +433,7 @@ class ChargeEngine:
                 p = next(queue, None)
                 if p is None:
                     return False
-                fut = pool.submit(self._charge_one, p, sent)
+                fut = pool.submit(self._charge_one, p)
                 in_flight[fut] = p
                 fut.add_done_callback(finished.put)
                 return True
@@ -431,12 +463,11 @@ class ChargeEngine:
                     flush()
             flush()
         if fatal:
-            never_sent = [p.merchant_uid for p in planned if p.merchant_uid not in sent]
-            self.ledger.release(never_sent, self.claim_token)
+            self.ledger.release(sorted(self._fresh - self._sent), self.claim_token)
             raise fatal[0]
         return unknown
 
-    def _charge_one(self, p: PlannedCharge, sent: set[str]) -> tuple[Outcome, float]:
+    def _charge_one(self, p: PlannedCharge) -> tuple[Outcome, float]:
         """Send one charge and classify what came back. Runs in a worker thread."""
         c = p.candidate
         optional = {k: v for k, v in (
@@ -448,7 +479,7 @@ class ChargeEngine:
         for rate_try in range(self.settings.rate_limit_retries + 1):
             self.limiter.acquire()
             started = time.monotonic()
-            sent.add(p.merchant_uid)
+            self._sent.add(p.merchant_uid)
             try:
                 payment = self.hook.charge_again(
                     c.customer_uid, p.merchant_uid, c.amount, c.name, **optional
@@ -488,7 +519,12 @@ class ChargeEngine:
         return outcome, time.monotonic()
 
     def _rejected(self, p: PlannedCharge, e: IamportRequestRejected, started: float) -> Outcome:
+        """A non-zero code. Iamport's own record decides if it has one; otherwise it is a
+        decline only for a first send with a plain refusal. A resend, a duplicate-merchant_uid
+        refusal or code -1 (PG communication trouble) may hide a charge still in progress."""
         c = p.candidate
+        unclear = Outcome(p.merchant_uid, UNKNOWN, error_code=f"rejected_{e.code}",
+                          error_message=e.api_message, latency_ms=_ms(started))  # fmt: skip
         try:
             found = resolve_by_lookup(
                 self.hook, p.merchant_uid, c.amount, c.billing_date, p.attempt_no, self.settings
@@ -496,10 +532,11 @@ class ChargeEngine:
         except IamportNotFound:
             found = None
         except IamportError:
-            return Outcome(p.merchant_uid, UNKNOWN, error_code=f"rejected_{e.code}",
-                           error_message=e.api_message, latency_ms=_ms(started))  # fmt: skip
-        if found is not None and found.status == PAID:
+            return unclear
+        if found is not None:
             return found
+        if p.resend or e.code == -1 or any(m in e.api_message for m in DUPLICATE_MARKERS):
+            return unclear
         kind = self.settings.decline_table.classify(e.api_message, e.code)
         return Outcome(
             p.merchant_uid, FAILED, error_code=str(e.code), error_message=e.api_message,
@@ -591,7 +628,7 @@ def resolve_unsettled(
             outcome.status,
             outcome.imp_uid,
         )
-    ledger.record_outcomes(outcomes)
+    ledger.record_outcomes(outcomes, only_unsettled=True)
     return counts
 
 

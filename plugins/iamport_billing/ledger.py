@@ -234,6 +234,17 @@ class Ledger:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def sub_key(self, alias: str) -> str:
+        """A subscriptions table's key as text, comparable with the ledger's subscription_id
+        (PostgreSQL refuses integer = text; SQLite keeps its index without a cast)."""
+        col = f"{alias}.subscription_id"
+        return f"CAST({col} AS TEXT)" if self.dialect == "postgres" else col
+
+    def sub_date(self, alias: str) -> str:
+        """A subscriptions table's next_billing_date as a date (custom tables may hold text)."""
+        col = f"{alias}.next_billing_date"
+        return f"CAST({col} AS DATE)" if self.dialect == "postgres" else col
+
     def _sql(self, sql: str) -> str:
         return sql.replace("%s", "?") if self.dialect == "sqlite" else sql
 
@@ -427,7 +438,7 @@ class Ledger:
             "ON CONFLICT (merchant_uid) DO NOTHING",
             values,
         )
-        return self.claimed_by(claim_token, [r["merchant_uid"] for r in rows])
+        return self.claimed_by(claim_token, list(dict.fromkeys(r["merchant_uid"] for r in rows)))
 
     def claimed_by(self, claim_token: str, merchant_uids: Sequence[str]) -> set[str]:
         owned: set[str] = set()
@@ -467,9 +478,22 @@ class Ledger:
             [(m, claim_token, PENDING) for m in merchant_uids],
         )
 
-    def record_outcomes(self, outcomes: Sequence[Outcome], claim_token: str | None = None) -> None:
-        """Commit outcomes in one transaction. With a claim token, only rows it still owns."""
+    def record_outcomes(
+        self,
+        outcomes: Sequence[Outcome],
+        claim_token: str | None = None,
+        *,
+        only_unsettled: bool = False,
+    ) -> None:
+        """Commit outcomes in one transaction.
+
+        With a claim token, only rows the claim still owns, and an unsettled outcome renews
+        the row's lease (requested_at): its owner is alive and still on it. Without one (a
+        lookup by another run), ``only_unsettled`` keeps a late answer from overwriting a row
+        that its owner has settled meanwhile.
+        """
         stamp = now_iso()
+        renew = claim_token is not None
         rows = [
             (
                 o.status,
@@ -483,6 +507,7 @@ class Ledger:
                 o.latency_ms,
                 o.amount,
                 None if o.status in UNSETTLED else stamp,
+                stamp if renew and o.status in UNSETTLED else None,
                 stamp,
                 o.merchant_uid,
             )  # fmt: skip
@@ -492,12 +517,15 @@ class Ledger:
         if claim_token is not None:
             guard = " AND claim_token = %s"
             rows = [(*r, claim_token) for r in rows]
+        if only_unsettled:
+            guard += f" AND status IN ('{UNSETTLED[0]}', '{UNSETTLED[1]}')"
         self.executemany(
             f"UPDATE {ATTEMPTS} SET status = %s, imp_uid = COALESCE(%s, imp_uid), "
             "fail_reason = %s, error_code = %s, error_message = %s, decline_kind = %s, "
             "next_retry_date = %s, receipt_url = COALESCE(%s, receipt_url), "
             "latency_ms = COALESCE(%s, latency_ms), amount = COALESCE(%s, amount), "
-            "completed_at = %s, updated_at = %s WHERE merchant_uid = %s" + guard,
+            "completed_at = %s, requested_at = COALESCE(%s, requested_at), updated_at = %s "
+            "WHERE merchant_uid = %s" + guard,
             rows,
         )
 
@@ -511,7 +539,7 @@ class Ledger:
                 _iso(r.billing_date),
                 0,
                 (r.customer_uid or "")[:200] or None,
-                r.amount,
+                r.amount if r.amount is not None and abs(r.amount) < 2**63 else None,
                 (r.currency or "")[:10] or None,
                 REJECTED,
                 r.code,
@@ -586,15 +614,21 @@ class Ledger:
     # -- write-back -----------------------------------------------------------------------------
 
     def paid_not_advanced(
-        self, subscriptions_table: str = SUBSCRIPTIONS
+        self, subscriptions_table: str = SUBSCRIPTIONS, *, since: date | None = None
     ) -> list[tuple[str, date, int | None]]:
-        """Paid attempts whose subscription still sits on that billing date."""
+        """Paid attempts (refunded ones too: the period was paid) whose subscription still
+        sits on that billing date; ``since`` bounds the scan to recent billing dates."""
         table = checked_identifier(subscriptions_table)
+        params: list[Any] = [PAID, CANCELLED]
+        recent = ""
+        if since is not None:
+            recent = " AND a.billing_date >= %s"
+            params.append(since.isoformat())
         rows = self.query(
             f"SELECT a.subscription_id, a.billing_date, s.billing_anchor_day FROM {ATTEMPTS} a "
-            f"JOIN {table} s ON s.subscription_id = a.subscription_id "
-            f"WHERE a.status = %s AND s.next_billing_date = a.billing_date",
-            [PAID],
+            f"JOIN {table} s ON {self.sub_key('s')} = a.subscription_id "
+            f"WHERE a.status IN (%s, %s) AND {self.sub_date('s')} = a.billing_date{recent}",
+            params,
         )
         return [(r[0], to_date(r[1]), r[2]) for r in rows]  # type: ignore[misc]
 
@@ -661,7 +695,7 @@ class Ledger:
             "a.status = %s",
             f"a.decline_kind IN ({', '.join(['%s'] * len(decline_kinds))})",
             f"s.status IN ({', '.join(['%s'] * len(subscription_statuses))})",
-            "s.next_billing_date = a.billing_date",
+            f"{self.sub_date('s')} = a.billing_date",
             "a.attempt_no < %s",
             f"a.attempt_no = (SELECT MAX(b.attempt_no) FROM {ATTEMPTS} b "
             "WHERE b.subscription_id = a.subscription_id AND b.billing_date = a.billing_date "
@@ -687,7 +721,7 @@ class Ledger:
             "COALESCE(s.customer_uid, a.customer_uid) AS customer_uid, a.amount, a.currency, "
             "a.decline_kind, a.next_retry_date, a.fail_reason, s.name, s.buyer_name, "
             "s.buyer_email, s.buyer_tel, s.status AS subscription_status "
-            f"FROM {ATTEMPTS} a JOIN {table} s ON s.subscription_id = a.subscription_id "
+            f"FROM {ATTEMPTS} a JOIN {table} s ON {self.sub_key('s')} = a.subscription_id "
             "WHERE " + " AND ".join(where)
         )
         order = " ORDER BY a.subscription_id, a.billing_date"

@@ -165,12 +165,14 @@ def validate_row(
     customer_uid = _text(row.get("customer_uid"))
     currency = (_text(row.get("currency")) or "KRW").strip().upper()
     try:
-        billing_date = to_date(row.get("billing_date")) or run_date
+        given_date = to_date(row.get("billing_date"))
     except ValueError:
-        billing_date = run_date
-        bad_date = True
+        given_date, bad_date = None, True
     else:
         bad_date = False
+    # The period comes from the data, never from the run: a row without one cannot have a
+    # deterministic merchant_uid (it would be charged again under every later run's date).
+    billing_date = given_date or run_date
     try:
         amount: int | None = parse_amount(row.get("amount"))
         amount_error = None
@@ -185,6 +187,10 @@ def validate_row(
     if bad_date:
         return reject(
             "invalid_billing_date", f"billing date {row.get('billing_date')!r} is not a date"
+        )
+    if given_date is None:
+        return reject(
+            "missing_billing_date", "billing_date is missing: the due query must return it"
         )
     if merchant_uid is not None:
         if not merchant_uid or CONTROL_CHARS_RE.search(merchant_uid):

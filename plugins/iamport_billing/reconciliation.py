@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -21,6 +21,7 @@ from iamport_billing.api_types import Payment
 from iamport_billing.charging import (
     ChargeSettings,
     _iso_ago,
+    decisive_payment,
     outcome_from_payment,
     resolve_by_lookup,
     resolve_unsettled,
@@ -56,12 +57,6 @@ class ReconcileReport:
         return data
 
 
-def _best(payments: Sequence[Payment]) -> Payment:
-    """The record that decides: a paid/cancelled one if any, else the latest."""
-    settled = [p for p in payments if p.is_paid or p.status == CANCELLED]
-    return settled[0] if settled else max(payments, key=lambda p: (p.started_at, p.failed_at))
-
-
 def reconcile(
     hook: Any,
     ledger: Ledger,
@@ -88,7 +83,7 @@ def reconcile(
         if row is None:
             _record_missing(hook, ledger, settings, merchant_uid, run, report, lg)
         elif row.status not in UNSETTLED:  # unsettled ones are in flight or left to step 1
-            _compare(ledger, settings, row, _best(payments), report, lg)
+            _compare(ledger, settings, row, decisive_payment(payments), report, lg)
 
     first_day = datetime.fromtimestamp(since_ts, SEOUL).date() - timedelta(days=1)
     for sub, day, n in ledger.double_paid(first_day):

@@ -7,6 +7,7 @@ tested in ``billing_run`` and ``charging`` without Airflow.
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from typing import Any
 
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
@@ -93,7 +94,9 @@ def write_back_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, in
         going_past_due = _latest_failed_subscriptions(
             ledger, cfg.subscriptions_table, SOFT, exhausted=True
         )
-        counts = write_back(ledger, subscriptions_table=cfg.subscriptions_table)
+        # Older periods are past the overdue limit: their rows are rejected, not charged.
+        since = billing_date_from_context(context) - timedelta(days=cfg.limits.max_overdue_days + 7)
+        counts = write_back(ledger, subscriptions_table=cfg.subscriptions_table, since=since)
         found = alerts.past_due_alert(
             ledger, going_past_due, cfg=cfg, run=run_info(context),
             billing_date=billing_date_from_context(context),

@@ -469,7 +469,8 @@ class IamportHook(BaseHook):
         status, reply = self._call(
             "POST", "/subscribe/payments/again", json=body, merchant_uid=merchant_uid
         )
-        if status == 404:
+        if status == 404 and isinstance(reply, dict) and "code" in reply:
+            # Iamport's own 404 for an unknown customer_uid (the spec's reading of code 1).
             raise IamportBillingKeyMissing(
                 1, _message(reply) or "customer_uid not found", http_status=404
             )
@@ -479,7 +480,8 @@ class IamportHook(BaseHook):
             if any(m in e.api_message for m in BILLING_KEY_MISSING_MARKERS):
                 raise IamportBillingKeyMissing(e.code, e.api_message, http_status=status) from None
             raise
-        except IamportTransportError as e:
+        except (IamportTransportError, IamportNotFound) as e:
+            # Not Iamport's envelope (a proxy's page, a gateway's 404): nothing says no charge.
             raise IamportOutcomeUnknown(
                 str(e), merchant_uid=merchant_uid, http_status=status
             ) from None
