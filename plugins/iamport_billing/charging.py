@@ -16,7 +16,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from itertools import chain
@@ -406,62 +405,66 @@ class ChargeEngine:
         return resend
 
     def _send_round(self, planned: Iterable[PlannedCharge]) -> list[tuple[PlannedCharge, float]]:
-        """One pass over ``planned`` with bounded concurrency; returns the unknown outcomes."""
+        """One pass over ``planned`` with bounded concurrency; returns the unknown outcomes.
+
+        Long-lived worker threads take charges from a queue and post results back; the main
+        thread alone feeds them (so claims happen just in time) and writes the ledger.
+        """
         unknown: list[tuple[PlannedCharge, float]] = []
         buffer: list[Outcome] = []
         last_flush = time.monotonic()
-        stop = threading.Event()
         fatal: list[BaseException] = []
         queue = iter(planned)
         workers = max(1, int(self.settings.max_concurrency))
+        todo: SimpleQueue[PlannedCharge | None] = SimpleQueue()
+        done: SimpleQueue[tuple[PlannedCharge, Any]] = SimpleQueue()
 
-        def flush() -> None:
-            nonlocal last_flush
-            self.ledger.record_outcomes(buffer, self.claim_token)
-            buffer.clear()
-            last_flush = time.monotonic()
+        def work() -> None:
+            while (p := todo.get()) is not None:
+                try:
+                    done.put((p, self._charge_one(p)))
+                except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                    done.put((p, e))
 
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="charge") as pool:
-            in_flight: dict[Future, PlannedCharge] = {}
-            # Workers post finished futures here: O(1) per charge, where wait() re-arms a
-            # waiter on every future in flight each time (O(concurrency) per charge).
-            finished: SimpleQueue[Future] = SimpleQueue()
+        threads = [
+            threading.Thread(target=work, name=f"charge-{n}", daemon=True) for n in range(workers)
+        ]
+        for t in threads:
+            t.start()
 
-            def submit_next() -> bool:
-                if stop.is_set():
-                    return False
-                p = next(queue, None)
-                if p is None:
-                    return False
-                fut = pool.submit(self._charge_one, p)
-                in_flight[fut] = p
-                fut.add_done_callback(finished.put)
-                return True
+        def feed() -> bool:
+            p = None if fatal else next(queue, None)
+            if p is not None:
+                todo.put(p)
+            return p is not None
 
-            for _ in range(workers):
-                if not submit_next():
-                    break
+        in_flight = sum(feed() for _ in range(workers))
+        try:
             while in_flight:
-                done = _take_finished(finished, self.settings.flush_seconds)
-                for fut in done:
-                    p = in_flight.pop(fut)
-                    try:
-                        outcome, finished_at = fut.result()
-                    except IamportAuthError as e:
-                        stop.set()
-                        fatal.append(e)
+                for p, result in _take_finished(done, self.settings.flush_seconds):
+                    in_flight -= 1
+                    if isinstance(result, BaseException):
+                        if not isinstance(result, IamportAuthError):
+                            raise result
+                        fatal.append(result)
                         continue
+                    outcome, finished_at = result
                     buffer.append(outcome)
                     if outcome.status == UNKNOWN:
                         unknown.append((p, finished_at))
                     else:
                         self._count(outcome, p)
-                    submit_next()
+                    in_flight += feed()
                 if len(buffer) >= self.settings.flush_every or (
                     buffer and time.monotonic() - last_flush >= self.settings.flush_seconds
                 ):
-                    flush()
-            flush()
+                    self.ledger.record_outcomes(buffer, self.claim_token)
+                    buffer.clear()
+                    last_flush = time.monotonic()
+        finally:
+            self.ledger.record_outcomes(buffer, self.claim_token)
+            for _ in threads:
+                todo.put(None)
         if fatal:
             self.ledger.release(sorted(self._fresh - self._sent), self.claim_token)
             raise fatal[0]
@@ -567,8 +570,8 @@ class ChargeEngine:
         )  # fmt: skip
 
 
-def _take_finished(finished: SimpleQueue[Future], timeout: float) -> list[Future]:
-    """Futures finished so far: wait up to ``timeout`` for the first, then take the rest."""
+def _take_finished(finished: SimpleQueue[Any], timeout: float) -> list[Any]:
+    """Results posted so far: wait up to ``timeout`` for the first, then take the rest."""
     try:
         done = [finished.get(timeout=timeout)]
     except Empty:
