@@ -358,9 +358,7 @@ class IamportHook(BaseHook):
                     self._sleep_backoff(attempt, None)
                     continue
                 reason = f"{type(e).__name__} talking to {method} {path}"
-                if merchant_uid is not None and not never_sent:
-                    raise IamportOutcomeUnknown(reason, merchant_uid=merchant_uid) from None
-                raise IamportTransportError(reason) from None
+                raise _failure(reason, None if never_sent else merchant_uid) from None
             status = resp.status
             body = _parse_body(resp)
             if status == 429 or status >= 500:
@@ -375,31 +373,15 @@ class IamportHook(BaseHook):
                         http_status=429,
                         body_excerpt=_excerpt(resp),
                     )
-                if merchant_uid is not None:
-                    raise IamportOutcomeUnknown(
-                        f"server error on {method} {path}",
-                        merchant_uid=merchant_uid,
-                        http_status=status,
-                        body_excerpt=_excerpt(resp),
-                    )
-                raise IamportTransportError(
-                    f"server error on {method} {path}",
-                    http_status=status,
-                    body_excerpt=_excerpt(resp),
-                )
+                raise _failure(
+                    f"server error on {method} {path}", merchant_uid,
+                    http_status=status, body_excerpt=_excerpt(resp),
+                )  # fmt: skip
             if body is _UNPARSEABLE:
-                if merchant_uid is not None:
-                    raise IamportOutcomeUnknown(
-                        f"unparseable reply to {method} {path}",
-                        merchant_uid=merchant_uid,
-                        http_status=status,
-                        body_excerpt=_excerpt(resp),
-                    )
-                raise IamportTransportError(
-                    f"non-JSON reply to {method} {path}",
-                    http_status=status,
-                    body_excerpt=_excerpt(resp),
-                )
+                raise _failure(
+                    f"non-JSON reply to {method} {path}", merchant_uid,
+                    http_status=status, body_excerpt=_excerpt(resp),
+                )  # fmt: skip
             return status, body
 
     def _sleep_backoff(self, attempt: int, retry_after: float | None) -> None:
@@ -658,6 +640,14 @@ def _parse_body(resp: urllib3.BaseHTTPResponse) -> Any:
         return jsonlib.loads(resp.data)
     except ValueError:
         return _UNPARSEABLE
+
+
+def _failure(reason: str, merchant_uid: str | None, **details: Any) -> IamportError:
+    """After a charge POST may have left, any failure is an unknown outcome (the money may
+    have moved); on every other call it is a transport error."""
+    if merchant_uid is not None:
+        return IamportOutcomeUnknown(reason, merchant_uid=merchant_uid, **details)
+    return IamportTransportError(reason, **details)
 
 
 def _message(body: Any) -> str:
