@@ -120,6 +120,16 @@ def warehouse(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+def ledger(sqlite_warehouse: Path):
+    """The ledger on a real SQLite file; modules that run on both databases override it."""
+    from iamport_billing.ledger import Ledger
+
+    with Ledger.from_conn_id("billing_warehouse") as led:
+        led.init_schema()
+        yield led
+
+
+@pytest.fixture
 def emulator_config(tmp_path: Path):
     """Emulator settings; tests tweak them before the ``emulator`` fixture starts it."""
     from iamport_billing.emulator.config import EmulatorConfig
@@ -149,3 +159,13 @@ def emulator(emulator_config, monkeypatch: pytest.MonkeyPatch):
         TOKEN_CACHE.clear()
         yield handle
     TOKEN_CACHE.clear()
+
+
+@pytest.fixture
+def hook(emulator):
+    """An IamportHook on the emulator connection, closed afterwards."""
+    from iamport_billing.hooks.iamport import IamportHook
+
+    h = IamportHook(pool_maxsize=8)
+    yield h
+    h.close()

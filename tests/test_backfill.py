@@ -25,20 +25,6 @@ TODAY = date(2026, 11, 28)
 
 
 @pytest.fixture
-def ledger(sqlite_warehouse):
-    with Ledger.from_conn_id("billing_warehouse") as led:
-        led.init_schema()
-        yield led
-
-
-@pytest.fixture
-def hook(emulator):
-    h = IamportHook()
-    yield h
-    h.close()
-
-
-@pytest.fixture
 def failed_day(hook, ledger, emulator):
     """soft1 and hard1 declined on DAY; ok1 paid. Then both cards are fixed."""
     for sub, card in (

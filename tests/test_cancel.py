@@ -8,7 +8,6 @@ import pytest
 from airflow.sdk.exceptions import AirflowFailException
 from iamport_billing.charging import ChargeEngine
 from iamport_billing.hooks.iamport import IamportHook
-from iamport_billing.ledger import Ledger
 from iamport_billing.operators.cancel import CancelPaymentOperator
 from iamport_billing.policy import ChargeCandidate
 from ops_support import RUN, SETTINGS, subscribe
@@ -16,13 +15,6 @@ from support import PAYING_CARD, emulator_payments
 
 DAY = date(2026, 11, 26)
 UID = "c1-20261126-01"
-
-
-@pytest.fixture
-def ledger(sqlite_warehouse):
-    with Ledger.from_conn_id("billing_warehouse") as led:
-        led.init_schema()
-        yield led
 
 
 @pytest.fixture

@@ -27,20 +27,6 @@ def cand(sub: str, customer: str | None = None, amount: int = 1000) -> ChargeCan
     return ChargeCandidate(sub, customer or f"cust-{sub}", amount, DAY, name="plan")
 
 
-@pytest.fixture
-def ledger(sqlite_warehouse):
-    with Ledger.from_conn_id("billing_warehouse") as led:
-        led.init_schema()
-        yield led
-
-
-@pytest.fixture
-def hook(emulator):
-    h = IamportHook(pool_maxsize=8)
-    yield h
-    h.close()
-
-
 def engine(hook, ledger, settings=SETTINGS, run=RUN) -> ChargeEngine:
     return ChargeEngine(hook, ledger, settings, run)
 

@@ -10,7 +10,6 @@ import pytest
 from iamport_billing.billing_run import write_back
 from iamport_billing.charging import ChargeEngine
 from iamport_billing.dunning import due_retries, send_retries
-from iamport_billing.hooks.iamport import IamportHook
 from iamport_billing.ledger import Ledger
 from iamport_billing.policy import ChargeCandidate
 from ops_support import LIMITS, RUN, SETTINGS, attempts_of, subscribe, subscription
@@ -23,20 +22,6 @@ from support import (
 )
 
 DAY = date(2026, 11, 26)
-
-
-@pytest.fixture
-def ledger(sqlite_warehouse):
-    with Ledger.from_conn_id("billing_warehouse") as led:
-        led.init_schema()
-        yield led
-
-
-@pytest.fixture
-def hook(emulator):
-    h = IamportHook()
-    yield h
-    h.close()
 
 
 def first_charge(hook, ledger, *subs: str, amount: int = 9900) -> None:

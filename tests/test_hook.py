@@ -40,13 +40,6 @@ def set_faults(emulator, **faults) -> None:
 
 
 @pytest.fixture
-def hook(emulator):
-    h = IamportHook()
-    yield h
-    h.close()
-
-
-@pytest.fixture
 def cards(emulator):
     register_cards(
         emulator,

@@ -15,13 +15,6 @@ from support import PAYING_CARD, add_subscriptions, register_cards
 TOMORROW = date(2026, 11, 27)
 
 
-@pytest.fixture
-def ledger(sqlite_warehouse):
-    with Ledger.from_conn_id("billing_warehouse") as led:
-        led.init_schema()
-        yield led
-
-
 def check(ledger, day=TOMORROW):
     hook = IamportHook()
     try:

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
 
-import pytest
 from iamport_billing.charging import ChargeEngine
-from iamport_billing.hooks.iamport import IamportHook
-from iamport_billing.ledger import Ledger
 from iamport_billing.policy import ChargeCandidate
 from iamport_billing.reconciliation import reconcile
 from ops_support import RUN, SETTINGS, subscribe
@@ -16,20 +13,6 @@ from support import PAYING_CARD, SOFT_DECLINE_CARD
 
 DAY = date(2026, 11, 26)
 WINDOW = timedelta(hours=48)
-
-
-@pytest.fixture
-def ledger(sqlite_warehouse):
-    with Ledger.from_conn_id("billing_warehouse") as led:
-        led.init_schema()
-        yield led
-
-
-@pytest.fixture
-def hook(emulator):
-    h = IamportHook()
-    yield h
-    h.close()
 
 
 def run_reconcile(hook, ledger):
