@@ -14,6 +14,10 @@ from pathlib import Path
 
 import pytest
 import requests
+from iamport_billing.emulator.config import CARD_ALWAYS_PAID as PAYING_CARD
+from iamport_billing.emulator.config import CARD_HARD_DECLINE as HARD_DECLINE_CARD
+from iamport_billing.emulator.config import CARD_SOFT_DECLINE as SOFT_DECLINE_CARD
+from iamport_billing.emulator.store import customer_row
 from iamport_billing.errors import (
     IamportAuthError,
     IamportBillingKeyMissing,
@@ -23,7 +27,12 @@ from iamport_billing.errors import (
     IamportTransportError,
 )
 from iamport_billing.hooks.iamport import IamportHook, settings_from_connection
-from support import HARD_DECLINE_CARD, PAYING_CARD, SOFT_DECLINE_CARD, register_cards
+
+
+def register_cards(emulator, cards) -> None:
+    """Store billing keys (customer_uid, test card number) straight into the emulator."""
+    now = int(time.time())
+    emulator.store.save_customers(customer_row(uid, card, now) for uid, card in cards)
 
 
 def stats(emulator) -> dict:

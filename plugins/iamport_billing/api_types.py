@@ -1,4 +1,9 @@
-"""Typed results of the Iamport V1 API. Unknown fields are ignored, missing ones default."""
+"""Typed results of the Iamport V1 API. Unknown fields are ignored, missing ones default.
+
+``from_api`` is lenient (it builds from whatever it is given); ``parse`` checks the shape the
+official spec gives first and raises :class:`ShapeError` on a reply of the wrong shape, which
+the hook turns into a typed "could not ask" (or, after a charge or cancel, "outcome unknown").
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,40 @@ CANCELLED = "cancelled"
 READY = "ready"
 
 
+class ShapeError(ValueError):
+    """A reply whose ``response`` does not have the shape the spec gives (short reason)."""
+
+
 def _from_mapping(cls: type, data: dict[str, Any]) -> Any:
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require_dict(data: Any, what: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ShapeError(f"{what} is {type(data).__name__}, not an object")
+    return data
+
+
+def _require_str(data: dict[str, Any], name: str, what: str) -> None:
+    value = data.get(name)
+    if not isinstance(value, str) or not value:
+        raise ShapeError(
+            f"{what} has no {name}" if value is None else f"{what}.{name} not a string"
+        )
+
+
+def _require_int(data: dict[str, Any], name: str, what: str) -> int:
+    value = data.get(name)
+    if value is None:
+        raise ShapeError(f"{what} has no {name}")
+    if not _is_number(value) or int(value) != value:
+        raise ShapeError(f"{what}.{name} is not an integer")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -23,6 +59,11 @@ class AccessToken:
     token: str = field(repr=False)
     expired_at: int
     server_now: int
+
+    @property
+    def already_expired(self) -> bool:
+        """Expired by the server's own clock when issued (``expired_at`` not after ``now``)."""
+        return self.expired_at <= self.server_now
 
 
 @dataclass(frozen=True)
@@ -55,6 +96,19 @@ class Payment:
     def from_api(cls, data: dict[str, Any]) -> Self:
         return _from_mapping(cls, data)
 
+    @classmethod
+    def parse(cls, data: Any) -> Self:
+        """A PaymentAnnotation: imp_uid, merchant_uid and status strings, numeric amounts."""
+        data = _require_dict(data, "payment")
+        for name in ("imp_uid", "merchant_uid", "status"):
+            _require_str(data, name, "payment")
+        if not _is_number(data.get("amount")):
+            raise ShapeError("payment has no numeric amount")
+        cancel = data.get("cancel_amount")
+        if cancel is not None and not _is_number(cancel):
+            raise ShapeError("payment.cancel_amount is not a number")
+        return cls.from_api({**data, "cancel_amount": cancel or 0})
+
     @property
     def is_paid(self) -> bool:
         return self.status == PAID
@@ -84,6 +138,20 @@ class PaymentPage:
             payments=[Payment.from_api(p) for p in data.get("list") or []],
         )
 
+    @classmethod
+    def parse(cls, data: Any) -> Self:
+        """A PagedPaymentAnnotation: integer total/previous/next and a list of payments."""
+        data = _require_dict(data, "payment page")
+        total, previous, next_page = (
+            _require_int(data, name, "payment page") for name in ("total", "previous", "next")
+        )
+        items = data.get("list")
+        if items is None and total == 0:
+            items = []
+        if not isinstance(items, list):
+            raise ShapeError("payment page has no list of payments")
+        return cls(total, previous, next_page, [Payment.parse(p) for p in items])
+
 
 @dataclass(frozen=True)
 class BillingKey:
@@ -104,6 +172,13 @@ class BillingKey:
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> Self:
         return _from_mapping(cls, data)
+
+    @classmethod
+    def parse(cls, data: Any) -> Self:
+        """A CustomerAnnotation: at least a customer_uid string."""
+        data = _require_dict(data, "billing key")
+        _require_str(data, "customer_uid", "billing key")
+        return cls.from_api(data)
 
 
 @dataclass(frozen=True)

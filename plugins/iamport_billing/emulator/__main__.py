@@ -53,6 +53,45 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="extension length (default 300 s scaled by TTL/1800)",
     )
+    hostile = p.add_argument_group(
+        "foreign and hostile switches", "also settable at runtime: POST /__emulator__/faults"
+    )
+    hostile.add_argument(
+        "--foreign-404-json", action="store_true",
+        help='GET lookups answer 404 with a proxy\'s JSON {"error": "not found"}',
+    )  # fmt: skip
+    hostile.add_argument(
+        "--foreign-404-html", action="store_true",
+        help="GET lookups answer 404 with an nginx HTML page",
+    )  # fmt: skip
+    hostile.add_argument(
+        "--findall-bare-list", action="store_true",
+        help="findAll answers a bare list of payments instead of the paged object",
+    )  # fmt: skip
+    hostile.add_argument(
+        "--drop-cancel-reply", action="store_true",
+        help="a cancel commits, then the connection is reset without an answer",
+    )  # fmt: skip
+    hostile.add_argument(
+        "--token-status", type=int, default=None,
+        help="getToken answers this HTTP status (5xx: nginx HTML page; 4xx: envelope)",
+    )  # fmt: skip
+    hostile.add_argument(
+        "--bearer-refused", action="store_true",
+        help="refuse 'Authorization: Bearer <token>'; accept only the raw token",
+    )  # fmt: skip
+    hostile.add_argument(
+        "--token-already-expired", action="store_true",
+        help="getToken answers expired_at = now (the token still works)",
+    )  # fmt: skip
+    hostile.add_argument(
+        "--charge-status-ready", action="store_true",
+        help="charges end in status 'ready' and stay so",
+    )  # fmt: skip
+    hostile.add_argument(
+        "--paid-amount-multiplier", type=float, default=1.0,
+        help="a paid charge records amount * N (default 1)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=None, help="seed of the fault randomness")
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
     return p
@@ -75,6 +114,15 @@ def main(argv: list[str] | None = None) -> None:
             token_ttl_s=args.token_ttl_s,
             token_extend_window_s=args.token_extend_window_s,
             token_extend_s=args.token_extend_s,
+            foreign_404_json=args.foreign_404_json,
+            foreign_404_html=args.foreign_404_html,
+            findall_bare_list=args.findall_bare_list,
+            drop_cancel_reply=args.drop_cancel_reply,
+            token_status=args.token_status or None,
+            bearer_refused=args.bearer_refused,
+            token_already_expired=args.token_already_expired,
+            charge_status_ready=args.charge_status_ready,
+            paid_amount_multiplier=args.paid_amount_multiplier,
             seed=args.seed,
             log_level=args.log_level,
         )

@@ -3,12 +3,18 @@
 Faults live in ``EmulatorApp.__call__``, the outermost ASGI layer, because only there is ``send``
 still uvicorn's own bound method: that gives access to the TCP transport, which the
 drop-after-commit fault aborts so the client gets no response at all (not a 500).
+
+Foreign and hostile switches (see ``config.SWITCH_FIELDS``) imitate what stands in front of, or
+goes wrong inside, a real gateway: a proxy's 404 on lookups, a wrong-shaped findAll, a cancel
+whose answer is lost, a getToken that fails or hands out an expired token, a server refusing
+the Bearer header style, charges stuck in 'ready' or paid with another amount.
 """
 
 from __future__ import annotations
 
 import asyncio
 import html
+import http
 import json
 import math
 import random
@@ -82,6 +88,21 @@ HTML_5XX = (
     "</center><hr><center>nginx</center></body></html>"
 )
 REASONS = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
+FOREIGN_404_JSON = {"error": "not found"}
+# GET endpoints a proxy's foreign 404 applies to (lookups only: never charges, cancels, tokens).
+LOOKUP_PREFIXES = ("/payments/", "/subscribe/customers")
+
+
+def _phrase(status: int) -> str:
+    try:
+        return REASONS.get(status) or http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def html_error_page(status: int) -> str:
+    """The page nginx serves for an error status."""
+    return HTML_5XX.format(code=status, reason=_phrase(status))
 
 
 class ApiError(Exception):
@@ -164,6 +185,15 @@ class EmulatorApp(FastAPI):
             em.count("faults", "error")
             await self._server_error(em.rng)(scope, receive, send)
             return
+        if (cfg.foreign_404_json or cfg.foreign_404_html) and self._is_lookup(scope):
+            # A proxy (or a misrouted gateway) answering for Iamport: nothing reached it.
+            em.count("faults", "foreign_404")
+            if cfg.foreign_404_html:
+                reply: Response = HTMLResponse(html_error_page(404), 404)
+            else:
+                reply = JSONResponse(FOREIGN_404_JSON, 404)
+            await reply(scope, receive, send)
+            return
         state = scope.setdefault("state", {})
         dropped = False
 
@@ -189,12 +219,15 @@ class EmulatorApp(FastAPI):
         return f"{scope['method']} (no route)"
 
     @staticmethod
+    def _is_lookup(scope: Scope) -> bool:
+        return scope["method"] == "GET" and scope["path"].startswith(LOOKUP_PREFIXES)
+
+    @staticmethod
     def _server_error(rng: random.Random) -> Response:
         """A 5xx before doing anything; half the time an HTML page, as from a proxy."""
         status = rng.choice((500, 502, 503))
         if rng.random() < 0.5:
-            page = HTML_5XX.format(code=status, reason=REASONS[status])
-            return HTMLResponse(page, status)
+            return HTMLResponse(html_error_page(status), status)
         return envelope(None, status, -1, "일시적인 서버 오류입니다. (emulated)")
 
 
@@ -463,9 +496,19 @@ def parse_charge(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_payment(
-    charge: dict[str, Any], customer: dict[str, Any], imp_uid: str, base_url: str
+    charge: dict[str, Any],
+    customer: dict[str, Any],
+    imp_uid: str,
+    base_url: str,
+    *,
+    ready: bool = False,
+    amount_multiplier: float = 1.0,
 ) -> dict[str, Any]:
-    """The payment row for a charge; the billing key's card class decides paid or failed."""
+    """The payment row for a charge; the billing key's card class decides paid or failed.
+
+    ``ready`` leaves it in status 'ready' (neither paid nor failed); ``amount_multiplier``
+    records a paid charge with amount * N (the switches of the same names).
+    """
     now = int(time.time())
     behavior = customer["card_behavior"]
     declined = behavior in (BEHAVIOR_SOFT_DECLINE, BEHAVIOR_HARD_DECLINE)
@@ -478,12 +521,15 @@ def build_payment(
         and k not in ("customer_uid", "merchant_uid", "amount", "name")
         and k not in buyer
     }
-    return {
+    amount = charge["amount"]
+    if not declined and not ready and amount_multiplier != 1:
+        amount = _num(amount * amount_multiplier)
+    payment = {
         "imp_uid": imp_uid,
         "merchant_uid": charge["merchant_uid"],
         "customer_uid": customer["customer_uid"],
         "status": "failed" if declined else "paid",
-        "amount": charge["amount"],
+        "amount": amount,
         "cancel_amount": 0,
         "currency": charge["currency"] or "KRW",
         "name": charge["name"],
@@ -512,6 +558,12 @@ def build_payment(
         "cancel_history": [],
         "request": request_fields,
     }
+    if ready:
+        payment.update(
+            status="ready", paid_at=0, failed_at=0, apply_num=None, fail_reason=None,
+            receipt_url=None,
+        )  # fmt: skip
+    return payment
 
 
 def apply_cancel(
@@ -575,9 +627,13 @@ def create_app(config: EmulatorConfig, store: Store | None = None) -> EmulatorAp
         return envelope(None, exc.status_code, -1, str(exc.detail))
 
     async def authorized(request: Request) -> None:
-        """Accept ``Authorization: Bearer <token>`` and the raw token (both exist in the wild)."""
+        """Accept ``Authorization: Bearer <token>`` and the raw token (both exist in the wild);
+        with ``bearer_refused`` only the raw token."""
         value = request.headers.get("authorization", "").strip()
         if value[:7].lower() == "bearer ":
+            if config.bearer_refused:
+                em.count("faults", "bearer_refused")
+                raise ApiError(401, -1, MSG_UNAUTHORIZED)
             value = value[7:].strip()
         if not value or not db.token_valid(value, time.time()):
             raise ApiError(401, -1, MSG_UNAUTHORIZED)
@@ -586,6 +642,14 @@ def create_app(config: EmulatorConfig, store: Store | None = None) -> EmulatorAp
 
     @app.post("/users/getToken")
     async def get_token(request: Request) -> Response:
+        if config.token_status:
+            em.count("faults", "token_status")
+            status = config.token_status
+            if status >= 500:
+                return HTMLResponse(html_error_page(status), status)
+            if status in (401, 403):
+                return envelope(None, status, -1, MSG_BAD_CREDENTIALS)
+            return envelope(None, status, -1, f"{_phrase(status)} (emulated)")
         body = await read_body(request)
         key, secret = str(body.get("imp_key") or ""), str(body.get("imp_secret") or "")
         if not (
@@ -599,6 +663,10 @@ def create_app(config: EmulatorConfig, store: Store | None = None) -> EmulatorAp
             config.extend_by_s,
         )  # fmt: skip
         em.count("tokens", action)
+        if config.token_already_expired:
+            # The reply misreports the expiry; the token itself stays valid for its TTL.
+            em.count("faults", "token_already_expired")
+            expired_at = now
         return envelope({"access_token": token, "now": now, "expired_at": expired_at})
 
     # -- billing keys
@@ -659,8 +727,11 @@ def create_app(config: EmulatorConfig, store: Store | None = None) -> EmulatorAp
             db.charge,
             charge["customer_uid"],
             charge["merchant_uid"],
-            lambda customer, imp_uid: build_payment(charge, customer, imp_uid, base),
-        )
+            lambda customer, imp_uid: build_payment(
+                charge, customer, imp_uid, base, ready=config.charge_status_ready,
+                amount_multiplier=config.paid_amount_multiplier,
+            ),
+        )  # fmt: skip
         em.count("charges", outcome)
         if outcome == "unknown_customer":
             raise ApiError(200, 1, MSG_UNKNOWN_BUYER)
@@ -699,6 +770,12 @@ def create_app(config: EmulatorConfig, store: Store | None = None) -> EmulatorAp
         )
         if total == 0:
             raise ApiError(404, 1, MSG_PAYMENT_NOT_FOUND)
+        if config.findall_bare_list:
+            em.count("faults", "findall_bare_list")
+            _, everything = await run_in_threadpool(
+                db.page_by_merchant, merchant_uid, payment_status, sorting, 1, total
+            )
+            return envelope([payment_json(p) for p in everything])
         return envelope(page_json(total, page, limit, rows))
 
     @app.get("/payments/status/{payment_status}", dependencies=auth)
@@ -736,6 +813,9 @@ def create_app(config: EmulatorConfig, store: Store | None = None) -> EmulatorAp
             )
         except CancelRefused as e:
             raise ApiError(200, 1, str(e)) from None
+        if config.drop_cancel_reply:
+            em.count("faults", "drop_cancel_reply")
+            request.scope["state"][_DROP] = True
         return envelope(payment_json(payment))
 
     @app.get("/payments/{imp_uid}", dependencies=auth)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,6 +43,32 @@ def card_behavior(card_number: str) -> str:
     return BEHAVIOR_PAID
 
 
+# Foreign and hostile behaviours: what a proxy in front of Iamport, or a misbehaving gateway,
+# does. All off by default; each is scoped to the endpoints named.
+SWITCH_FIELDS = (
+    # GET lookups (payments by imp_uid/merchant_uid, findAll, status, customers) answer 404
+    # with a proxy's JSON {"error": "not found"} / an nginx HTML page, before auth or the DB.
+    "foreign_404_json",
+    "foreign_404_html",
+    # GET /payments/findAll answers the envelope with a bare list of payments as `response`
+    # instead of the paged object {total, previous, next, list}.
+    "findall_bare_list",
+    # POST /payments/cancel commits the cancel, then the TCP connection is reset (no answer).
+    "drop_cancel_reply",
+    # POST /users/getToken answers this HTTP status (5xx: an nginx HTML page; 4xx: the
+    # envelope with code -1). None: normal.
+    "token_status",
+    # `Authorization: Bearer <token>` is refused with 401; only the raw token is accepted.
+    "bearer_refused",
+    # getToken's reply says expired_at = now (the token itself stays valid for its TTL).
+    "token_already_expired",
+    # Charges end in status 'ready' (neither paid nor failed) and stay so.
+    "charge_status_ready",
+    # A paid charge records amount * N ("paid with a different amount"). 1 = normal.
+    "paid_amount_multiplier",
+)
+_BOOL_SWITCHES = frozenset(SWITCH_FIELDS) - {"token_status", "paid_amount_multiplier"}
+
 FAULT_FIELDS = (
     "latency_ms",
     "latency_jitter_ms",
@@ -51,6 +78,7 @@ FAULT_FIELDS = (
     "token_ttl_s",
     "token_extend_window_s",
     "token_extend_s",
+    *SWITCH_FIELDS,
 )
 
 
@@ -75,6 +103,15 @@ class EmulatorConfig:
     token_ttl_s: int = DEFAULT_TOKEN_TTL_S
     token_extend_window_s: int | None = None
     token_extend_s: int | None = None
+    foreign_404_json: bool = False
+    foreign_404_html: bool = False
+    findall_bare_list: bool = False
+    drop_cancel_reply: bool = False
+    token_status: int | None = None
+    bearer_refused: bool = False
+    token_already_expired: bool = False
+    charge_status_ready: bool = False
+    paid_amount_multiplier: float = 1.0
     seed: int | None = None
     log_level: str = "warning"
 
@@ -94,6 +131,14 @@ class EmulatorConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if self.foreign_404_json and self.foreign_404_html:
+            raise ValueError("foreign_404_json and foreign_404_html are mutually exclusive")
+        if self.token_status is not None and not 400 <= self.token_status <= 599:
+            raise ValueError(f"token_status must be an HTTP error status, got {self.token_status}")
+        if not (
+            0 < self.paid_amount_multiplier < 1e6 and math.isfinite(self.paid_amount_multiplier)
+        ):
+            raise ValueError("paid_amount_multiplier must be > 0")
 
     @property
     def extend_window_s(self) -> int:
@@ -117,7 +162,11 @@ class EmulatorConfig:
         return {name: data[name] for name in FAULT_FIELDS}
 
     def update_faults(self, changes: dict[str, Any]) -> None:
-        """Apply runtime fault changes atomically: all valid or none applied."""
+        """Apply runtime fault changes atomically: all valid or none applied.
+
+        Switches take true/false (or 1/0, "true"/"false"); ``token_status`` an HTTP status or
+        null/0 for normal; ``paid_amount_multiplier`` a number (1 = normal).
+        """
         unknown = set(changes) - set(FAULT_FIELDS) - {"seed"}
         if unknown:
             raise ValueError(f"unknown fault fields: {sorted(unknown)}")
@@ -127,10 +176,20 @@ class EmulatorConfig:
             setattr(self, name, getattr(candidate, name))
 
 
-_INT_FIELDS = {"token_ttl_s", "token_extend_window_s", "token_extend_s", "seed"}
+_INT_FIELDS = {"token_ttl_s", "token_extend_window_s", "token_extend_s", "seed", "token_status"}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
 
 
 def _coerce(name: str, value: Any) -> Any:
+    if name in _BOOL_SWITCHES:
+        if isinstance(value, bool) or value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if name == "token_status" and value in (None, 0, "", "0"):
+        return None
     if value is None and name in ("token_extend_window_s", "token_extend_s", "seed"):
         return None
     if isinstance(value, bool):

@@ -21,7 +21,12 @@ import requests
 import uvicorn
 
 from iamport_billing.emulator.app import EmulatorApp, create_app
-from iamport_billing.emulator.config import DEFAULT_IMP_KEY, DEFAULT_IMP_SECRET, EmulatorConfig
+from iamport_billing.emulator.config import (
+    DEFAULT_IMP_KEY,
+    DEFAULT_IMP_SECRET,
+    SWITCH_FIELDS,
+    EmulatorConfig,
+)
 from iamport_billing.emulator.store import Store
 
 SECRET_ENV = "IAMPORT_EMULATOR_IMP_SECRET"
@@ -169,6 +174,15 @@ def cli_args(config: EmulatorConfig, port: int) -> list[str]:
     }
     for flag, value in optional.items():
         if value is not None:
+            args += [flag, str(value)]
+    for name in SWITCH_FIELDS:
+        value = getattr(config, name)
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif name == "token_status" and value is not None:
+            args += [flag, str(value)]
+        elif name == "paid_amount_multiplier" and value != 1:
             args += [flag, str(value)]
     return args
 

@@ -8,15 +8,20 @@ than requests because the charge path is CPU-bound on our side: requests' sessio
 
 from __future__ import annotations
 
+import hashlib
+import html
 import json as jsonlib
+import logging
 import os
 import random
+import re
 import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 from urllib.parse import quote, urlencode, urlsplit
 
 import certifi
@@ -30,22 +35,32 @@ from iamport_billing.api_types import (
     BillingKeyLookup,
     Payment,
     PaymentPage,
+    ShapeError,
 )
 from iamport_billing.errors import (
     IamportAuthError,
     IamportBillingKeyMissing,
+    IamportCancelOutcomeUnknown,
     IamportError,
     IamportNotFound,
     IamportOutcomeUnknown,
     IamportRateLimited,
     IamportRequestRejected,
+    IamportTokenUnavailable,
     IamportTransportError,
+    IamportUnexpectedReply,
 )
 from iamport_billing.net import is_loopback_host
 
+log = logging.getLogger(__name__)
+
 DEFAULT_BASE_URL = "https://api.iamport.kr"
 TOKEN_REFRESH_MARGIN_S = 60.0
-BODY_EXCERPT_CHARS = 200
+# A token Iamport issues already expired (expired_at <= its own now) is used for this long,
+# measured on the local monotonic clock, before getToken is asked again (see get_token).
+EXPIRED_TOKEN_GRACE_S = 60.0
+EXCERPT_CHARS = 120
+BODY_EXCERPT_CHARS = EXCERPT_CHARS  # kept for importers of the old name
 
 # Messages Iamport uses when a customer_uid has no billing key (again, and GET/DELETE customers).
 BILLING_KEY_MISSING_MARKERS = (
@@ -151,6 +166,7 @@ class _TokenCache:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._tokens: dict[tuple[str, str, str | None], tuple[AccessToken, float]] = {}
+        self._warned: set[str] = set()
 
     def get(self, key: tuple[str, str, str | None]) -> AccessToken | None:
         entry = self._tokens.get(key)
@@ -170,16 +186,38 @@ class _TokenCache:
             if entry and entry[0] is not stale and time.monotonic() < entry[1]:
                 return entry[0]
             token = issue()
-            # Local deadline from the server's own clock (immune to skew between the clocks),
-            # refreshed a minute early, or a sixth of the lifetime for short-lived tokens.
-            lifetime = max(0, token.expired_at - token.server_now)
-            margin = min(TOKEN_REFRESH_MARGIN_S, lifetime / 6)
-            self._tokens[key] = (token, time.monotonic() + lifetime - margin)
+            self._tokens[key] = (token, self._deadline(token))
             return token
+
+    def _deadline(self, token: AccessToken) -> float:
+        """Local deadline from the server's own clock (immune to skew between the clocks),
+        refreshed a minute early, or a sixth of the lifetime for short-lived tokens. A token
+        already expired by the server's clock gets EXPIRED_TOKEN_GRACE_S, with one warning."""
+        lifetime = token.expired_at - token.server_now
+        if lifetime <= 0:
+            self._warn_expired(token)
+            return time.monotonic() + EXPIRED_TOKEN_GRACE_S
+        margin = min(TOKEN_REFRESH_MARGIN_S, lifetime / 6)
+        return time.monotonic() + lifetime - margin
+
+    def _warn_expired(self, token: AccessToken) -> None:
+        fingerprint = hashlib.sha256(token.token.encode()).hexdigest()
+        if fingerprint in self._warned:
+            return
+        if len(self._warned) > 1000:
+            self._warned.clear()
+        self._warned.add(fingerprint)
+        log.warning(
+            "Iamport getToken answered a token that is already expired by its own clock "
+            "(expired_at %s is not after now %s): using it for at most %d s before asking "
+            "again; check the gateway's clock or a proxy caching getToken",
+            token.expired_at, token.server_now, EXPIRED_TOKEN_GRACE_S,
+        )  # fmt: skip
 
     def clear(self) -> None:
         with self._lock:
             self._tokens.clear()
+            self._warned.clear()
 
 
 TOKEN_CACHE = _TokenCache()
@@ -265,38 +303,63 @@ class IamportHook(BaseHook):
         return (s.base_url, s.imp_key, s.tier_code)
 
     def get_token(self) -> AccessToken:
-        """The cached token, or a fresh one when it is within a minute of expiry."""
+        """The cached token, or a fresh one when it is within a minute of expiry.
+
+        A token that getToken hands out already expired (``expired_at`` not after the
+        server's ``now``) is not fetched again on every call: it is logged once (a warning per
+        token) and used for EXPIRED_TOKEN_GRACE_S (60 s, local monotonic clock) before
+        getToken is asked again. If the gateway really refuses it, the call gets a 401, which
+        refreshes the token once and otherwise raises IamportAuthError, so nothing is lost;
+        if the expiry was only misreported, billing goes on. ``test_connection`` reports such
+        a token as a failure.
+        """
         return TOKEN_CACHE.get(self._token_key()) or TOKEN_CACHE.fetch(
             self._token_key(), self._issue_token
         )
 
     def _issue_token(self) -> AccessToken:
+        """POST /users/getToken. 401/403: IamportAuthError (credentials refused). Any other
+        failure: IamportTokenUnavailable (no token, so nothing else was sent), or
+        IamportRateLimited."""
         s = self.settings
         self.token_requests += 1
-        status, body = self._send(
-            "POST",
-            "/users/getToken",
-            json={"imp_key": s.imp_key, "imp_secret": s.imp_secret},
-            headers={},
-            retry=True,
-        )
-        if status == 401:
-            raise IamportAuthError(
-                "Iamport refused imp_key/imp_secret: " + (_message(body) or "unauthorized"),
-                http_status=401,
-            )
-        resp = self._payload(status, body)
+        scrub = partial(_scrub, secrets=(s.imp_secret,))
         try:
-            token = AccessToken(
-                token=str(resp["access_token"]),
-                expired_at=int(float(resp["expired_at"])),
-                server_now=int(float(resp.get("now") or time.time())),
+            status, body = self._send(
+                "POST",
+                "/users/getToken",
+                json={"imp_key": s.imp_key, "imp_secret": s.imp_secret},
+                headers={},
             )
-        except (KeyError, TypeError, ValueError) as e:
-            raise IamportTransportError(
-                f"getToken answered without a usable token ({type(e).__name__})",
-                http_status=status,
+        except (IamportRateLimited, IamportTokenUnavailable):
+            raise
+        except IamportTransportError as e:
+            if e.http_status in (401, 403):  # refused, with a body that is not even JSON
+                raise _credentials_refused(e.http_status, "", scrub(e.body_excerpt)) from None
+            raise IamportTokenUnavailable(
+                f"no token, nothing was sent: {e.summary}",
+                http_status=e.http_status,
+                body_excerpt=scrub(e.body_excerpt),
             ) from None
+        if status in (401, 403):
+            if _is_envelope(body):
+                raise _credentials_refused(status, scrub(_message(body)), None)
+            raise _credentials_refused(status, "", scrub(clean_excerpt(body)))
+        try:
+            resp = self._payload(status, body, what="POST /users/getToken")
+        except IamportError as e:
+            raise IamportTokenUnavailable(
+                f"no token, nothing was sent: {scrub(e.summary)}",
+                http_status=status,
+                body_excerpt=scrub(e.body_excerpt),
+            ) from None
+        token = _access_token(resp)
+        if token is None:
+            raise IamportTokenUnavailable(
+                "no token, nothing was sent: getToken answered without a usable "
+                "{access_token, now, expired_at}",
+                http_status=status,
+            )
         _mask(token.token, "iamport_access_token")
         return token
 
@@ -315,13 +378,15 @@ class IamportHook(BaseHook):
         params: Any = None,
         json: Any = None,
         headers: dict[str, str],
-        retry: bool,
-        merchant_uid: str | None = None,
+        unknown: Callable[..., IamportError] | None = None,
     ) -> tuple[int, Any]:
-        """One HTTP exchange with retries for safe calls.
+        """One HTTP exchange; safe calls are retried on connection errors, 429 and 5xx.
 
-        ``retry=False`` (the charge POST) resends only when the connection was never
-        established; anything after the request may have left raises IamportOutcomeUnknown.
+        ``unknown`` marks a call that must never be repeated (the charge and the cancel POST):
+        it is resent only when the connection was provably never established, and any
+        failure after the request may have left raises ``unknown(reason, **details)`` (an
+        outcome-unknown error). Other calls raise IamportTransportError ("could not ask"),
+        IamportUnexpectedReply for a body that is not JSON.
         """
         s = self.settings
         url = s.base_url + path
@@ -333,10 +398,17 @@ class IamportHook(BaseHook):
             body_bytes = jsonlib.dumps(json, ensure_ascii=False).encode()
             headers["Content-Type"] = "application/json"
         timeout = urllib3.Timeout(connect=s.connect_timeout, read=s.read_timeout)
+        retry = unknown is None
         attempts = 1 + (s.max_retries if retry else 0)
         connect_attempts = 1 + s.max_retries
         attempt = 0
         connect_failures = 0
+
+        def failure(reason: str, sent: bool = True, **details: Any) -> IamportError:
+            if unknown is not None and sent:
+                return unknown(reason, **details)
+            return IamportTransportError(reason, **details)
+
         while True:
             attempt += 1
             try:
@@ -358,7 +430,7 @@ class IamportHook(BaseHook):
                     self._sleep_backoff(attempt, None)
                     continue
                 reason = f"{type(e).__name__} talking to {method} {path}"
-                raise _failure(reason, None if never_sent else merchant_uid) from None
+                raise failure(reason, not never_sent) from None
             status = resp.status
             body = _parse_body(resp)
             if status == 429 or status >= 500:
@@ -371,17 +443,18 @@ class IamportHook(BaseHook):
                         f"rate limited on {method} {path}",
                         retry_after=retry_after,
                         http_status=429,
-                        body_excerpt=_excerpt(resp),
+                        body_excerpt=clean_excerpt(resp.data),
                     )
-                raise _failure(
-                    f"server error on {method} {path}", merchant_uid,
-                    http_status=status, body_excerpt=_excerpt(resp),
+                raise failure(
+                    f"server error on {method} {path}",
+                    http_status=status, body_excerpt=clean_excerpt(resp.data),
                 )  # fmt: skip
             if body is _UNPARSEABLE:
-                raise _failure(
-                    f"non-JSON reply to {method} {path}", merchant_uid,
-                    http_status=status, body_excerpt=_excerpt(resp),
-                )  # fmt: skip
+                reason = f"non-JSON reply to {method} {path}"
+                excerpt = clean_excerpt(resp.data)
+                if unknown is not None:
+                    raise unknown(reason, http_status=status, body_excerpt=excerpt)
+                raise IamportUnexpectedReply(reason, http_status=status, body_excerpt=excerpt)
             return status, body
 
     def _sleep_backoff(self, attempt: int, retry_after: float | None) -> None:
@@ -399,20 +472,19 @@ class IamportHook(BaseHook):
         *,
         params: Any = None,
         json: Any = None,
-        merchant_uid: str | None = None,
+        unknown: Callable[..., IamportError] | None = None,
     ) -> tuple[int, Any]:
         """Authenticated call: a 401 refreshes the token once and resends (nothing was done)."""
         token = self.get_token()
-        retry = merchant_uid is None
         status, body = self._send(
             method, path, params=params, json=json, headers=self._auth_headers(token),
-            retry=retry, merchant_uid=merchant_uid,
+            unknown=unknown,
         )  # fmt: skip
         if status == 401:
             token = TOKEN_CACHE.fetch(self._token_key(), self._issue_token, stale=token)
             status, body = self._send(
                 method, path, params=params, json=json, headers=self._auth_headers(token),
-                retry=retry, merchant_uid=merchant_uid,
+                unknown=unknown,
             )  # fmt: skip
             if status == 401:
                 raise IamportAuthError(
@@ -422,32 +494,62 @@ class IamportHook(BaseHook):
                 )
         return status, body
 
-    def _payload(self, status: int, body: Any, *, not_found_code_1: bool = False) -> Any:
-        """Unwrap the {code, message, response} envelope into the response or a typed error."""
-        if not isinstance(body, dict) or "code" not in body:
-            if status == 404:
-                raise IamportNotFound("not found", http_status=404, body_excerpt=_short(body))
-            raise IamportTransportError(
-                "reply is not the {code, message, response} envelope",
+    def _payload(
+        self,
+        status: int,
+        body: Any,
+        *,
+        what: str,
+        absent_on_404: bool = False,
+        absent_markers: tuple[str, ...] = (),
+    ) -> Any:
+        """Unwrap Iamport's ``{code, message, response}`` envelope into the response.
+
+        Only the envelope can say "absent": IamportNotFound is raised for a non-zero code with
+        HTTP 404 where the endpoint's spec answers 404 for "not found" (``absent_on_404``), or
+        with a message naming the absence (``absent_markers``). Anything that is not the
+        envelope, whatever the status (404 included), is IamportUnexpectedReply; any other
+        non-zero code is IamportRequestRejected.
+        """
+        if not _is_envelope(body):
+            raise IamportUnexpectedReply(
+                f"{what}: the reply is not Iamport's {{code, message, response}} envelope",
                 http_status=status,
-                body_excerpt=_short(body),
+                body_excerpt=clean_excerpt(body),
             )
-        try:
-            code = int(body.get("code"))
-        except (TypeError, ValueError):
-            raise IamportTransportError(
-                "reply has a non-integer code", http_status=status, body_excerpt=_short(body)
-            ) from None
+        code = _code(body)
         message = _message(body)
-        if status == 404 or (not_found_code_1 and code == 1):
-            raise IamportNotFound(message or "not found", http_status=status)
         if code != 0:
+            if (status == 404 and absent_on_404) or any(m in message for m in absent_markers):
+                raise IamportNotFound(message or "not found", http_status=status)
             raise IamportRequestRejected(code, message, http_status=status)
-        if status >= 400:
-            raise IamportTransportError(
-                f"HTTP error with code 0: {message}", http_status=status, body_excerpt=_short(body)
+        if not 200 <= status < 300:
+            raise IamportUnexpectedReply(
+                f"{what}: a non-2xx reply with code 0",
+                http_status=status,
+                body_excerpt=clean_excerpt(body),
             )
         return body.get("response")
+
+    def _parsed(
+        self,
+        parse: Callable[[Any], _T],
+        data: Any,
+        *,
+        what: str,
+        status: int,
+        body: Any,
+        unknown: Callable[..., IamportError] | None = None,
+    ) -> _T:
+        """``parse(data)``, a reply of the wrong shape raised as a typed error."""
+        try:
+            return parse(data)
+        except ShapeError as e:
+            reason = f"{what}: the response has the wrong shape ({e})"
+            details = {"http_status": status, "body_excerpt": clean_excerpt(body)}
+            if unknown is not None:
+                raise unknown(reason, **details) from None
+            raise IamportUnexpectedReply(reason, **details) from None
 
     # -- charges ------------------------------------------------------------------------------
 
@@ -457,12 +559,13 @@ class IamportHook(BaseHook):
         """POST /subscribe/payments/again. A card decline is a Payment with status 'failed'.
 
         Raises IamportBillingKeyMissing (no billing key), IamportRequestRejected (other non-zero
-        code), IamportOutcomeUnknown (timeout, reset after sending, 5xx, garbled reply) or
-        IamportRateLimited (429: not processed, safe to send again later).
+        code), IamportOutcomeUnknown (timeout, reset after sending, 5xx, a reply that is not
+        Iamport's envelope or has no usable payment) or IamportRateLimited (429: not
+        processed, safe to send again later).
         """
-        unknown = set(optional) - CHARGE_OPTIONAL_FIELDS
-        if unknown:
-            raise ValueError(f"unknown charge_again fields: {sorted(unknown)}")
+        unknown_fields = set(optional) - CHARGE_OPTIONAL_FIELDS
+        if unknown_fields:
+            raise ValueError(f"unknown charge_again fields: {sorted(unknown_fields)}")
         body = {
             "customer_uid": customer_uid,
             "merchant_uid": merchant_uid,
@@ -470,31 +573,26 @@ class IamportHook(BaseHook):
             "name": name,
             **{k: v for k, v in optional.items() if v is not None},
         }
-        status, reply = self._call(
-            "POST", "/subscribe/payments/again", json=body, merchant_uid=merchant_uid
-        )
-        if status == 404 and isinstance(reply, dict) and "code" in reply:
+        unknown = partial(IamportOutcomeUnknown, merchant_uid=merchant_uid)
+        what = "POST /subscribe/payments/again"
+        status, reply = self._call("POST", "/subscribe/payments/again", json=body, unknown=unknown)
+        if status == 404 and _is_envelope(reply) and _code(reply) != 0:
             # Iamport's own 404 for an unknown customer_uid (the spec's reading of code 1).
             raise IamportBillingKeyMissing(
-                1, _message(reply) or "customer_uid not found", http_status=404
+                _code(reply), _message(reply) or "customer_uid not found", http_status=404
             )
         try:
-            response = self._payload(status, reply)
+            response = self._payload(status, reply, what=what)
         except IamportRequestRejected as e:
             if any(m in e.api_message for m in BILLING_KEY_MISSING_MARKERS):
                 raise IamportBillingKeyMissing(e.code, e.api_message, http_status=status) from None
             raise
         except (IamportTransportError, IamportNotFound) as e:
             # Not Iamport's envelope (a proxy's page, a gateway's 404): nothing says no charge.
-            raise IamportOutcomeUnknown(
-                str(e), merchant_uid=merchant_uid, http_status=status
-            ) from None
-        if not isinstance(response, dict) or not response.get("imp_uid"):
-            raise IamportOutcomeUnknown(
-                "code 0 without a payment", merchant_uid=merchant_uid, http_status=status,
-                body_excerpt=_short(reply),
-            )  # fmt: skip
-        return Payment.from_api(response)
+            raise unknown(e.summary, http_status=status, body_excerpt=e.body_excerpt) from None
+        return self._parsed(
+            Payment.parse, response, what=what, status=status, body=reply, unknown=unknown
+        )
 
     # -- payment lookups ----------------------------------------------------------------------
 
@@ -502,36 +600,59 @@ class IamportHook(BaseHook):
         return {"include_sandbox": "true"} if self.settings.include_sandbox else {}
 
     def get_payment(self, imp_uid: str) -> Payment:
+        """GET /payments/{imp_uid}. IamportNotFound only on Iamport's own 404 envelope;
+        IamportUnexpectedReply (could not ask) for anything else that is not a payment."""
+        what = "GET /payments/{imp_uid}"
         status, body = self._call(
             "GET", f"/payments/{quote(imp_uid, safe='')}", params=self._sandbox_params()
         )
-        return Payment.from_api(self._payload(status, body))
+        data = self._payload(status, body, what=what, absent_on_404=True)
+        return self._parsed(Payment.parse, data, what=what, status=status, body=body)
 
     def find_payment(self, merchant_uid: str, status: str | None = None) -> Payment:
-        """Latest payment of a merchant_uid (optionally with ``status``); else IamportNotFound."""
+        """Latest payment of a merchant_uid (optionally with ``status``).
+
+        IamportNotFound only on Iamport's own 404 envelope; IamportUnexpectedReply (could not
+        ask) for a foreign 404, a proxy's page or a reply that is not a payment.
+        """
         path = f"/payments/find/{quote(merchant_uid, safe='')}"
         if status:
             _check_status(status, allow_all=False)
             path += f"/{status}"
+        what = "GET /payments/find/{merchant_uid}"
         http_status, body = self._call("GET", path)
-        return Payment.from_api(self._payload(http_status, body))
+        data = self._payload(http_status, body, what=what, absent_on_404=True)
+        return self._parsed(Payment.parse, data, what=what, status=http_status, body=body)
 
     def find_all_payments(self, merchant_uid: str, status: str | None = None) -> list[Payment]:
-        """Every payment record of a merchant_uid (all pages); [] when there is none."""
+        """Every payment record of a merchant_uid (all pages).
+
+        [] only when Iamport's own envelope answers 404 for it (the spec's "no such
+        merchant_uid"). A 404 that is not the envelope, a proxy's page or a reply that is not
+        the paged object {total, previous, next, list} raises IamportUnexpectedReply: it says
+        nothing about whether the merchant_uid was charged.
+        """
         base = f"/payments/findAll/{quote(merchant_uid, safe='')}"
         if status:
             _check_status(status, allow_all=False)
             base += f"/{status}"
+        what = "GET /payments/findAll/{merchant_uid}"
         payments: list[Payment] = []
         page = 1
         while page:
             http_status, body = self._call("GET", base, params={"page": page, "limit": 1000})
             try:
-                result = PaymentPage.from_api(self._payload(http_status, body) or {})
+                data = self._payload(http_status, body, what=what, absent_on_404=True)
             except IamportNotFound:
-                return payments
+                if page == 1:
+                    return []
+                raise IamportUnexpectedReply(
+                    f"{what}: page {page} answered 404 after earlier pages listed payments",
+                    http_status=http_status,
+                ) from None
+            result = self._parsed(PaymentPage.parse, data, what=what, status=http_status, body=body)
             payments.extend(result.payments)
-            page = result.next if result.next and result.next != page else 0
+            page = result.next if result.next > page else 0
         return payments
 
     def list_payments(
@@ -542,8 +663,13 @@ class IamportHook(BaseHook):
         *,
         limit: int = 1000,
     ) -> Iterable[Payment]:
-        """All payments with ``status`` in [since, until] (UNIX seconds), page by page."""
+        """All payments with ``status`` in [since, until] (UNIX seconds), page by page.
+
+        The spec gives no 404 for this endpoint (none found is an empty page), so any 404 or
+        reply that is not a paged object raises instead of ending the listing early.
+        """
         _check_status(status, allow_all=True)
+        what = "GET /payments/status/{payment_status}"
         page = 1
         while page:
             params: dict[str, Any] = {"page": page, "limit": limit}
@@ -552,12 +678,10 @@ class IamportHook(BaseHook):
             if until is not None:
                 params["to"] = int(until)
             http_status, body = self._call("GET", f"/payments/status/{status}", params=params)
-            try:
-                result = PaymentPage.from_api(self._payload(http_status, body) or {})
-            except IamportNotFound:
-                return
+            data = self._payload(http_status, body, what=what)
+            result = self._parsed(PaymentPage.parse, data, what=what, status=http_status, body=body)
             yield from result.payments
-            page = result.next if result.next and result.next != page else 0
+            page = result.next if result.next > page else 0
 
     def cancel_payment(
         self,
@@ -569,7 +693,13 @@ class IamportHook(BaseHook):
         checksum: int | None = None,
         **optional: Any,
     ) -> Payment:
-        """Full (amount None) or partial cancel; ``checksum`` guards against double refunds."""
+        """Full (amount None) or partial cancel; ``checksum`` guards against double refunds.
+
+        Never resent by the hook, except when the connection was provably never established:
+        a timeout, a reset, a 5xx or a reply that is not Iamport's envelope after sending
+        raises IamportCancelOutcomeUnknown (the refund may have happened; look the payment up
+        before cancelling again). IamportRequestRejected means Iamport refused it.
+        """
         if not imp_uid and not merchant_uid:
             raise ValueError("cancel_payment needs imp_uid or merchant_uid")
         body: dict[str, Any] = {"reason": reason, **optional}
@@ -581,55 +711,93 @@ class IamportHook(BaseHook):
             body["amount"] = amount
         if checksum is not None:
             body["checksum"] = checksum
-        status, reply = self._call("POST", "/payments/cancel", json=body)
-        return Payment.from_api(self._payload(status, reply))
+        unknown = partial(IamportCancelOutcomeUnknown, imp_uid=imp_uid, merchant_uid=merchant_uid)
+        what = "POST /payments/cancel"
+        status, reply = self._call("POST", "/payments/cancel", json=body, unknown=unknown)
+        try:
+            response = self._payload(status, reply, what=what)
+        except IamportTransportError as e:
+            raise unknown(e.summary, http_status=status, body_excerpt=e.body_excerpt) from None
+        return self._parsed(
+            Payment.parse, response, what=what, status=status, body=reply, unknown=unknown
+        )
 
     # -- billing keys -------------------------------------------------------------------------
 
     def get_billing_key(self, customer_uid: str) -> BillingKey:
+        """IamportNotFound only on Iamport's envelope saying so (404, or code 1 with its
+        "not registered" message); IamportUnexpectedReply for anything else."""
+        what = "GET /subscribe/customers/{customer_uid}"
         status, body = self._call("GET", f"/subscribe/customers/{quote(customer_uid, safe='')}")
-        return BillingKey.from_api(self._payload(status, body, not_found_code_1=True))
+        data = self._payload(
+            status, body, what=what, absent_on_404=True,
+            absent_markers=BILLING_KEY_MISSING_MARKERS,
+        )  # fmt: skip
+        return self._parsed(BillingKey.parse, data, what=what, status=status, body=body)
 
     def get_billing_keys(self, customer_uids: list[str]) -> BillingKeyLookup:
-        """Bulk lookup (HTTP 207 = some found); chunks of 100 customer_uids per request."""
+        """Bulk lookup (HTTP 207 = some found); chunks of 100 customer_uids per request.
+
+        A customer_uid is reported missing only on Iamport's own envelope (200/207 without
+        it, or the envelope's 404 for the chunk); a foreign 404, a proxy's page or a reply of
+        the wrong shape raises IamportUnexpectedReply instead.
+        """
         found: list[BillingKey] = []
         wanted = list(dict.fromkeys(customer_uids))
+        what = "GET /subscribe/customers"
         for start in range(0, len(wanted), 100):
             chunk = wanted[start : start + 100]
             status, body = self._call(
                 "GET", "/subscribe/customers", params=[("customer_uid[]", c) for c in chunk]
             )
-            if status == 404:
-                continue
-            if status == 207 and isinstance(body, dict):
+            if status == 207 and _is_envelope(body):
                 body = {**body, "code": 0}
             try:
-                items = self._payload(status, body, not_found_code_1=True) or []
+                items = self._payload(
+                    status, body, what=what, absent_on_404=True,
+                    absent_markers=BILLING_KEY_MISSING_MARKERS,
+                )  # fmt: skip
             except IamportNotFound:
                 continue
-            found.extend(BillingKey.from_api(item) for item in items if isinstance(item, dict))
+            found.extend(self._parsed(_billing_keys, items, what=what, status=status, body=body))
         have = {b.customer_uid for b in found}
         return BillingKeyLookup(found=found, missing=[c for c in wanted if c not in have])
 
     def delete_billing_key(self, customer_uid: str, reason: str | None = None) -> BillingKey:
+        what = "DELETE /subscribe/customers/{customer_uid}"
         params = {"reason": reason} if reason else None
         status, body = self._call(
             "DELETE", f"/subscribe/customers/{quote(customer_uid, safe='')}", params=params
         )
-        return BillingKey.from_api(self._payload(status, body, not_found_code_1=True))
+        data = self._payload(
+            status, body, what=what, absent_on_404=True,
+            absent_markers=BILLING_KEY_MISSING_MARKERS,
+        )  # fmt: skip
+        return self._parsed(BillingKey.parse, data, what=what, status=status, body=body)
 
     # -- UI -----------------------------------------------------------------------------------
 
     def test_connection(self) -> tuple[bool, str]:
-        """Issue a token: proves the URL, TLS and credentials without touching payments."""
+        """Issue a token: proves the URL, TLS and credentials without touching payments.
+
+        A token that comes back already expired (``expired_at`` not after the server's
+        ``now``) is a failure: billing would run on a token the gateway may refuse.
+        """
         try:
             # Always a fresh getToken: a cached token would pass a wrong imp_secret.
             token = self._issue_token()
         except (IamportError, ValueError) as e:
             return False, str(e)
+        if token.already_expired:
+            return False, (
+                f"{self.settings.base_url} issued a token that is already expired: expired_at "
+                f"{token.expired_at} is not after the server's now {token.server_now}; check "
+                "the gateway's clock or a proxy caching getToken"
+            )
         return True, f"Connected to {self.settings.base_url}; token valid until {token.expired_at}"
 
 
+_T = TypeVar("_T")
 _UNPARSEABLE = object()
 
 
@@ -642,12 +810,24 @@ def _parse_body(resp: urllib3.BaseHTTPResponse) -> Any:
         return _UNPARSEABLE
 
 
-def _failure(reason: str, merchant_uid: str | None, **details: Any) -> IamportError:
-    """After a charge POST may have left, any failure is an unknown outcome (the money may
-    have moved); on every other call it is a transport error."""
-    if merchant_uid is not None:
-        return IamportOutcomeUnknown(reason, merchant_uid=merchant_uid, **details)
-    return IamportTransportError(reason, **details)
+def _is_envelope(body: Any) -> bool:
+    """Iamport's ``{code, message, response}``: an object with all three and an integer code."""
+    return (
+        isinstance(body, dict)
+        and {"code", "message", "response"} <= body.keys()
+        and _code(body) is not None
+    )
+
+
+def _code(body: dict[str, Any]) -> int | None:
+    code = body.get("code")
+    if isinstance(code, bool):
+        return None
+    if isinstance(code, int):
+        return code
+    if isinstance(code, str) and re.fullmatch(r"-?\d{1,9}", code.strip()):
+        return int(code)
+    return None
 
 
 def _message(body: Any) -> str:
@@ -656,13 +836,86 @@ def _message(body: Any) -> str:
     return ""
 
 
-def _excerpt(resp: urllib3.BaseHTTPResponse) -> str:
-    text = (resp.data or b"")[: BODY_EXCERPT_CHARS * 4].decode("utf-8", "replace")
-    return " ".join(text[:BODY_EXCERPT_CHARS].split())
+def _credentials_refused(status: int, message: str | None, excerpt: str | None) -> IamportAuthError:
+    """getToken's 401/403. Without Iamport's envelope, a proxy or firewall may be the refuser."""
+    reason = message or "unauthorized"
+    if excerpt is not None:
+        reason += " (not Iamport's envelope: a proxy or firewall may have refused it)"
+    return IamportAuthError(
+        f"credentials refused: Iamport refused imp_key/imp_secret: {reason}",
+        http_status=status,
+        body_excerpt=excerpt,
+    )
 
 
-def _short(body: Any) -> str:
-    return " ".join(repr(body)[:BODY_EXCERPT_CHARS].split())
+def _access_token(resp: Any) -> AccessToken | None:
+    """The AuthAnnotation, or None when it is not usable (``now`` defaults to local time)."""
+    if not isinstance(resp, dict):
+        return None
+    token, expired_at, now = resp.get("access_token"), resp.get("expired_at"), resp.get("now")
+    if not isinstance(token, str) or not token.strip():
+        return None
+    try:
+        expired = int(float(expired_at))  # type: ignore[arg-type]
+        server_now = int(float(now)) if now is not None else int(time.time())
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if isinstance(expired_at, bool) or isinstance(now, bool):
+        return None
+    return AccessToken(token=token, expired_at=expired, server_now=server_now)
+
+
+def _billing_keys(items: Any) -> list[BillingKey]:
+    if not isinstance(items, list):
+        raise ShapeError(f"billing keys are {type(items).__name__}, not a list")
+    return [BillingKey.parse(item) for item in items]
+
+
+_BLOCKS = re.compile(r"<(script|style)\b.*?</\1\s*>", re.S | re.I)
+_TAGS = re.compile(r"<!--.*?-->|<[^>]*>|<[^>]*$", re.S)
+
+
+def clean_excerpt(body: Any, limit: int = EXCERPT_CHARS) -> str:
+    """A short, clean text of any reply body for error messages and logs.
+
+    Bytes, text or parsed JSON; markup is stripped (an nginx error page becomes
+    "502 Bad Gateway nginx"), entities decoded, whitespace and control characters collapsed,
+    no angle brackets left, at most ``limit`` characters.
+    """
+    if body is None or body is _UNPARSEABLE:
+        return ""
+    if isinstance(body, (bytes, bytearray)):
+        text = bytes(body[: limit * 50]).decode("utf-8", "replace")
+    elif isinstance(body, str):
+        text = body
+    else:
+        try:
+            text = jsonlib.dumps(body, ensure_ascii=False, default=str)
+        except (TypeError, ValueError):
+            text = repr(body)
+    text = _BLOCKS.sub(" ", text[: limit * 50])
+    if "<" in text:
+        lower = text.lower()
+        at = lower.find("<body")
+        if at >= 0 and _TAGS.sub(" ", text[at:]).strip():
+            text = text[at:]
+        text = html.unescape(_TAGS.sub(" ", text))
+        text = _TAGS.sub(" ", text)
+    text = "".join(" " if not ch.isprintable() else ch for ch in text)
+    text = " ".join(text.replace("<", " ").replace(">", " ").split())
+    if len(text) > limit:
+        text = text[: limit - 1].rstrip() + "…"
+    return text
+
+
+def _scrub(text: str | None, secrets: tuple[str, ...]) -> str | None:
+    """``text`` with every secret replaced (a server may echo the request in its error)."""
+    if not text:
+        return text
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
 
 
 def _retry_after(resp: urllib3.BaseHTTPResponse) -> float | None:
