@@ -9,10 +9,11 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements/overrides.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[test,dev]'
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --overrides requirements/overrides.txt \
+		-e '.[mysql,test,dev]'
 	touch $(STAMP)
 
 demo: setup

@@ -23,8 +23,8 @@ from bench.env import BILLING_DATE, IAMPORT_CONN, WAREHOUSE_CONN
 def plan_batches(warehouse: Path, tag: str, batch_size: int) -> list[dict[str, Any]]:
     """The daily DAG's plan step (plan_run) on this warehouse: the map input of the charges."""
     from iamport_billing.billing_run import plan_run
-    from iamport_billing.ledger import DEFAULT_DUE_QUERY, Ledger
     from iamport_billing.policy import Guardrails, ValidationLimits
+    from iamport_billing.warehouse.ledger import DEFAULT_DUE_QUERY, Ledger
 
     from bench.workload import SqliteFile
 
@@ -38,7 +38,7 @@ def plan_batches(warehouse: Path, tag: str, batch_size: int) -> list[dict[str, A
 
 
 def ledger_summary(warehouse: Path, tag: str) -> dict[str, dict[str, int]]:
-    from iamport_billing.ledger import Ledger
+    from iamport_billing.warehouse.ledger import Ledger
 
     from bench.workload import SqliteFile
 
@@ -49,7 +49,7 @@ def ledger_summary(warehouse: Path, tag: str) -> dict[str, dict[str, int]]:
 def mean_latency_ms(warehouse: Path, tag: str) -> float | None:
     """Mean charge latency as the client saw it (the ledger's latency_ms): nominal latency plus
     the emulator's service time plus any wait for a CPU on a busy machine."""
-    from iamport_billing.ledger import ATTEMPTS, Ledger
+    from iamport_billing.warehouse.ledger import ATTEMPTS, Ledger
 
     from bench.workload import SqliteFile
 

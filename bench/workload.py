@@ -12,7 +12,7 @@ from datetime import date
 from pathlib import Path
 
 from iamport_billing.emulator import CARD_ALWAYS_PAID, seed_customers
-from iamport_billing.ledger import SUBSCRIPTIONS, Ledger, now_iso
+from iamport_billing.warehouse.ledger import SUBSCRIPTIONS, Ledger
 
 AMOUNT = 9_900
 
@@ -36,7 +36,7 @@ def make_warehouse(path: Path, tag: str, n: int, billing_date: date) -> None:
         ledger.init_schema()
     finally:
         ledger.close()
-    stamp = now_iso()
+    stamp = ledger.stamp()
     conn = sqlite3.connect(path)
     with conn:
         conn.executemany(
@@ -54,6 +54,8 @@ def make_warehouse(path: Path, tag: str, n: int, billing_date: date) -> None:
 
 class SqliteFile:
     """The part of a DbApiHook the Ledger uses, on a file path without a connection."""
+
+    dialect_name = "sqlite"
 
     def __init__(self, path: Path):
         self.path = path

@@ -33,6 +33,8 @@ os.environ.update(
 )
 sys.path.insert(0, str(REPO / "tests"))
 
+MY_HOST = os.environ.get("IAMPORT_TEST_MYSQL_HOST", "127.0.0.1")
+MY_PORT = int(os.environ.get("IAMPORT_TEST_MYSQL_PORT", "3306"))
 PG_DSN = os.environ.get("IAMPORT_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
 
 
@@ -109,20 +111,76 @@ def postgres_warehouse(postgres_database: str, monkeypatch: pytest.MonkeyPatch) 
     return name
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@contextmanager
+def scratch_mariadb(prefix: str = "iamport_test") -> Iterator[str]:
+    """A fresh database on the real MariaDB/MySQL server, dropped afterwards."""
+    import mysql.connector
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = mysql.connector.connect(host=MY_HOST, port=MY_PORT, user="root", password="")
+    admin.autocommit = True
+    cur = admin.cursor()
+    cur.execute(f"CREATE DATABASE {name} CHARACTER SET utf8mb4")
+    try:
+        yield name
+    finally:
+        cur.execute(f"DROP DATABASE IF EXISTS {name}")
+        admin.close()
+
+
+@pytest.fixture
+def mariadb_warehouse(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The ``billing_warehouse`` connection on a fresh MariaDB database (MySQL provider)."""
+    with scratch_mariadb() as name:
+        monkeypatch.setenv(
+            conn_env("billing_warehouse"),
+            json.dumps(
+                {
+                    "conn_type": "mysql",
+                    "host": MY_HOST,
+                    "port": MY_PORT,
+                    "login": "root",
+                    "schema": name,
+                    "extra": {"client": "mysql-connector-python"},
+                }
+            ),
+        )
+        yield name
+
+
+WAREHOUSES = ["sqlite", "postgres", "mariadb"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Money tests run on every ledger database; a module that tests screens or messages
+    narrows this with its own ``WAREHOUSES`` list."""
+    if "warehouse" in metafunc.fixturenames:
+        metafunc.parametrize(
+            "warehouse", getattr(metafunc.module, "WAREHOUSES", WAREHOUSES), indirect=True
+        )
+
+
+@pytest.fixture
 def warehouse(request: pytest.FixtureRequest) -> str:
-    """Run a test on both warehouses."""
-    if request.param == "sqlite":
-        request.getfixturevalue("sqlite_warehouse")
-    else:
-        request.getfixturevalue("postgres_warehouse")
+    """The ``billing_warehouse`` connection on the database named by the parameter."""
+    request.getfixturevalue(f"{request.param}_warehouse")
     return request.param
 
 
 @pytest.fixture
-def ledger(sqlite_warehouse: Path):
-    """The ledger on a real SQLite file; modules that run on both databases override it."""
-    from iamport_billing.ledger import Ledger
+def sqlite_ledger(sqlite_warehouse: Path):
+    """The ledger on a SQLite file only: for tests of screens and messages, not money."""
+    from iamport_billing.warehouse.ledger import Ledger
+
+    with Ledger.from_conn_id("billing_warehouse") as led:
+        led.init_schema()
+        yield led
+
+
+@pytest.fixture
+def ledger(warehouse: str):
+    """The ledger on each supported database in turn (SQLite, PostgreSQL, MariaDB)."""
+    from iamport_billing.warehouse.ledger import Ledger
 
     with Ledger.from_conn_id("billing_warehouse") as led:
         led.init_schema()

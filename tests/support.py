@@ -8,7 +8,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from iamport_billing.ledger import Ledger, now_iso
+from iamport_billing.warehouse.ledger import Ledger
 
 
 def add_subscriptions(
@@ -20,24 +20,19 @@ def add_subscriptions(
     anchor_day: int | None = None,
 ) -> None:
     """Insert (subscription_id, customer_uid, amount[, name]) rows due on ``billing_date``."""
-    stamp = now_iso()
-    ledger.executemany(
-        "INSERT INTO billing_subscriptions (subscription_id, customer_uid, amount, currency, "
-        "name, status, next_billing_date, billing_anchor_day, updated_at) "
-        "VALUES (%s, %s, %s, 'KRW', %s, %s, %s, %s, %s)",
+    ledger.add_subscriptions(
         [
-            (
-                r[0],
-                r[1],
-                r[2],
-                r[3] if len(r) > 3 else "Monthly plan",
-                status,
-                billing_date.isoformat(),
-                anchor_day or billing_date.day,
-                stamp,
-            )
+            {
+                "subscription_id": r[0],
+                "customer_uid": r[1],
+                "amount": r[2],
+                "name": r[3] if len(r) > 3 else "Monthly plan",
+                "status": status,
+                "next_billing_date": billing_date,
+                "billing_anchor_day": anchor_day or billing_date.day,
+            }
             for r in rows
-        ],
+        ]
     )
 
 

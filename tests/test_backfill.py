@@ -9,8 +9,8 @@ import pytest
 from iamport_billing.backfill import BackfillRefused, BackfillRequest, run_backfill
 from iamport_billing.charging import ChargeEngine
 from iamport_billing.hooks.iamport import IamportHook
-from iamport_billing.ledger import Ledger
 from iamport_billing.policy import ChargeCandidate
+from iamport_billing.warehouse.ledger import Ledger
 from ops_support import LIMITS, RUN, SETTINGS, attempts_of, subscribe, subscription
 from support import (
     HARD_DECLINE_CARD,

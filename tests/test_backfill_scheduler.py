@@ -19,7 +19,7 @@ import requests
 from alert_receivers import http_receiver
 from iamport_billing.emulator import EmulatorConfig, seed_customers, start_emulator_process
 from iamport_billing.emulator.server import bind_socket
-from iamport_billing.ledger import Ledger
+from iamport_billing.warehouse.ledger import Ledger
 from support import (
     HARD_DECLINE_CARD,
     PAYING_CARD,

@@ -44,8 +44,8 @@ from chaos_support import (
     unknowns_named_in,
 )
 from conftest import conn_env
-from iamport_billing.ledger import Ledger
 from iamport_billing.policy import SEOUL
+from iamport_billing.warehouse.ledger import Ledger
 
 pytestmark = [pytest.mark.chaos, pytest.mark.airflow, pytest.mark.timeout(600)]
 

@@ -8,8 +8,8 @@ import pytest
 import requests
 from iamport_billing.charging import ChargeEngine, ChargeSettings, RateLimiter, resolve_unsettled
 from iamport_billing.hooks.iamport import IamportHook
-from iamport_billing.ledger import Ledger
 from iamport_billing.policy import ChargeCandidate, merchant_uid_for
+from iamport_billing.warehouse.ledger import Ledger
 from support import (
     HARD_DECLINE_CARD,
     PAYING_CARD,
@@ -189,17 +189,20 @@ def test_two_engines_racing_for_one_batch_charge_each_subscription_once(hook, le
     assert sum(r.counts.get("paid", 0) for r in results) == 40
 
 
-def test_reconcile_settles_stale_rows_and_leaves_unseen_ones_marked(hook, ledger, emulator):
-    register_cards(emulator, [("cust-a", PAYING_CARD)])
+def test_reconcile_settles_stale_rows_and_resends_the_ones_never_seen(hook, ledger, emulator):
+    register_cards(emulator, [("cust-a", PAYING_CARD), ("cust-b", PAYING_CARD)])
     old = engine(hook, ledger, run={**RUN, "run_id": "old"})
     old.claim(old.plan([cand("a"), cand("b")])[0])
     hook.charge_again("cust-a", merchant_uid_for("a", DAY, 1), 1000, "plan")
-    counts = resolve_unsettled(hook, ledger, ChargeSettings(pending_lease_seconds=0))
-    assert counts == {"paid": 1, "pending": 1}
+    counts = resolve_unsettled(
+        hook, ledger, ChargeSettings(pending_lease_seconds=0), {**RUN, "run_id": "reconcile"}
+    )
+    assert counts == {"resolved_paid": 1, "paid": 1}
     rows = ledger_rows(ledger)
     assert rows[merchant_uid_for("a", DAY, 1)][0] == "paid"
-    assert rows[merchant_uid_for("b", DAY, 1)][0] == "pending"
-    assert rows[merchant_uid_for("b", DAY, 1)][5] == "not_found_at_iamport"
+    assert rows[merchant_uid_for("b", DAY, 1)][0] == "paid"
+    paid = [p["merchant_uid"] for p in emulator_payments(emulator.config.db_path)]
+    assert sorted(paid) == [merchant_uid_for("a", DAY, 1), merchant_uid_for("b", DAY, 1)]
 
 
 def test_rate_limiter_spaces_request_starts():

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from iamport_billing.ledger import Ledger
+from iamport_billing.warehouse.ledger import Ledger
 
 CLI = str(Path(sys.executable).parent / "iamport-billing")
 

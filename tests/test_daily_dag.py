@@ -9,7 +9,6 @@ from datetime import date
 
 import pendulum
 import pytest
-from iamport_billing.ledger import Ledger
 from iamport_billing.policy import merchant_uid_for
 from support import (
     HARD_DECLINE_CARD,
@@ -43,13 +42,6 @@ def daily_dag_bag():
     from airflow.dag_processing.dagbag import DagBag
 
     return DagBag()
-
-
-@pytest.fixture
-def ledger(warehouse):
-    with Ledger.from_conn_id("billing_warehouse") as led:
-        led.init_schema()
-        yield led
 
 
 def run_dag(dag, day: date, **params):

@@ -10,8 +10,8 @@ import pytest
 from iamport_billing.billing_run import write_back
 from iamport_billing.charging import ChargeEngine
 from iamport_billing.dunning import due_retries, send_retries
-from iamport_billing.ledger import Ledger
 from iamport_billing.policy import ChargeCandidate
+from iamport_billing.warehouse.ledger import Ledger
 from ops_support import LIMITS, RUN, SETTINGS, attempts_of, subscribe, subscription
 from support import (
     HARD_DECLINE_CARD,

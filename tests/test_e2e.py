@@ -28,9 +28,9 @@ from iamport_billing.devserver import (
     sqlite_conn,
 )
 from iamport_billing.emulator import EmulatorConfig, start_emulator_process
-from iamport_billing.ledger import Ledger
 from iamport_billing.policy import SEOUL
 from iamport_billing.sample_data import seed_sample
+from iamport_billing.warehouse.ledger import Ledger
 from support import emulator_payments
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres, pytest.mark.timeout(600)]

@@ -1,23 +1,17 @@
-"""The ledger on a real SQLite file and on the real PostgreSQL server."""
+"""The ledger on real SQLite, PostgreSQL and MariaDB databases."""
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import UTC, date, datetime
 
 import pytest
-from iamport_billing.ledger import DEFAULT_DUE_QUERY, Ledger, Outcome, checked_identifier
-from iamport_billing.policy import PAID, PENDING, RejectedRow
+from iamport_billing.policy import RejectedRow
+from iamport_billing.states import FAILED, PAID, PENDING
+from iamport_billing.warehouse.ledger import DEFAULT_DUE_QUERY, Outcome, checked_identifier
 from support import add_subscriptions
 
 DAY = date(2026, 11, 26)
 RUN = {"dag_id": "d", "run_id": "r1", "task_id": "charge[0]", "try_number": 1}
-
-
-@pytest.fixture
-def ledger(warehouse):
-    with Ledger.from_conn_id("billing_warehouse") as led:
-        led.init_schema()
-        yield led
 
 
 def attempt_row(uid="s1-20261126-01", sub="s1"):
@@ -41,20 +35,22 @@ def test_schema_init_is_idempotent(ledger):
 
 def test_due_query_reads_by_keyset_in_order(ledger):
     add_subscriptions(ledger, [(f"s{i:04d}", f"c{i}", 1000 + i) for i in range(25)], DAY)
-    rows = list(ledger.iter_due(DEFAULT_DUE_QUERY, DAY, page_size=7))
+    rows = list(ledger.due_source().iter_due(DEFAULT_DUE_QUERY, DAY, page_size=7))
     assert [r["subscription_id"] for r in rows] == [f"s{i:04d}" for i in range(25)]
 
 
 def test_due_query_range_is_after_exclusive_until_inclusive(ledger):
     add_subscriptions(ledger, [(f"s{i}", f"c{i}", 1000) for i in range(5)], DAY)
-    rows = list(ledger.iter_due(DEFAULT_DUE_QUERY, DAY, after="s1", until="s3"))
+    rows = list(ledger.due_source().iter_due(DEFAULT_DUE_QUERY, DAY, after="s1", until="s3"))
     assert [r["subscription_id"] for r in rows] == ["s2", "s3"]
 
 
 def test_due_query_binds_the_billing_date(ledger):
     add_subscriptions(ledger, [("early", "c1", 1000)], DAY)
     add_subscriptions(ledger, [("later", "c2", 1000)], date(2026, 11, 27))
-    assert [r["subscription_id"] for r in ledger.iter_due(DEFAULT_DUE_QUERY, DAY)] == ["early"]
+    assert [r["subscription_id"] for r in ledger.due_source().iter_due(DEFAULT_DUE_QUERY, DAY)] == [
+        "early"
+    ]
 
 
 def test_duplicate_keys_never_split_across_pages(ledger):
@@ -65,7 +61,7 @@ def test_duplicate_keys_never_split_across_pages(ledger):
         "UNION ALL SELECT subscription_id, customer_uid, amount, next_billing_date "
         "FROM billing_subscriptions WHERE subscription_id = 's1'"
     )
-    rows = [r["subscription_id"] for r in ledger.iter_due(union, DAY, page_size=2)]
+    rows = [r["subscription_id"] for r in ledger.due_source().iter_due(union, DAY, page_size=2)]
     assert rows == ["s0", "s1", "s1", "s2", "s3"]
 
 
@@ -76,14 +72,24 @@ def test_claim_is_won_by_exactly_one_claimant(ledger):
     assert (row.status, row.claim_token) == (PENDING, "token-a")
 
 
-def test_outcome_only_lands_on_a_row_the_claim_owns(ledger):
+def test_a_decline_only_lands_on_a_row_the_claim_owns(ledger):
     ledger.claim([attempt_row()], "token-a")
-    ledger.record_outcomes([Outcome("s1-20261126-01", PAID, imp_uid="imp_1")], "token-b")
+    refused = ledger.record_outcomes([Outcome("s1-20261126-01", FAILED)], "token-b")
+    assert [r.current_status for r in refused] == [PENDING]
     assert ledger.get_attempt("s1-20261126-01").status == PENDING
-    ledger.record_outcomes([Outcome("s1-20261126-01", PAID, imp_uid="imp_1")], "token-a")
+    assert ledger.record_outcomes([Outcome("s1-20261126-01", FAILED)], "token-a") == []
     got = ledger.get_attempt("s1-20261126-01")
-    assert (got.status, got.imp_uid) == (PAID, "imp_1")
-    assert got.completed_at is not None
+    assert got.status == FAILED and got.completed_at is not None
+
+
+def test_a_paid_answer_lands_whoever_brings_it_and_beats_a_decline(ledger):
+    ledger.claim([attempt_row()], "token-a")
+    ledger.record_outcomes([Outcome("s1-20261126-01", FAILED)], "token-a")
+    refused = ledger.record_outcomes(
+        [Outcome("s1-20261126-01", PAID, imp_uid="imp_1", paid_amount=1000)], "token-b"
+    )
+    got = ledger.get_attempt("s1-20261126-01")
+    assert refused == [] and (got.status, got.imp_uid, got.paid_amount) == (PAID, "imp_1", 1000)
 
 
 def test_rejected_rows_are_upserted_once_per_reason(ledger):
@@ -121,14 +127,16 @@ def test_table_names_must_be_plain_identifiers():
 def test_a_late_lookup_never_overwrites_a_settled_row(ledger):
     ledger.claim([attempt_row()], "tok")
     ledger.record_outcomes([Outcome("s1-20261126-01", PAID, imp_uid="imp_1")], "tok")
-    ledger.record_outcomes([Outcome("s1-20261126-01", PENDING)], only_unsettled=True)
+    refused = ledger.record_outcomes([Outcome("s1-20261126-01", PENDING)])
+    assert [r.current_status for r in refused] == [PAID]
     assert ledger.get_attempt("s1-20261126-01").status == PAID
 
 
 def test_the_owner_renews_the_lease_of_a_row_it_leaves_unsettled(ledger):
     ledger.claim([attempt_row()], "tok")
     ledger.execute(
-        "UPDATE billing_charge_attempts SET requested_at = %s", ["2000-01-01T00:00:00+00:00"]
+        "UPDATE billing_charge_attempts SET requested_at = %s",
+        [ledger.stamp(datetime(2000, 1, 1, tzinfo=UTC))],
     )
     ledger.record_outcomes([Outcome("s1-20261126-01", "unknown")], "tok")
     assert ledger.get_attempt("s1-20261126-01").requested_at.year > 2000

@@ -15,7 +15,6 @@ from iamport_billing import alerts, tasks
 from iamport_billing.charging import ChargeEngine, ChargeSettings
 from iamport_billing.config import BillingConfig
 from iamport_billing.hooks.iamport import IamportHook
-from iamport_billing.ledger import Ledger
 from iamport_billing.notifiers import (
     Alert,
     EmailNotifier,
@@ -23,6 +22,7 @@ from iamport_billing.notifiers import (
     WebhookNotifier,
 )
 from iamport_billing.policy import ChargeCandidate
+from iamport_billing.warehouse.ledger import Ledger
 from ops_support import RUN, subscribe
 from support import (
     HARD_DECLINE_CARD,
@@ -32,6 +32,8 @@ from support import (
     register_cards,
 )
 
+# Screens and messages, not money: SQLite is enough.
+WAREHOUSES = ["sqlite"]
 SLACK_TOKEN = "T0000/B0000/slack-webhook-secret-xyz"
 WEBHOOK_TOKEN = "webhook-bearer-secret-abc"
 SMTP_PASSWORD = "smtp-password-secret-123"

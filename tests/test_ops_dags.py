@@ -8,7 +8,6 @@ import pendulum
 import pytest
 from iamport_billing.charging import ChargeEngine
 from iamport_billing.hooks.iamport import IamportHook
-from iamport_billing.ledger import Ledger
 from iamport_billing.policy import ChargeCandidate, merchant_uid_for
 from ops_support import RUN, SETTINGS, subscribe
 from support import PAYING_CARD, emulator_payments
@@ -16,13 +15,6 @@ from support import PAYING_CARD, emulator_payments
 pytestmark = pytest.mark.airflow
 
 DAY = date(2026, 11, 26)
-
-
-@pytest.fixture
-def ledger(warehouse):
-    with Ledger.from_conn_id("billing_warehouse") as led:
-        led.init_schema()
-        yield led
 
 
 def dag(dag_id: str):

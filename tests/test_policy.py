@@ -8,8 +8,6 @@ from decimal import Decimal
 import pendulum
 import pytest
 from iamport_billing.policy import (
-    HARD,
-    SOFT,
     ChargeCandidate,
     DeclineTable,
     Guardrails,
@@ -24,6 +22,10 @@ from iamport_billing.policy import (
     parse_merchant_uid,
     rejected_key,
     validate_row,
+)
+from iamport_billing.states import (
+    HARD,
+    SOFT,
 )
 
 RUN = date(2026, 11, 26)

@@ -7,8 +7,8 @@ from datetime import date
 import pendulum
 import pytest
 from iamport_billing.hooks.iamport import IamportHook
-from iamport_billing.ledger import DEFAULT_DUE_QUERY, Ledger
 from iamport_billing.precheck import check_billing_keys
+from iamport_billing.warehouse.ledger import DEFAULT_DUE_QUERY, Ledger
 from ops_support import LIMITS, subscribe, subscription
 from support import PAYING_CARD, add_subscriptions, register_cards
 

@@ -9,7 +9,7 @@ from iamport_billing.charging import ChargeEngine
 from iamport_billing.policy import ChargeCandidate
 from iamport_billing.reconciliation import reconcile
 from ops_support import RUN, SETTINGS, subscribe
-from support import PAYING_CARD, SOFT_DECLINE_CARD
+from support import PAYING_CARD, SOFT_DECLINE_CARD, emulator_payments
 
 DAY = date(2026, 11, 26)
 WINDOW = timedelta(hours=48)
@@ -29,7 +29,7 @@ def left_by_a_crash(ledger, sub: str) -> None:
           "attempt_no": 1, "customer_uid": f"cust-{sub}", "amount": 9900, "currency": "KRW"}],
         "crashed-worker",
     )  # fmt: skip
-    an_hour_ago = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    an_hour_ago = ledger.stamp(datetime.now(UTC) - timedelta(hours=1))
     ledger.execute(
         "UPDATE billing_charge_attempts SET requested_at = %s WHERE subscription_id = %s",
         [an_hour_ago, sub],
@@ -52,7 +52,7 @@ def test_pending_row_is_resolved_from_iamport(hook, ledger, emulator):
     left_by_a_crash(ledger, "p1")
     hook.charge_again("cust-p1", "p1-20261126-01", 9900, "plan")  # sent, then the worker died
     report = run_reconcile(hook, ledger)
-    assert report.resolved == {"paid": 1}
+    assert report.resolved == {"resolved_paid": 1}
     assert row(ledger, "p1-20261126-01") == ("paid", 9900, 0, True)
     assert report.unsettled_count == 0
 
@@ -113,12 +113,14 @@ def test_ledger_decline_that_iamport_paid_is_fixed(hook, ledger, emulator):
     assert row(ledger, "f1-20261126-01")[0] == "paid"
 
 
-def test_unknown_that_iamport_never_saw_is_reported_still_unsettled(hook, ledger, emulator):
+def test_a_row_iamport_never_saw_is_resent_once_under_its_merchant_uid(hook, ledger, emulator):
     subscribe(ledger, emulator, "u1", PAYING_CARD, DAY)
     left_by_a_crash(ledger, "u1")  # it died before sending
     report = run_reconcile(hook, ledger)
-    assert report.unsettled_count == 1
-    assert ledger.get_attempt("u1-20261126-01").error_code == "not_found_at_iamport"
+    assert report.unsettled_count == 0
+    assert row(ledger, "u1-20261126-01") == ("paid", 9900, 0, True)
+    sent = [p["merchant_uid"] for p in emulator_payments(emulator.config.db_path)]
+    assert sent == ["u1-20261126-01"]
 
 
 def test_reconcile_twice_changes_nothing_more(hook, ledger, emulator):

@@ -27,7 +27,10 @@ from iamport_billing.emulator.config import EmulatorConfig
 from iamport_billing.emulator.server import register_card, start_emulator_process
 from iamport_billing.errors import IamportTransportError
 from iamport_billing.hooks.iamport import TOKEN_CACHE, IamportHook, settings_from_connection
-from iamport_billing.ledger import Ledger
+from iamport_billing.warehouse.ledger import Ledger
+
+# Screens and messages, not money: SQLite is enough.
+WAREHOUSES = ["sqlite"]
 
 DAY = date(2027, 5, 20)
 SECRET = "sek-" + os.urandom(12).hex()

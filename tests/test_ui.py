@@ -8,10 +8,13 @@ import re
 from datetime import date, timedelta
 
 import pytest
-from iamport_billing.ledger import Ledger
 from iamport_billing.ui.chart import ChartPoint, build_chart, nice_ceiling
 from iamport_billing.ui.links import BillingPageLink, split_task_id, task_log_url
+from iamport_billing.warehouse.ledger import Ledger
 from support import add_subscriptions
+
+# Screens and messages, not money: SQLite is enough.
+WAREHOUSES = ["sqlite"]
 
 pytestmark = pytest.mark.airflow
 

@@ -17,7 +17,6 @@ from typing import Any
 from airflow.sdk import AsyncCallback, DeadlineAlert, DeadlineReference
 
 from iamport_billing.config import BillingConfig
-from iamport_billing.ledger import Ledger
 from iamport_billing.notifiers import (
     CHANNELS,
     CRITICAL,
@@ -27,7 +26,8 @@ from iamport_billing.notifiers import (
     alert_from_context,
     run_url,
 )
-from iamport_billing.policy import FAILED, PAID, REJECTED
+from iamport_billing.states import AMOUNT_MISMATCH, FAILED, PAID, REJECTED
+from iamport_billing.warehouse.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,14 @@ def run_alerts(
             title=f"decline rate {failed / tried:.0%} is over {cfg.alert_decline_rate:.0%}",
             details=reasons, **base,
         ))  # fmt: skip
+    if AMOUNT_MISMATCH in by_status:
+        counts, amounts = _split(by_status, [AMOUNT_MISMATCH])
+        found.append(Alert(
+            kind="amount_mismatch", severity=CRITICAL, counts=counts, amounts=amounts,
+            title=f"{counts[AMOUNT_MISMATCH]} charges were paid with another amount than asked: "
+            "a person must check them (the subscriptions were not advanced)",
+            details=reasons, **base,
+        ))  # fmt: skip
     if REJECTED in by_status:
         counts, amounts = _split(by_status, [REJECTED])
         named = tuple(
@@ -140,12 +148,7 @@ def past_due_alert(
     """Subscriptions that just went ``past_due``: retries are over, the money is still owed."""
     if not subscription_ids:
         return []
-    marks = ", ".join(["%s"] * len(subscription_ids))
-    owed = ledger.summary(
-        f"subscription_id IN ({marks}) AND status = %s AND next_retry_date IS NULL "
-        "AND decline_kind = 'soft'",
-        [*subscription_ids, FAILED],
-    ).get(FAILED, {"count": 0, "amount": 0})
+    owed = ledger.exhausted_summary(subscription_ids).get(FAILED, {"count": 0, "amount": 0})
     shown = ", ".join(subscription_ids[:20]) + (" ..." if len(subscription_ids) > 20 else "")
     return [Alert(
         kind="past_due", severity=WARNING,
@@ -217,9 +220,7 @@ class TaskFailureAlert:
         alert = alert_from_context(context, self.cfg.airflow_base_url)
         try:
             with Ledger.from_conn_id(self.cfg.warehouse_conn_id) as ledger:
-                by_status = ledger.summary(
-                    "dag_id = %s AND run_id = %s", [alert.dag_id, alert.run_id]
-                )
+                by_status = ledger.run_summary({"dag_id": alert.dag_id, "run_id": alert.run_id})
             counts, amounts = _split(by_status, list(by_status))
             alert = replace(alert, counts={**alert.counts, **counts}, amounts=amounts)
         except Exception as e:  # noqa: BLE001 - the alert matters more than its numbers

@@ -15,16 +15,18 @@ from typing import Any
 
 from iamport_billing.charging import ChargeSettings
 from iamport_billing.dunning import RetryPlan, describe, next_attempts, send_retries
-from iamport_billing.ledger import Ledger
 from iamport_billing.policy import (
-    HARD,
-    SOFT,
     Guardrails,
     PlanTotals,
     ValidationLimits,
     guardrail_violations,
     to_date,
 )
+from iamport_billing.states import (
+    HARD,
+    SOFT,
+)
+from iamport_billing.warehouse.ledger import Ledger
 
 log = logging.getLogger(__name__)
 # A backfill may pick up subscriptions dunning gave up on; paid ones become active again.

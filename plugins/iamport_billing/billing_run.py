@@ -6,18 +6,12 @@ DAG files wire these into tasks; each takes explicit arguments so it can be test
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import date
 from typing import Any
 
-from iamport_billing.ledger import ATTEMPTS, Ledger
 from iamport_billing.policy import (
-    FAILED,
-    HARD,
-    REJECTED,
-    SOFT,
-    UNSETTLED,
     ChargeCandidate,
     Guardrails,
     PlanTotals,
@@ -29,6 +23,14 @@ from iamport_billing.policy import (
     to_date,
     validate_row,
 )
+from iamport_billing.states import (
+    HARD,
+    PAST_DUE,
+    PAYMENT_METHOD_REQUIRED,
+    SOFT,
+)
+from iamport_billing.warehouse.ledger import Ledger
+from iamport_billing.warehouse.source import DueSource
 
 log = logging.getLogger(__name__)
 MAX_MAP_LENGTH = 1024
@@ -123,6 +125,7 @@ def plan_run(
     guardrails: Guardrails,
     dry_run: bool,
     run: Mapping[str, Any],
+    source: DueSource | None = None,
     logger: logging.Logger | None = None,
 ) -> Plan:
     """Stream the due rows once: reject bad ones, total the rest, cut keyset batches."""
@@ -131,10 +134,13 @@ def plan_run(
     batches: list[dict[str, Any]] = []
     rejected_sample: list[dict[str, Any]] = []
     pending_rejects: list[RejectedRow] = []
+    approved: list[tuple[str, date, int]] = []
     batch_count, batch_after, last_sub = 0, None, None
 
     for item in validated(
-        ledger.iter_due(due_query, billing_date), run_date=billing_date, limits=limits
+        (source or ledger.due_source()).iter_due(due_query, billing_date),
+        run_date=billing_date,
+        limits=limits,
     ):
         if isinstance(item, RejectedRow):
             totals.rejected += 1
@@ -153,6 +159,7 @@ def plan_run(
             continue
         totals.count += 1
         totals.total_amount += item.amount
+        approved.append((item.subscription_id, item.billing_date, item.amount))
         key = item.billing_date.isoformat()
         totals.by_billing_date[key] = totals.by_billing_date.get(key, 0) + 1
         last_sub = item.subscription_id
@@ -170,6 +177,8 @@ def plan_run(
         b["billing_date"] = billing_date.isoformat()
     previous = ledger.previous_run_total(str(run.get("dag_id")), billing_date)
     violations = guardrail_violations(totals, guardrails, previous)
+    if not dry_run and not violations:
+        ledger.freeze_plan(run, approved)
     ledger.record_run(
         run, billing_date, totals.count, totals.total_amount, totals.rejected, dry_run,
         "; ".join(violations) or None,
@@ -215,21 +224,42 @@ def _fit_map_length(batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def candidates_in_batch(
-    ledger: Ledger, *, due_query: str, batch: Mapping[str, Any], limits: ValidationLimits
+    ledger: Ledger,
+    *,
+    due_query: str,
+    batch: Mapping[str, Any],
+    limits: ValidationLimits,
+    run: Mapping[str, Any],
+    source: DueSource | None = None,
+    logger: logging.Logger | None = None,
 ) -> list[ChargeCandidate]:
-    """Re-read one keyset range and keep the rows the plan accepted (same validation)."""
+    """Re-read one keyset range and keep exactly what the run's plan approved.
+
+    A row added since the plan, or whose amount or billing date changed, is left out (and
+    logged): guardrails counted the plan, so nothing outside it may be charged.
+    """
+    lg = logger or log
     billing_date = to_date(batch["billing_date"])
     assert billing_date is not None
-    rows = ledger.iter_due(
+    rows = (source or ledger.due_source()).iter_due(
         due_query, billing_date, after=batch.get("after"), until=batch.get("until")
     )
     if batch.get("after") is None:
         rows = (r for r in rows if r.get("subscription_id") is not None)
-    return [
+    candidates = [
         c
         for c in validated(rows, run_date=billing_date, limits=limits)
         if isinstance(c, ChargeCandidate)
     ]
+    approved = ledger.planned_items(run, [c.subscription_id for c in candidates])
+    kept = [c for c in candidates if approved.get(c.subscription_id) == (c.billing_date, c.amount)]
+    for c in candidates:
+        if approved.get(c.subscription_id) != (c.billing_date, c.amount):
+            lg.warning(
+                "%s (%s KRW due %s) is not in this run's plan: not charged",
+                c.subscription_id, f"{c.amount:,}", c.billing_date,
+            )  # fmt: skip
+    return kept
 
 
 def write_back(
@@ -237,6 +267,7 @@ def write_back(
     *,
     subscriptions_table: str,
     since: date | None = None,
+    subscription_ids: Sequence[str] | None = None,
     logger: logging.Logger | None = None,
 ) -> dict[str, int]:
     """Apply settled outcomes to subscriptions; idempotent, and it catches up on older runs.
@@ -248,15 +279,21 @@ def write_back(
     lg = logger or log
     moves = [
         (sub, day, add_month_anchored(day, anchor))
-        for sub, day, anchor in ledger.paid_not_advanced(subscriptions_table, since=since)
+        for sub, day, anchor in ledger.paid_not_advanced(
+            subscriptions_table, since=since, subscription_ids=subscription_ids
+        )
     ]
     ledger.advance_subscriptions(moves, subscriptions_table)
-    hard = _latest_failed_subscriptions(ledger, subscriptions_table, HARD)
-    ledger.set_subscription_status(
-        hard, "payment_method_required", subscriptions_table=subscriptions_table
+    hard = ledger.latest_failed_subscriptions(
+        subscriptions_table, HARD, subscription_ids=subscription_ids
     )
-    exhausted = _latest_failed_subscriptions(ledger, subscriptions_table, SOFT, exhausted=True)
-    ledger.set_subscription_status(exhausted, "past_due", subscriptions_table=subscriptions_table)
+    ledger.set_subscription_status(
+        hard, PAYMENT_METHOD_REQUIRED, subscriptions_table=subscriptions_table
+    )
+    exhausted = ledger.latest_failed_subscriptions(
+        subscriptions_table, SOFT, exhausted=True, subscription_ids=subscription_ids
+    )
+    ledger.set_subscription_status(exhausted, PAST_DUE, subscriptions_table=subscriptions_table)
     counts = {
         "advanced": len(moves),
         "payment_method_required": len(hard),
@@ -266,56 +303,20 @@ def write_back(
     return counts
 
 
-def _latest_failed_subscriptions(
-    ledger: Ledger, subscriptions_table: str, kind: str, *, exhausted: bool = False
-) -> list[str]:
-    """Active subscriptions whose latest attempt on their current billing date failed ``kind``."""
-    from iamport_billing.ledger import checked_identifier
-
-    table = checked_identifier(subscriptions_table)
-    extra = " AND a.next_retry_date IS NULL" if exhausted else ""
-    rows = ledger.query(
-        f"SELECT DISTINCT a.subscription_id FROM {ATTEMPTS} a "
-        f"JOIN {table} s ON {ledger.sub_key('s')} = a.subscription_id "
-        "WHERE a.status = %s AND a.decline_kind = %s AND s.status = 'active' "
-        f"AND {ledger.sub_date('s')} = a.billing_date{extra} "
-        f"AND a.attempt_no = (SELECT MAX(b.attempt_no) FROM {ATTEMPTS} b "
-        "WHERE b.subscription_id = a.subscription_id AND b.billing_date = a.billing_date "
-        "AND b.status <> %s)",
-        [FAILED, kind, REJECTED],
-    )
-    return [r[0] for r in rows]
-
-
 def run_report(ledger: Ledger, *, run: Mapping[str, Any], billing_date: date) -> dict[str, Any]:
     """Counts and amounts by status for this run, and what is still unsettled."""
-    by_status = ledger.summary("dag_id = %s AND run_id = %s", [run["dag_id"], run["run_id"]])
-    unsettled = ledger.summary(
-        "status IN (%s, %s) AND billing_date <= %s", [*UNSETTLED, billing_date.isoformat()]
-    )
-    reasons = ledger.query(
-        f"SELECT COALESCE(fail_reason, error_message), COUNT(*) FROM {ATTEMPTS} "
-        "WHERE dag_id = %s AND run_id = %s AND status IN (%s, %s) "
-        "GROUP BY COALESCE(fail_reason, error_message) ORDER BY COUNT(*) DESC LIMIT 10",
-        [run["dag_id"], run["run_id"], FAILED, REJECTED],
-    )
-    rejected = ledger.query(
-        f"SELECT subscription_id, error_code, error_message FROM {ATTEMPTS} "
-        "WHERE dag_id = %s AND run_id = %s AND status = %s ORDER BY subscription_id LIMIT %s",
-        [run["dag_id"], run["run_id"], REJECTED, REJECTED_SHOWN],
-    )
-    guard = ledger.query(
-        "SELECT guardrail, dry_run FROM billing_runs WHERE dag_id = %s AND run_id = %s",
-        [run["dag_id"], run["run_id"]],
-    )
+    recorded = ledger.run_record(run)
     return {
         "billing_date": billing_date.isoformat(),
-        "by_status": by_status,
-        "unsettled": unsettled,
-        "top_reasons": [{"reason": r[0], "count": int(r[1])} for r in reasons],
-        "rejected": [{"subscription_id": r[0], "code": r[1], "reason": r[2]} for r in rejected],
-        "guardrail": guard[0][0] if guard else None,
-        "dry_run": bool(guard[0][1]) if guard else False,
+        "by_status": ledger.run_summary(run),
+        "unsettled": ledger.unsettled_summary(billing_date),
+        "top_reasons": [{"reason": r, "count": n} for r, n in ledger.top_reasons(run=run)],
+        "rejected": [
+            {"subscription_id": s, "code": c, "reason": r}
+            for s, c, r in ledger.rejected_rows(run=run, limit=REJECTED_SHOWN)
+        ],
+        "guardrail": recorded[0] if recorded else None,
+        "dry_run": recorded[1] if recorded else False,
     }
 
 

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, date, datetime, timedelta
+from datetime import date
 from itertools import chain
 from queue import Empty, SimpleQueue
 from typing import Any
@@ -32,19 +32,31 @@ from iamport_billing.errors import (
     IamportRateLimited,
     IamportRequestRejected,
 )
-from iamport_billing.ledger import Attempt, Ledger, Outcome, new_claim_token
 from iamport_billing.policy import (
+    ChargeCandidate,
+    DeclineTable,
+    merchant_uid_for,
+    next_retry_date,
+)
+from iamport_billing.states import (
+    AMOUNT_MISMATCH,
+    CANCELLED,
     FAILED,
     HARD,
+    MONEY_MOVED,
     PAID,
     PENDING,
     SOFT,
     UNKNOWN,
     UNSETTLED,
-    ChargeCandidate,
-    DeclineTable,
-    merchant_uid_for,
-    next_retry_date,
+)
+from iamport_billing.warehouse.ledger import (
+    Attempt,
+    Ledger,
+    Outcome,
+    Refused,
+    lease_cutoff,
+    new_claim_token,
 )
 
 log = logging.getLogger(__name__)
@@ -99,6 +111,7 @@ class BatchResult:
     amounts: dict[str, int] = field(default_factory=dict)
     charges_sent: int = 0
     unknown_merchant_uids: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
 
     def add(self, outcome: str, amount: int | None) -> None:
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
@@ -134,6 +147,7 @@ class PlannedCharge:
             "customer_uid": c.customer_uid,
             "amount": c.amount,
             "currency": c.currency,
+            "name": c.name,
             **run,
         }
 
@@ -143,19 +157,22 @@ def outcome_from_payment(
     settings: ChargeSettings, latency_ms: int | None = None,
 ) -> Outcome:  # fmt: skip
     """Map an Iamport payment to a ledger outcome (paid / failed with decline kind)."""
-    if payment.is_paid or payment.status == "cancelled":
+    if payment.is_paid or payment.status == CANCELLED:
+        status = PAID if payment.is_paid else CANCELLED
         error = None
-        if expected_amount is not None and payment.amount != expected_amount:
+        if expected_amount is not None and int(payment.amount) != int(expected_amount):
             error = f"paid amount {payment.amount} differs from requested {expected_amount}"
+            if status == PAID:
+                status = AMOUNT_MISMATCH
         return Outcome(
             merchant_uid=payment.merchant_uid,
-            status=PAID if payment.is_paid else "cancelled",
+            status=status,
             imp_uid=payment.imp_uid,
             receipt_url=payment.receipt_url,
             latency_ms=latency_ms,
-            error_code="amount_mismatch" if error else None,
+            error_code=AMOUNT_MISMATCH if error else None,
             error_message=error,
-            amount=int(payment.amount),
+            paid_amount=int(payment.amount),
         )
     if payment.is_failed:
         kind = settings.decline_table.classify(payment.fail_reason)
@@ -186,7 +203,7 @@ def outcome_from_payment(
 def decisive_payment(payments: Sequence[Payment]) -> Payment:
     """Of a merchant_uid's records, the one that decides: paid/cancelled if any, else the
     latest started."""
-    settled = [p for p in payments if p.is_paid or p.status == "cancelled"]
+    settled = [p for p in payments if p.is_paid or p.status == CANCELLED]
     if settled:
         return settled[0]
     return max(payments, key=lambda p: (p.started_at or 0, p.failed_at or 0))
@@ -247,28 +264,30 @@ class ChargeEngine:
         attempt. ``merchant_uids`` overrides the scheme (single charges with a caller's id).
         """
         existing = self.ledger.attempts_for(c.subscription_id for c in candidates)
-        lease_cutoff = datetime.now(UTC) - timedelta(seconds=self.settings.pending_lease_seconds)
+        cutoff = lease_cutoff(self.settings.pending_lease_seconds)
         to_claim: list[PlannedCharge] = []
         to_resolve: list[tuple[Attempt, ChargeCandidate]] = []
         for c in candidates:
             attempts = existing.get((c.subscription_id, c.billing_date), [])
             statuses = {a.status for a in attempts}
-            if PAID in statuses or "cancelled" in statuses:
+            if statuses & set(MONEY_MOVED):
                 self.result.add("already_paid", c.amount)
                 continue
             unsettled = [a for a in attempts if a.status in UNSETTLED]
             if unsettled:
                 for a in unsettled:
-                    in_lease = a.requested_at is not None and a.requested_at >= lease_cutoff
+                    in_lease = a.requested_at is not None and a.requested_at >= cutoff
                     if in_lease and not self._left_by_dead_try(a):
                         self.result.add("in_flight_elsewhere", c.amount)
                     else:
                         to_resolve.append((a, c))
                 continue
-            if attempts or not new_attempts:
+            attempt_no = 1
+            if attempts and new_attempts and _put_back_after(attempts[-1], c):
+                attempt_no = attempts[-1].attempt_no + 1
+            elif attempts or not new_attempts:
                 self.result.add("already_settled", c.amount)
                 continue
-            attempt_no = 1
             uid = (merchant_uids or {}).get(c.subscription_id) or merchant_uid_for(
                 c.subscription_id, c.billing_date, attempt_no
             )
@@ -345,12 +364,12 @@ class ChargeEngine:
                     self.result.add("claimed_elsewhere", cand.amount)
                 continue
             outcomes.append(outcome)
-            self.result.add("resolved_" + outcome.status, outcome.amount or attempt.amount)
+            self.result.add("resolved_" + outcome.status, attempt.amount)
             self.log.info(
                 "resolved %s (left %s by an earlier run): %s imp_uid=%s",
                 attempt.merchant_uid, attempt.status, outcome.status, outcome.imp_uid,
             )  # fmt: skip
-        self.ledger.record_outcomes(outcomes, only_unsettled=True)
+        self._note_refused(self.ledger.record_outcomes(outcomes))
         return resend
 
     def send_all(self, owned: Sequence[PlannedCharge], to_claim: Sequence[PlannedCharge]) -> None:
@@ -397,12 +416,14 @@ class ChargeEngine:
                 continue
             outcomes.append(outcome)
             self._count(outcome, p)
-        self.ledger.record_outcomes(outcomes, self.claim_token)
+        self._note_refused(self.ledger.record_outcomes(outcomes, self.claim_token))
         # Resent rows go back to pending so a crash now leaves them for reconciliation.
-        self.ledger.record_outcomes(
+        refused = self.ledger.record_outcomes(
             [Outcome(merchant_uid=p.merchant_uid, status=PENDING) for p in resend], self.claim_token
         )
-        return resend
+        self._note_refused(refused)
+        lost = {r.outcome.merchant_uid for r in refused}
+        return [p for p in resend if p.merchant_uid not in lost]
 
     def _send_round(self, planned: Iterable[PlannedCharge]) -> list[tuple[PlannedCharge, float]]:
         """One pass over ``planned`` with bounded concurrency; returns the unknown outcomes.
@@ -433,10 +454,15 @@ class ChargeEngine:
             t.start()
 
         def feed() -> bool:
-            p = None if fatal else next(queue, None)
-            if p is not None:
-                todo.put(p)
-            return p is not None
+            """Hand the next charge to a worker once the ledger confirms it is still ours."""
+            while not fatal and (p := next(queue, None)) is not None:
+                if self.ledger.confirm_send(p.merchant_uid, self.claim_token):
+                    self._sent.add(p.merchant_uid)
+                    todo.put(p)
+                    return True
+                self.log.warning("%s was taken over by another try: not sent", p.merchant_uid)
+                self.result.add("taken_over", p.candidate.amount)
+            return False
 
         in_flight = sum(feed() for _ in range(workers))
         try:
@@ -458,11 +484,11 @@ class ChargeEngine:
                 if len(buffer) >= self.settings.flush_every or (
                     buffer and time.monotonic() - last_flush >= self.settings.flush_seconds
                 ):
-                    self.ledger.record_outcomes(buffer, self.claim_token)
+                    self._note_refused(self.ledger.record_outcomes(buffer, self.claim_token))
                     buffer.clear()
                     last_flush = time.monotonic()
         finally:
-            self.ledger.record_outcomes(buffer, self.claim_token)
+            self._note_refused(self.ledger.record_outcomes(buffer, self.claim_token))
             for _ in threads:
                 todo.put(None)
         if fatal:
@@ -482,7 +508,6 @@ class ChargeEngine:
         for rate_try in range(self.settings.rate_limit_retries + 1):
             self.limiter.acquire()
             started = time.monotonic()
-            self._sent.add(p.merchant_uid)
             try:
                 payment = self.hook.charge_again(
                     c.customer_uid, p.merchant_uid, c.amount, c.name, **optional
@@ -550,6 +575,41 @@ class ChargeEngine:
             ),
         )  # fmt: skip
 
+    def _note_refused(self, refused: Sequence[Refused]) -> None:
+        """A refused move is never dropped: counted, and the row stays as the ledger has it."""
+        for r in refused:
+            self.result.add(f"refused_{r.outcome.status}", None)
+            self.result.refused.append(r.outcome.merchant_uid)
+
+    def previous_unpaid(self, planned: Sequence[PlannedCharge]) -> list[PlannedCharge]:
+        """Of next attempts (NN+1), those whose attempt NN the gateway confirms moved no money.
+
+        A payment found for NN is recorded (it wins over the ledger's failed) and NN+1 is not
+        sent; a lookup that cannot ask keeps NN+1 back until the next run.
+        """
+        go: list[PlannedCharge] = []
+        found: list[Outcome] = []
+        for p in planned:
+            c = p.candidate
+            previous = merchant_uid_for(c.subscription_id, c.billing_date, p.attempt_no - 1)
+            try:
+                outcome = resolve_by_lookup(
+                    self.hook, previous, c.amount, c.billing_date, p.attempt_no - 1, self.settings
+                )
+            except IamportError as e:
+                self.log.warning("could not look %s up, %s waits: %s", previous, p.merchant_uid, e)
+                self.result.add("previous_unverified", c.amount)
+                continue
+            if outcome is not None and outcome.status in MONEY_MOVED:
+                self.log.error("%s is %s at the gateway: %s not sent", previous, outcome.status,
+                               p.merchant_uid)  # fmt: skip
+                found.append(outcome)
+                self.result.add("previous_paid", c.amount)
+                continue
+            go.append(p)
+        self._note_refused(self.ledger.record_outcomes(found))
+        return go
+
     def _count(self, outcome: Outcome, p: PlannedCharge) -> None:
         self.result.charges_sent += 1
         label = outcome.status
@@ -557,7 +617,7 @@ class ChargeEngine:
             label = f"declined_{outcome.decline_kind or SOFT}"
             if outcome.error_code == MISSING_BILLING_KEY:
                 label = MISSING_BILLING_KEY
-        self.result.add(label, outcome.amount or p.candidate.amount)
+        self.result.add(label, p.candidate.amount)
 
     def _log_charge(self, p: PlannedCharge, outcome: Outcome) -> None:
         self.log.info(
@@ -583,56 +643,45 @@ def _take_finished(finished: SimpleQueue[Any], timeout: float) -> list[Any]:
             return done
 
 
+def _put_back_after(latest: Attempt, c: ChargeCandidate) -> bool:
+    """A person put the subscription back (active, updated after its last failure) when the
+    last attempt was a hard decline, a missing key or the last retry: try once more."""
+    if latest.status != FAILED or c.updated_at is None or latest.completed_at is None:
+        return False
+    gave_up = latest.decline_kind == HARD or latest.next_retry_date is None
+    return gave_up and c.updated_at > latest.completed_at and latest.attempt_no < 99
+
+
 def _ms(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
 
 
-def _iso_ago(seconds: float) -> str:
-    return (datetime.now(UTC) - timedelta(seconds=seconds)).isoformat(timespec="milliseconds")
-
-
 def resolve_unsettled(
-    hook: Any, ledger: Ledger, settings: ChargeSettings, *, logger: logging.Logger | None = None,
-    limit: int = 10000,
+    hook: Any, ledger: Ledger, settings: ChargeSettings, run: Mapping[str, Any], *,
+    logger: logging.Logger | None = None, limit: int = 10000, default_name: str = "정기결제",
 ) -> dict[str, int]:  # fmt: skip
-    """Reconcile pending/unknown rows older than the lease: record what Iamport says happened.
-
-    Rows Iamport has no record of stay unsettled, marked ``not_found_at_iamport``: the next
-    charge run for that subscription resends them under the same merchant_uid.
-    """
-    lg = logger or log
-    counts: dict[str, int] = {}
+    """Drive every pending/unknown row older than the lease, whichever DAG left it, to a final
+    state: record what the gateway says happened, and resend under the same merchant_uid the
+    rows the gateway says it never saw. Rows it cannot be asked about stay as they are."""
     stale = ledger.unsettled_attempts(
-        requested_before=_iso_ago(settings.pending_lease_seconds), limit=limit
+        requested_before=lease_cutoff(settings.pending_lease_seconds), limit=limit
     )
-    outcomes: list[Outcome] = []
-    for a in stale:
-        try:
-            outcome = resolve_by_lookup(
-                hook, a.merchant_uid, a.amount, a.billing_date, a.attempt_no, settings
-            )
-        except IamportError as e:
-            lg.warning("could not look up %s: %s", a.merchant_uid, e)
-            counts["still_unknown"] = counts.get("still_unknown", 0) + 1
-            continue
-        if outcome is None:
-            # Iamport never saw it: it stays unsettled and the next charge run for the
-            # subscription resends it under the same merchant_uid.
-            outcome = Outcome(
-                a.merchant_uid, a.status, error_code="not_found_at_iamport",
-                error_message="Iamport has no payment for this merchant_uid; safe to resend",
-            )  # fmt: skip
-        outcomes.append(outcome)
-        counts[outcome.status] = counts.get(outcome.status, 0) + 1
-        lg.info(
-            "reconciled %s: %s -> %s imp_uid=%s",
-            a.merchant_uid,
-            a.status,
-            outcome.status,
-            outcome.imp_uid,
-        )
-    ledger.record_outcomes(outcomes, only_unsettled=True)
-    return counts
+    engine = ChargeEngine(hook, ledger, settings, run, logger=logger)
+    resend = engine.resolve_stale([(a, candidate_from_attempt(a, default_name)) for a in stale])
+    engine.send_all(resend, [])
+    return dict(engine.result.counts)
+
+
+def candidate_from_attempt(a: Attempt, default_name: str) -> ChargeCandidate:
+    """The request an attempt row was written for, to resend it unchanged."""
+    return ChargeCandidate(
+        subscription_id=a.subscription_id or a.merchant_uid,
+        customer_uid=a.customer_uid or "",
+        amount=int(a.amount or 0),
+        billing_date=a.billing_date,
+        currency=a.currency or "KRW",
+        name=a.name or default_name,
+    )
 
 
 def iter_chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:

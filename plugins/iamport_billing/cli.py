@@ -8,8 +8,7 @@ from collections.abc import Sequence
 from datetime import date
 
 from iamport_billing.billing_run import format_report
-from iamport_billing.ledger import Ledger
-from iamport_billing.policy import UNSETTLED
+from iamport_billing.warehouse.ledger import SUBSCRIPTIONS, Ledger
 
 
 def _ledger(conn_id: str) -> Ledger:
@@ -20,7 +19,7 @@ def warehouse_init(args: argparse.Namespace) -> int:
     """Create the subscriptions, ledger and runs tables (idempotent)."""
     with _ledger(args.conn_id) as ledger:
         ledger.init_schema()
-        print(f"warehouse tables ready on connection {args.conn_id!r} ({ledger.dialect})")
+        print(f"warehouse tables ready on connection {args.conn_id!r} ({ledger.dialect.name})")
     return 0
 
 
@@ -28,25 +27,35 @@ def ledger_summary(args: argparse.Namespace) -> int:
     """Counts and amounts by status for one billing date, and what is unsettled."""
     day = date.fromisoformat(args.billing_date)
     with _ledger(args.conn_id) as ledger:
-        by_status = ledger.summary("billing_date = %s", [day.isoformat()])
-        unsettled = ledger.summary("status IN (%s, %s)", list(UNSETTLED))
-        reasons = ledger.query(
-            "SELECT COALESCE(fail_reason, error_message), COUNT(*) FROM billing_charge_attempts "
-            "WHERE billing_date = %s AND status IN ('failed', 'rejected') "
-            "GROUP BY COALESCE(fail_reason, error_message) ORDER BY COUNT(*) DESC LIMIT 10",
-            [day.isoformat()],
-        )
+        by_status = ledger.date_summary(day)
+        unsettled = ledger.unsettled_summary()
+        reasons = ledger.top_reasons(billing_date=day)
     print(
         format_report(
             {
                 "billing_date": day.isoformat(),
                 "by_status": by_status,
                 "unsettled": unsettled,
-                "top_reasons": [{"reason": r[0], "count": int(r[1])} for r in reasons],
+                "top_reasons": [{"reason": r, "count": n} for r, n in reasons],
             }
         )
     )
     return 0
+
+
+def subscriptions_put_back(args: argparse.Namespace) -> int:
+    """After a customer registered a new card: status active, updated now. The next daily run
+    makes one more attempt for the subscription's current billing date (then never again)."""
+    missing = []
+    with _ledger(args.conn_id) as ledger:
+        for sub in args.subscription_id:
+            if not ledger.put_back(sub, args.table):
+                missing.append(sub)
+    for sub in missing:
+        print(f"no subscription {sub!r} in {args.table}", file=sys.stderr)
+    done = len(args.subscription_id) - len(missing)
+    print(f"{done} subscription(s) put back: the next daily run charges them once more")
+    return 1 if missing else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--conn-id", default="billing_warehouse")
     summary.add_argument("--billing-date", required=True, help="YYYY-MM-DD")
     summary.set_defaults(func=ledger_summary)
+
+    subs = groups.add_parser("subscriptions", help="change subscriptions as ops do")
+    sb = subs.add_subparsers(dest="command", required=True)
+    put_back = sb.add_parser(
+        "put-back", help="a customer has a new card: charge once more on the next daily run"
+    )
+    put_back.add_argument("subscription_id", nargs="+")
+    put_back.add_argument("--conn-id", default="billing_warehouse")
+    put_back.add_argument("--table", default=SUBSCRIPTIONS)
+    put_back.set_defaults(func=subscriptions_put_back)
     return parser
 
 

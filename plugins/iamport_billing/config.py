@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from iamport_billing.ledger import DEFAULT_DUE_QUERY, SUBSCRIPTIONS
 from iamport_billing.policy import DEFAULT_RETRY_SCHEDULE_DAYS, DeclineTable, ValidationLimits
+from iamport_billing.warehouse.ledger import DEFAULT_DUE_QUERY, SUBSCRIPTIONS
 
 PREFIX = "IAMPORT_BILLING_"
 
@@ -28,10 +28,23 @@ def _int_or_none(value: str | None) -> int | None:
     return int(value) if value not in (None, "", "none", "None") else None
 
 
+def _share(value: str | None) -> float | None:
+    if value in (None, "", "none", "None"):
+        return None
+    share = float(value)  # type: ignore[arg-type]
+    if not 0 <= share <= 1:
+        raise ValueError(f"IAMPORT_BILLING_MAX_REJECTED_SHARE must be 0..1, got {value}")
+    return share
+
+
 @dataclass(frozen=True)
 class BillingConfig:
     iamport_conn_id: str = "iamport_default"
     warehouse_conn_id: str = "billing_warehouse"
+    # Where the due query runs (None: the ledger's connection). Any common.sql connection;
+    # a read-only warehouse needs write_back off, and results are read from the ledger.
+    source_conn_id: str | None = None
+    write_back: bool = True
     pool: str = "iamport_api"
     due_query: str = DEFAULT_DUE_QUERY
     subscriptions_table: str = SUBSCRIPTIONS
@@ -39,6 +52,7 @@ class BillingConfig:
     decline_table: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
     max_total_multiple_of_previous: float | None = 3.0
+    max_rejected_share: float | None = 0.2
     pending_lease_seconds: float = 300.0
     unknown_settle_seconds: float = 2.0
     task_retries: int = 3
@@ -75,6 +89,8 @@ class BillingConfig:
         return cls(
             iamport_conn_id=_env("IAMPORT_CONN_ID", cls.iamport_conn_id),  # type: ignore[arg-type]
             warehouse_conn_id=_env("WAREHOUSE_CONN_ID", cls.warehouse_conn_id),  # type: ignore[arg-type]
+            source_conn_id=_env("SOURCE_CONN_ID"),
+            write_back=_env("WRITE_BACK", "true").lower() not in ("0", "false", "no", "off"),  # type: ignore[union-attr]
             pool=_env("POOL", cls.pool),  # type: ignore[arg-type]
             due_query=due_query or DEFAULT_DUE_QUERY,
             subscriptions_table=_env("SUBSCRIPTIONS_TABLE", SUBSCRIPTIONS),  # type: ignore[arg-type]
@@ -86,6 +102,7 @@ class BillingConfig:
             max_total_multiple_of_previous=(
                 float(multiple) if multiple not in (None, "none", "None", "0") else None
             ),
+            max_rejected_share=_share(_env("MAX_REJECTED_SHARE", "0.2")),
             pending_lease_seconds=float(_env("PENDING_LEASE_SECONDS", "300")),  # type: ignore[arg-type]
             unknown_settle_seconds=float(_env("UNKNOWN_SETTLE_SECONDS", "2")),  # type: ignore[arg-type]
             task_retries=int(_env("TASK_RETRIES", "3")),  # type: ignore[arg-type]

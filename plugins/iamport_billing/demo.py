@@ -19,9 +19,9 @@ from pathlib import Path
 import pendulum
 
 from iamport_billing.emulator import EmulatorConfig, start_emulator_process
-from iamport_billing.ledger import Ledger
 from iamport_billing.policy import SEOUL
 from iamport_billing.sample_data import seed_sample
+from iamport_billing.warehouse.ledger import Ledger
 
 DAG_ID = "iamport_billing_daily"
 SUBSCRIPTIONS = 2000
@@ -169,22 +169,12 @@ def main() -> int:
 
 def summary(ledger: Ledger, billing_date: date) -> str:
     """Counts and amounts by outcome, and every rejected row with its reason."""
-    rows = ledger.query(
-        "SELECT CASE WHEN status = 'failed' AND error_code = 'missing_billing_key' "
-        "THEN 'no billing key' WHEN status = 'failed' THEN 'declined (' || decline_kind || ')' "
-        "ELSE status END, COUNT(*), COALESCE(SUM(amount), 0) FROM billing_charge_attempts "
-        "WHERE billing_date = %s GROUP BY 1 ORDER BY 2 DESC",
-        [billing_date.isoformat()],
-    )
+    rows = sorted(ledger.outcome_kinds(billing_date), key=lambda r: -r[1])
     lines = [f"Billing date {billing_date}", f"  {'outcome':<18} {'count':>7} {'amount (KRW)':>15}"]
     for status, count, amount in rows:
         shown = "(not charged)" if status == "rejected" else f"{int(amount):,}"
         lines.append(f"  {status:<18} {count:>7,} {shown:>15}")
-    rejected = ledger.query(
-        "SELECT subscription_id, error_code, error_message FROM billing_charge_attempts "
-        "WHERE billing_date = %s AND status = 'rejected' ORDER BY subscription_id",
-        [billing_date.isoformat()],
-    )
+    rejected = ledger.rejected_rows(billing_date=billing_date, limit=10_000)
     if rejected:
         lines.append("  rejected rows (never sent to Iamport):")
         lines += [f"    {r[0] or '(no id)':<18} {r[2]}" for r in rejected]

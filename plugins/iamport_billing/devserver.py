@@ -25,9 +25,9 @@ import requests
 from iamport_billing.config import BillingConfig
 from iamport_billing.emulator import EmulatorConfig, EmulatorProcess, start_emulator_process
 from iamport_billing.emulator.server import bind_socket
-from iamport_billing.ledger import Ledger
 from iamport_billing.policy import SEOUL
 from iamport_billing.sample_data import seed_sample
+from iamport_billing.warehouse.ledger import Ledger
 
 REPO = Path(__file__).resolve().parents[2]
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")

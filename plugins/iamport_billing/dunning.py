@@ -15,16 +15,18 @@ from datetime import date
 from typing import Any
 
 from iamport_billing.charging import ChargeEngine, ChargeSettings, PlannedCharge, iter_chunks
-from iamport_billing.ledger import Ledger
 from iamport_billing.policy import (
-    PAID,
-    SOFT,
     RejectedRow,
     ValidationLimits,
     merchant_uid_for,
     to_date,
     validate_row,
 )
+from iamport_billing.states import (
+    PAID,
+    SOFT,
+)
+from iamport_billing.warehouse.ledger import Ledger
 
 log = logging.getLogger(__name__)
 CHUNK = 200
@@ -116,7 +118,8 @@ def send_retries(
         ledger.record_rejected(plan.rejected, run)
     engine = ChargeEngine(hook, ledger, settings, run, logger=lg)
     for chunk in iter_chunks(plan.planned, CHUNK):
-        engine.charge_planned(chunk)
+        # Attempt NN may have been paid after all (a zombie try, a late answer): ask first.
+        engine.charge_planned(engine.previous_unpaid(chunk))
     result = engine.result.as_dict()
     result["rejected"] = len(plan.rejected)
     result["paid_subscriptions"] = paid_subscriptions(ledger, plan.planned)

@@ -17,10 +17,10 @@ from iamport_billing.billing_run import billing_date_from_context, run_info
 from iamport_billing.config import BillingConfig
 from iamport_billing.dunning import describe, due_retries, send_retries
 from iamport_billing.hooks.iamport import IamportHook
-from iamport_billing.ledger import Ledger
 from iamport_billing.precheck import check_billing_keys
 from iamport_billing.reconciliation import reconcile
-from iamport_billing.tasks import charge_settings
+from iamport_billing.tasks import charge_settings, due_source
+from iamport_billing.warehouse.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,12 @@ def precheck_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, Any]
     try:
         with Ledger.from_conn_id(cfg.warehouse_conn_id) as ledger:
             ledger.init_schema()
-            report = check_billing_keys(
-                hook, ledger, due_query=cfg.due_query, billing_date=billing_date,
-                limits=cfg.limits, subscriptions_table=cfg.subscriptions_table,
-            )  # fmt: skip
+            with due_source(cfg, ledger) as source:
+                report = check_billing_keys(
+                    hook, ledger, source=source, due_query=cfg.due_query,
+                    billing_date=billing_date, limits=cfg.limits,
+                    subscriptions_table=cfg.subscriptions_table if cfg.write_back else None,
+                )  # fmt: skip
     finally:
         hook.close()
     alerts.send(alerts.precheck_alert(report, cfg=cfg, run=run), cfg)

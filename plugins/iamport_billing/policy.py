@@ -10,11 +10,13 @@ import calendar
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import pendulum
+
+from iamport_billing.states import HARD, SOFT
 
 SEOUL = pendulum.timezone("Asia/Seoul")
 MERCHANT_UID_MAX = 40
@@ -25,13 +27,6 @@ MERCHANT_UID_RE = re.compile(
     r"^(?P<sub>[A-Za-z0-9][A-Za-z0-9_-]*)-(?P<date>\d{8})-(?P<attempt>\d{2})$"
 )
 CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f]")
-
-# Ledger statuses.
-PENDING, PAID, FAILED, UNKNOWN, REJECTED, CANCELLED = (
-    "pending", "paid", "failed", "unknown", "rejected", "cancelled",
-)  # fmt: skip
-UNSETTLED = (PENDING, UNKNOWN)
-HARD, SOFT = "hard", "soft"
 
 
 # -- merchant_uid ------------------------------------------------------------------------------
@@ -100,6 +95,9 @@ class ChargeCandidate:
     buyer_email: str | None = None
     buyer_tel: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    # When the warehouse last changed the subscription (a person putting it back after a
+    # failure makes it due for one more attempt).
+    updated_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +128,17 @@ def to_date(value: Any) -> date | None:
     if isinstance(value, date):
         return value
     return date.fromisoformat(str(value)[:10])
+
+
+def to_timestamp(value: Any) -> datetime | None:
+    """A timestamp column as an aware datetime (naive values are UTC); None if unreadable."""
+    if value is None or value == "":
+        return None
+    try:
+        moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def parse_amount(value: Any) -> int:
@@ -255,6 +264,7 @@ def validate_row(
         currency=currency,
         name=name,
         options=dict(options or {}),
+        updated_at=to_timestamp(row.get("updated_at")),
         **buyer,
     )
 
@@ -343,6 +353,9 @@ class Guardrails:
     max_total_amount: int | None = None
     max_total_multiple_of_previous: float | None = 3.0
     min_previous_total_for_multiple: int = 1_000_000
+    # Above this share of rejected due rows the data is broken, not the customers.
+    max_rejected_share: float | None = 0.2
+    min_rows_for_rejected_share: int = 20
 
 
 @dataclass
@@ -367,6 +380,19 @@ def guardrail_violations(
         problems.append(
             f"total {totals.total_amount:,} KRW planned, over max_total_amount "
             f"{guardrails.max_total_amount:,} KRW"
+        )
+    seen = totals.count + totals.rejected
+    share = guardrails.max_rejected_share
+    # A handful of rows says little: then only "nothing at all is chargeable" trips it.
+    if (
+        share is not None
+        and totals.rejected
+        and totals.rejected / seen > share
+        and (seen >= guardrails.min_rows_for_rejected_share or totals.count == 0)
+    ):
+        problems.append(
+            f"{totals.rejected} of {seen} due rows rejected ({totals.rejected / seen:.0%}), "
+            f"over max_rejected_share {share:.0%}"
         )
     multiple = guardrails.max_total_multiple_of_previous
     if (

@@ -14,11 +14,12 @@ from typing import Any
 
 from iamport_billing.billing_run import validated
 from iamport_billing.charging import iter_chunks
-from iamport_billing.ledger import Ledger
 from iamport_billing.policy import ChargeCandidate, ValidationLimits
+from iamport_billing.states import PAYMENT_METHOD_REQUIRED
+from iamport_billing.warehouse.ledger import Ledger
+from iamport_billing.warehouse.source import DueSource
 
 log = logging.getLogger(__name__)
-PAYMENT_METHOD_REQUIRED = "payment_method_required"
 LOOKUP_CHUNK = 1000
 
 
@@ -29,7 +30,8 @@ def check_billing_keys(
     due_query: str,
     billing_date: date,
     limits: ValidationLimits,
-    subscriptions_table: str,
+    subscriptions_table: str | None,
+    source: DueSource | None = None,
     logger: logging.Logger | None = None,
 ) -> dict[str, Any]:
     """Look up the billing key of every subscription due by ``billing_date``.
@@ -43,7 +45,9 @@ def check_billing_keys(
     candidates = (
         c
         for c in validated(
-            ledger.iter_due(due_query, billing_date), run_date=billing_date, limits=limits
+            (source or ledger.due_source()).iter_due(due_query, billing_date),
+            run_date=billing_date,
+            limits=limits,
         )
         if isinstance(c, ChargeCandidate)
     )
@@ -52,9 +56,10 @@ def check_billing_keys(
         missing = set(lookup.missing)
         checked += len(chunk)
         missing_subs += [c.subscription_id for c in chunk if c.customer_uid in missing]
-    ledger.set_subscription_status(
-        missing_subs, PAYMENT_METHOD_REQUIRED, subscriptions_table=subscriptions_table
-    )
+    if subscriptions_table is not None:
+        ledger.set_subscription_status(
+            missing_subs, PAYMENT_METHOD_REQUIRED, subscriptions_table=subscriptions_table
+        )
     report = {
         "billing_date": billing_date.isoformat(),
         "checked": checked,

@@ -20,14 +20,14 @@ from typing import Any
 from iamport_billing.api_types import Payment
 from iamport_billing.charging import (
     ChargeSettings,
-    _iso_ago,
     decisive_payment,
     outcome_from_payment,
     resolve_by_lookup,
     resolve_unsettled,
 )
-from iamport_billing.ledger import Attempt, Ledger
-from iamport_billing.policy import CANCELLED, PAID, SEOUL, UNSETTLED, parse_merchant_uid
+from iamport_billing.policy import SEOUL, parse_merchant_uid
+from iamport_billing.states import CANCELLED, FAILED, MONEY_MOVED, PAID, UNSETTLED
+from iamport_billing.warehouse.ledger import Attempt, Ledger
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def reconcile(
     lg = logger or log
     since_ts, until_ts = int((until - window).timestamp()), int(until.timestamp())
     report = ReconcileReport(window=(since_ts, until_ts))
-    report.resolved = resolve_unsettled(hook, ledger, settings, logger=lg)
+    report.resolved = resolve_unsettled(hook, ledger, settings, run, logger=lg)
 
     ours: dict[str, list[Payment]] = {}
     for payment in hook.list_payments("all", since_ts, until_ts):
@@ -91,10 +91,7 @@ def reconcile(
             {"subscription_id": sub, "billing_date": day.isoformat(), "problem":
              f"{n} paid attempts for one billing date: refund all but one"}
         )  # fmt: skip
-    report.still_unsettled = ledger.summary(
-        "status IN (%s, %s) AND (requested_at IS NULL OR requested_at < %s)",
-        [*UNSETTLED, _iso_ago(settings.pending_lease_seconds)],
-    )
+    report.still_unsettled = ledger.unsettled_summary()
     lg.info(
         "reconciliation: %d payments scanned, resolved %s, %d recorded, %d fixed, "
         "%d need a person, %d still unsettled",
@@ -124,7 +121,7 @@ def _record_missing(
         "billing_date": billing_date,
         "attempt_no": attempt_no,
         "customer_uid": payment.customer_uid,
-        "amount": outcome.amount if outcome.amount is not None else int(payment.amount),
+        "amount": int(payment.amount),
         "currency": payment.currency,
         "cancel_amount": int(payment.cancel_amount or 0),
         "error_code": outcome.error_code or "found_by_reconciliation",
@@ -155,8 +152,13 @@ def _compare(
     }
     money_moved = payment.is_paid or payment.status == CANCELLED
     if money_moved and row.amount is not None and int(payment.amount) != row.amount:
+        if row.status in (*UNSETTLED, FAILED, PAID):
+            ledger.record_outcomes(
+                [outcome_from_payment(payment, row.amount, row.billing_date, row.attempt_no,
+                                      settings)]
+            )  # fmt: skip
         flagged = {**item, "problem": "amount differs from the ledger"}
-    elif not money_moved and row.status in (PAID, CANCELLED):
+    elif not money_moved and row.status in MONEY_MOVED:
         flagged = {**item, "problem": "ledger records money Iamport does not have"}
     elif payment.status == CANCELLED and (
         row.status != CANCELLED or (row.cancel_amount or 0) != int(payment.cancel_amount)

@@ -14,7 +14,7 @@ from iamport_billing.emulator import (
     CARD_SOFT_DECLINE,
     seed_customers,
 )
-from iamport_billing.ledger import Ledger, now_iso
+from iamport_billing.warehouse.ledger import Ledger
 
 PLANS = (("Basic monthly", 4_900), ("Standard monthly", 9_900), ("Premium monthly", 14_900))
 
@@ -69,13 +69,13 @@ def seed_sample(
         rows.append((sub, customer, amount, "KRW", name, f"buyer{i}@example.com"))
     rows.extend((*bad, "Standard monthly", None) for bad in INVALID_ROWS)
     counts.invalid = len(INVALID_ROWS)
-    stamp = now_iso()
-    ledger.executemany(
-        "INSERT INTO billing_subscriptions (subscription_id, customer_uid, amount, currency, "
-        "name, buyer_email, status, next_billing_date, billing_anchor_day, updated_at) "
-        "VALUES (%s, %s, %s, %s, %s, %s, 'active', %s, %s, %s) "
-        "ON CONFLICT (subscription_id) DO NOTHING",
-        [(*r, billing_date.isoformat(), billing_date.day, stamp) for r in rows],
-    )
+    cols = ("subscription_id", "customer_uid", "amount", "currency", "name", "buyer_email")
+    ledger.add_subscriptions(
+        [
+            {**dict(zip(cols, r, strict=True)), "next_billing_date": billing_date,
+             "billing_anchor_day": billing_date.day}
+            for r in rows
+        ]
+    )  # fmt: skip
     seed_customers(str(emulator_db_path), cards)
     return counts

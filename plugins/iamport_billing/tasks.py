@@ -15,7 +15,6 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from iamport_billing import alerts
 from iamport_billing.billing_run import (
     GuardrailTripped,
-    _latest_failed_subscriptions,
     billing_date_from_context,
     format_report,
     plan_run,
@@ -26,8 +25,10 @@ from iamport_billing.billing_run import (
 from iamport_billing.charging import ChargeSettings, resolve_unsettled
 from iamport_billing.config import BillingConfig
 from iamport_billing.hooks.iamport import IamportHook
-from iamport_billing.ledger import Ledger
-from iamport_billing.policy import SOFT, Guardrails
+from iamport_billing.policy import Guardrails
+from iamport_billing.states import AMOUNT_MISMATCH, SOFT
+from iamport_billing.warehouse.ledger import Ledger
+from iamport_billing.warehouse.source import DueSource
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,10 @@ def reconcile_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, int
         ledger.init_schema()
         hook = IamportHook(cfg.iamport_conn_id)
         try:
-            counts = resolve_unsettled(hook, ledger, charge_settings(cfg, context.get("params")))
+            counts = resolve_unsettled(
+                hook, ledger, charge_settings(cfg, context.get("params")), run_info(context),
+                default_name=cfg.limits.default_name,
+            )  # fmt: skip
         finally:
             hook.close()
     log.info("reconciled earlier unsettled attempts: %s", counts or "none")
@@ -69,12 +73,18 @@ def plan_step(cfg: BillingConfig, context: dict[str, Any]) -> list[dict[str, Any
         max_count=_opt_int(params.get("max_count")),
         max_total_amount=_opt_int(params.get("max_total_amount")),
         max_total_multiple_of_previous=cfg.max_total_multiple_of_previous,
+        max_rejected_share=(
+            cfg.max_rejected_share
+            if params.get("max_rejected_share") in (None, "", "None")
+            else float(params["max_rejected_share"])
+        ),
     )
-    with Ledger.from_conn_id(cfg.warehouse_conn_id) as ledger:
+    with Ledger.from_conn_id(cfg.warehouse_conn_id) as ledger, due_source(cfg, ledger) as source:
         ledger.init_schema()
         try:
             plan = plan_run(
                 ledger,
+                source=source,
                 due_query=cfg.due_query,
                 billing_date=billing_date_from_context(context),
                 batch_size=int(params.get("batch_size") or 500),
@@ -89,10 +99,20 @@ def plan_step(cfg: BillingConfig, context: dict[str, Any]) -> list[dict[str, Any
     return plan.batches
 
 
+def due_source(cfg: BillingConfig, ledger: Ledger) -> DueSource:
+    """The due query's connection: the ledger's own unless a separate source is set."""
+    if cfg.source_conn_id in (None, cfg.warehouse_conn_id):
+        return ledger.due_source()
+    return DueSource.from_conn_id(cfg.source_conn_id)
+
+
 def write_back_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, int]:
+    if not cfg.write_back:
+        log.info("write-back is off: results are in the ledger (billing_charge_attempts)")
+        return {}
     with Ledger.from_conn_id(cfg.warehouse_conn_id) as ledger:
-        going_past_due = _latest_failed_subscriptions(
-            ledger, cfg.subscriptions_table, SOFT, exhausted=True
+        going_past_due = ledger.latest_failed_subscriptions(
+            cfg.subscriptions_table, SOFT, exhausted=True
         )
         # Older periods are past the overdue limit: their rows are rejected, not charged.
         since = billing_date_from_context(context) - timedelta(days=cfg.limits.max_overdue_days + 7)
@@ -116,6 +136,11 @@ def report_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, Any]:
     alerts.send(alerts.run_alerts(report, cfg=cfg, run=run), cfg)
     if report["guardrail"]:
         raise AirflowFailException(f"guardrail tripped: {report['guardrail']}")
+    if AMOUNT_MISMATCH in report["by_status"]:
+        raise AirflowFailException(
+            f"{report['by_status'][AMOUNT_MISMATCH]['count']} charges paid with another amount "
+            "than requested: see the runbook (amount mismatch)"
+        )
     unsettled = sum(v["count"] for v in report["unsettled"].values())
     if unsettled:
         raise AirflowException(

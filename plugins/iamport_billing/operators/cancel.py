@@ -11,8 +11,8 @@ from airflow.sdk.exceptions import AirflowFailException
 from iamport_billing.api_types import Payment
 from iamport_billing.errors import IamportRequestRejected
 from iamport_billing.hooks.iamport import IamportHook
-from iamport_billing.ledger import Ledger
 from iamport_billing.policy import parse_amount
+from iamport_billing.warehouse.ledger import Ledger
 
 
 class CancelPaymentOperator(BaseOperator):

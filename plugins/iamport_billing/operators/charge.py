@@ -8,10 +8,9 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from iamport_billing.billing_run import candidates_in_batch, run_info
+from iamport_billing.billing_run import candidates_in_batch, run_info, write_back
 from iamport_billing.charging import ChargeEngine, ChargeSettings
 from iamport_billing.hooks.iamport import IamportHook
-from iamport_billing.ledger import DEFAULT_DUE_QUERY, Ledger
 from iamport_billing.policy import (
     ChargeCandidate,
     DeclineTable,
@@ -22,6 +21,8 @@ from iamport_billing.policy import (
     validate_row,
 )
 from iamport_billing.ui.links import BillingPageLink
+from iamport_billing.warehouse.ledger import DEFAULT_DUE_QUERY, Ledger
+from iamport_billing.warehouse.source import DueSource
 
 
 class ChargeAgainOperator(BaseOperator):
@@ -42,6 +43,10 @@ class ChargeAgainOperator(BaseOperator):
     :param due_query: SQL returning due rows; ``:billing_date`` is bound as a parameter.
     :param fail_on_unknown: fail the task (so Airflow retries and the retry looks them up)
         when outcomes are still unknown at the end.
+    :param source_conn_id: connection the due query runs on (None: the warehouse's).
+    :param subscriptions_table: with a batch, write this batch's outcomes back to that table
+        when the charges are done, so a cleared or retried charge task leaves its
+        subscriptions right without the DAG's write-back step (None: leave it to the DAG).
     """
 
     template_fields: Sequence[str] = (
@@ -74,6 +79,8 @@ class ChargeAgainOperator(BaseOperator):
         pending_lease_seconds: float = 300.0,
         unknown_settle_seconds: float = 2.0,
         fail_on_unknown: bool = True,
+        subscriptions_table: str | None = None,
+        source_conn_id: str | None = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -96,6 +103,8 @@ class ChargeAgainOperator(BaseOperator):
         self.pending_lease_seconds = pending_lease_seconds
         self.unknown_settle_seconds = unknown_settle_seconds
         self.fail_on_unknown = fail_on_unknown
+        self.subscriptions_table = subscriptions_table
+        self.source_conn_id = source_conn_id
 
     def _settings(self) -> ChargeSettings:
         rps = self.requests_per_second
@@ -116,23 +125,39 @@ class ChargeAgainOperator(BaseOperator):
             ledger.init_schema()
             engine = ChargeEngine(hook, ledger, settings, run_info(context), logger=self.log)
             if self.batch is not None:
-                candidates = candidates_in_batch(
-                    ledger, due_query=self.due_query, batch=self.batch, limits=limits
+                source = (
+                    DueSource.from_conn_id(self.source_conn_id)
+                    if self.source_conn_id not in (None, self.warehouse_conn_id)
+                    else ledger.due_source()
                 )
+                with source:
+                    candidates = candidates_in_batch(
+                        ledger, source=source, due_query=self.due_query, batch=self.batch,
+                        limits=limits, run=engine.run, logger=self.log,
+                    )  # fmt: skip
                 self.log.info("batch %s: %d charges to consider", dict(self.batch), len(candidates))
                 result = engine.charge_batch(candidates)
+                if self.subscriptions_table:
+                    write_back(
+                        ledger, subscriptions_table=self.subscriptions_table,
+                        subscription_ids=[c.subscription_id for c in candidates], logger=self.log,
+                    )  # fmt: skip
             else:
                 candidate = self._single_candidate(context, limits)
                 result = engine.charge_batch(
                     [candidate], merchant_uids={candidate.subscription_id: str(self.merchant_uid)}
                 )
+            # Whatever the engine counted, the ledger decides: any row this task left
+            # pending/unknown (a 'ready' payment, an unresolved 5xx) fails it.
+            unsettled = [a.merchant_uid for a in ledger.unsettled_for_claim(engine.claim_token)]
         hook.close()
         summary = result.as_dict()
         self.log.info("charge summary: %s", summary)
-        if result.unknown_merchant_uids and self.fail_on_unknown:
+        unsettled = sorted({*unsettled, *result.unknown_merchant_uids})
+        if unsettled and self.fail_on_unknown:
             raise AirflowException(
-                f"{len(result.unknown_merchant_uids)} charge outcomes still unknown "
-                f"(e.g. {result.unknown_merchant_uids[:5]}); a retry looks them up first"
+                f"{len(unsettled)} charge outcomes still unknown (e.g. {unsettled[:5]}); "
+                "a retry or the reconcile DAG looks them up first"
             )
         return summary
 

@@ -20,14 +20,15 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from iamport_billing.config import BillingConfig
-from iamport_billing.ledger import Ledger
-from iamport_billing.policy import FAILED, PAID, PENDING, REJECTED, UNKNOWN, to_date
+from iamport_billing.policy import to_date
+from iamport_billing.states import ATTEMPT_STATES, FAILED, PAID, REJECTED
 from iamport_billing.ui import links
 from iamport_billing.ui.chart import ChartPoint, build_chart
-from iamport_billing.ui.queries import AttemptFilter, BillingQueries, decline_rate
+from iamport_billing.warehouse.ledger import Ledger
+from iamport_billing.warehouse.reports import AttemptFilter, BillingQueries, decline_rate
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
-STATUSES = (PAID, FAILED, UNKNOWN, PENDING, REJECTED, "cancelled")
+STATUSES = ATTEMPT_STATES
 PAGE_SIZE = 50
 
 LedgerFactory = Callable[[], Ledger]

@@ -1,141 +1,85 @@
-"""The warehouse side: schema, the due query read by keyset, the attempt log and write-back.
+"""The ledger: schema, the due query read by keyset, the attempt log and write-back.
 
-All SQL is parameterized and runs through the connection of an Airflow common.sql
-``DbApiHook`` (SqliteHook or PostgresHook), so one code path serves both databases.
+All SQL is parameterized, runs through the connection of an Airflow common.sql ``DbApiHook``
+and differs between databases only through its ``Dialect``. Every status change goes through
+``record_outcomes``, which enforces ``states.ATTEMPT_MOVES`` in SQL (compare-and-set) and
+returns, never drops, what it refused.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import closing
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from iamport_billing.policy import (
+from iamport_billing.policy import RejectedRow, rejected_key, to_date, to_timestamp
+from iamport_billing.states import (
+    ACTIVE,
+    ATTEMPT_MOVES,
     CANCELLED,
     FAILED,
+    MONEY_MOVED,
     PAID,
     PENDING,
     REJECTED,
+    SOFT,
     UNSETTLED,
-    RejectedRow,
-    rejected_key,
-    to_date,
 )
+from iamport_billing.warehouse.dialects import dialect_for
+from iamport_billing.warehouse.schema import (
+    ATTEMPT_COLUMNS,
+    ATTEMPTS,
+    PLAN_ITEMS,
+    RUNS,
+    SUBSCRIPTIONS,
+    ddl,
+    expected_columns,
+)
+from iamport_billing.warehouse.session import SqlSession
+from iamport_billing.warehouse.source import DueSource
 
-SUBSCRIPTIONS = "billing_subscriptions"
-ATTEMPTS = "billing_charge_attempts"
-RUNS = "billing_runs"
+log = logging.getLogger(__name__)
 IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
+CHUNK = 500
 
 DEFAULT_DUE_QUERY = f"""
 SELECT subscription_id, customer_uid, amount, currency, name,
-       next_billing_date AS billing_date, buyer_name, buyer_email, buyer_tel
+       next_billing_date AS billing_date, buyer_name, buyer_email, buyer_tel, updated_at
 FROM {SUBSCRIPTIONS}
 WHERE status = 'active' AND next_billing_date <= :billing_date
 """
 
-ATTEMPT_COLUMNS = (
-    "merchant_uid", "subscription_id", "billing_date", "attempt_no", "customer_uid", "amount",
-    "currency", "status", "imp_uid", "fail_reason", "error_code", "error_message",
-    "decline_kind", "next_retry_date", "requested_at", "completed_at", "dag_id", "run_id",
-    "task_id", "try_number", "claim_token", "cancel_amount", "receipt_url", "latency_ms",
-    "updated_at",
-)  # fmt: skip
 
-
-def _ddl(dialect: str) -> list[str]:
-    date_t = "DATE" if dialect == "postgres" else "TEXT"
-    ts_t = "TIMESTAMPTZ" if dialect == "postgres" else "TEXT"
-    return [
-        f"""CREATE TABLE IF NOT EXISTS {SUBSCRIPTIONS} (
-            subscription_id TEXT PRIMARY KEY,
-            customer_uid TEXT,
-            amount BIGINT,
-            currency TEXT DEFAULT 'KRW',
-            name TEXT,
-            status TEXT NOT NULL DEFAULT 'active',
-            next_billing_date {date_t},
-            billing_anchor_day INTEGER,
-            buyer_name TEXT,
-            buyer_email TEXT,
-            buyer_tel TEXT,
-            updated_at {ts_t}
-        )""",
-        f"""CREATE INDEX IF NOT EXISTS ix_{SUBSCRIPTIONS}_due
-            ON {SUBSCRIPTIONS} (status, next_billing_date)""",
-        # The keyset pages of the default due query walk this in subscription_id order.
-        f"""CREATE INDEX IF NOT EXISTS ix_{SUBSCRIPTIONS}_keyset
-            ON {SUBSCRIPTIONS} (status, subscription_id, next_billing_date)""",
-        f"""CREATE TABLE IF NOT EXISTS {ATTEMPTS} (
-            merchant_uid TEXT PRIMARY KEY,
-            subscription_id TEXT,
-            billing_date {date_t} NOT NULL,
-            attempt_no INTEGER NOT NULL,
-            customer_uid TEXT,
-            amount BIGINT,
-            currency TEXT,
-            status TEXT NOT NULL,
-            imp_uid TEXT,
-            fail_reason TEXT,
-            error_code TEXT,
-            error_message TEXT,
-            decline_kind TEXT,
-            next_retry_date {date_t},
-            requested_at {ts_t},
-            completed_at {ts_t},
-            dag_id TEXT,
-            run_id TEXT,
-            task_id TEXT,
-            try_number INTEGER,
-            claim_token TEXT,
-            cancel_amount BIGINT DEFAULT 0,
-            receipt_url TEXT,
-            latency_ms INTEGER,
-            updated_at {ts_t}
-        )""",
-        f"CREATE INDEX IF NOT EXISTS ix_{ATTEMPTS}_sub "
-        f"ON {ATTEMPTS} (subscription_id, billing_date)",
-        f"CREATE INDEX IF NOT EXISTS ix_{ATTEMPTS}_status ON {ATTEMPTS} (status)",
-        f"CREATE INDEX IF NOT EXISTS ix_{ATTEMPTS}_run ON {ATTEMPTS} (run_id)",
-        f"CREATE INDEX IF NOT EXISTS ix_{ATTEMPTS}_date ON {ATTEMPTS} (billing_date)",
-        f"""CREATE TABLE IF NOT EXISTS {RUNS} (
-            dag_id TEXT NOT NULL,
-            run_id TEXT NOT NULL,
-            billing_date {date_t} NOT NULL,
-            planned_count INTEGER NOT NULL,
-            planned_total BIGINT NOT NULL,
-            rejected_count INTEGER NOT NULL,
-            dry_run INTEGER NOT NULL,
-            guardrail TEXT,
-            created_at {ts_t},
-            PRIMARY KEY (dag_id, run_id)
-        )""",
-    ]
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+def now() -> datetime:
+    return datetime.now(UTC)
 
 
 def to_datetime(value: Any) -> datetime | None:
-    """Timestamps come back as datetimes (PostgreSQL) or ISO text (SQLite): one type out."""
-    if value is None or value == "":
-        return None
-    moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    """Timestamps come back as datetimes (PostgreSQL, MySQL: naive UTC) or ISO text (SQLite)."""
+    return to_timestamp(value)
 
 
 def _iso(value: date | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
+def _chunks(values: Sequence[Any], size: int = CHUNK) -> Iterator[list[Any]]:
+    for start in range(0, len(values), size):
+        yield list(values[start : start + size])
+
+
+def _marks(n: int) -> str:
+    return ", ".join(["%s"] * n)
+
+
 @dataclass(frozen=True)
 class Attempt:
-    """One ledger row, as read back."""
+    """One ledger row, as read back. ``amount`` is what we asked; ``paid_amount`` what the
+    gateway says it took."""
 
     merchant_uid: str
     subscription_id: str | None
@@ -162,6 +106,9 @@ class Attempt:
     receipt_url: str | None
     latency_ms: int | None
     updated_at: datetime | None
+    paid_amount: int | None = None
+    name: str | None = None
+    send_count: int | None = None
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> Attempt:
@@ -175,7 +122,7 @@ class Attempt:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one charge ended as; written over the attempt's pending row."""
+    """A move of one attempt to ``status``, with what the gateway said."""
 
     merchant_uid: str
     status: str
@@ -187,10 +134,19 @@ class Outcome:
     next_retry_date: date | None = None
     receipt_url: str | None = None
     latency_ms: int | None = None
-    amount: int | None = None
+    paid_amount: int | None = None
 
 
-class Ledger:
+@dataclass(frozen=True)
+class Refused:
+    """A move the state table or the claim did not allow, and the row's state at that time."""
+
+    outcome: Outcome
+    current_status: str | None
+    current_claim: str | None
+
+
+class Ledger(SqlSession):
     """The ledger and warehouse tables behind one DbApiHook connection.
 
     One DB connection is kept for the object's life: a batch task writes hundreds of rows a
@@ -198,164 +154,39 @@ class Ledger:
     """
 
     def __init__(self, hook: Any):
-        self.hook = hook
-        conn_type = getattr(getattr(hook, "connection", None), "conn_type", None) or ""
-        name = type(hook).__name__.lower()
-        self.dialect = "postgres" if "postgres" in (conn_type + name) else "sqlite"
-        self._conn: Any = None
+        super().__init__(hook, dialect_for(hook))
 
-    @classmethod
-    def from_conn_id(cls, conn_id: str) -> Ledger:
-        from airflow.sdk import BaseHook
+    def due_source(self) -> DueSource:
+        """The due query read on this ledger's own connection (the default deployment)."""
+        return DueSource.sharing(self)
 
-        return cls(BaseHook.get_connection(conn_id).get_hook())
-
-    # -- connection -----------------------------------------------------------------------------
-
-    @property
-    def conn(self) -> Any:
-        if self._conn is None:
-            conn = self.hook.get_conn()
-            if self.dialect == "sqlite":
-                conn.execute("PRAGMA busy_timeout = 60000")
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = NORMAL")
-            self._conn = conn
-        return self._conn
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    def __enter__(self) -> Ledger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def stamp(self, moment: datetime | None = None) -> Any:
+        """A timestamp parameter in the form this database stores."""
+        return self.dialect.timestamp(moment or now())
 
     def sub_key(self, alias: str) -> str:
-        """A subscriptions table's key as text, comparable with the ledger's subscription_id
-        (PostgreSQL refuses integer = text; SQLite keeps its index without a cast)."""
-        col = f"{alias}.subscription_id"
-        return f"CAST({col} AS TEXT)" if self.dialect == "postgres" else col
+        """A subscriptions table's key as text, comparable with the ledger's subscription_id."""
+        return self.dialect.as_text(f"{alias}.subscription_id")
 
     def sub_date(self, alias: str) -> str:
         """A subscriptions table's next_billing_date as a date (custom tables may hold text)."""
-        col = f"{alias}.next_billing_date"
-        return f"CAST({col} AS DATE)" if self.dialect == "postgres" else col
-
-    def _sql(self, sql: str) -> str:
-        return sql.replace("%s", "?") if self.dialect == "sqlite" else sql
-
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        with closing(self.conn.cursor()) as cur:
-            cur.execute(self._sql(sql), tuple(params))
-            count = cur.rowcount
-        self.conn.commit()
-        return count
-
-    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        if not rows:
-            return
-        with closing(self.conn.cursor()) as cur:
-            cur.executemany(self._sql(sql), [tuple(r) for r in rows])
-        self.conn.commit()
-
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
-        with closing(self.conn.cursor()) as cur:
-            cur.execute(self._sql(sql), tuple(params))
-            rows = cur.fetchall()
-        self.conn.commit()
-        return rows
+        return self.dialect.as_date(f"{alias}.next_billing_date")
 
     # -- schema ---------------------------------------------------------------------------------
 
     def init_schema(self) -> None:
-        """Create the tables and indexes if missing (idempotent)."""
-        for statement in _ddl(self.dialect):
-            self.execute(statement)
-
-    # -- due query ------------------------------------------------------------------------------
-
-    def due_sql(self, due_query: str) -> tuple[str, int]:
-        """The user's due query with ``:billing_date`` bound as a parameter, ordered by key."""
-        query = due_query.strip().rstrip(";")
-        n = len(re.findall(r":billing_date\b", query))
-        return re.sub(r":billing_date\b", "%s", query), n
-
-    def iter_due(
-        self,
-        due_query: str,
-        billing_date: date,
-        *,
-        after: str | None = None,
-        until: str | None = None,
-        page_size: int = 1000,
-    ) -> Iterator[dict[str, Any]]:
-        """Due rows in subscription_id order, page by page (keyset), never all at once.
-
-        Rows without a subscription_id come first (so they can be rejected) and only on the
-        first page (``after is None``). Duplicated subscription_ids come out adjacent.
-        """
-        inner, n = self.due_sql(due_query)
-        base_params: list[Any] = [billing_date.isoformat()] * n
-        if after is None:
-            yield from self._fetch_dicts(
-                f"SELECT * FROM ({inner}) due WHERE due.subscription_id IS NULL", base_params
-            )
-        key = self._keyset_column(inner, base_params)
-        cursor_key = after
-        last_page_key: str | None = None
-        while True:
-            where = ["due.subscription_id IS NOT NULL"]
-            params = list(base_params)
-            if cursor_key is not None:
-                where.append(f"{key} > %s")
-                params.append(cursor_key)
-            if until is not None:
-                where.append(f"{key} <= %s")
-                params.append(until)
-            # Fetch whole subscription_id groups: LIMIT on distinct keys, so duplicates of the
-            # page's last key are not split across pages.
-            keys_sql = (
-                f"SELECT DISTINCT {key} AS k FROM ({inner}) due "
-                f"WHERE {' AND '.join(where)} ORDER BY k LIMIT {int(page_size)}"
-            )
-            keys = [r[0] for r in self.query(keys_sql, params)]
-            if not keys:
-                return
-            last_page_key = keys[-1]
-            page_where = [*where, f"{key} <= %s"]
-            rows = self._fetch_dicts(
-                f"SELECT * FROM ({inner}) due WHERE {' AND '.join(page_where)} ORDER BY {key}",
-                [*params, last_page_key],
-            )
-            yield from rows
-            if len(keys) < page_size:
-                return
-            cursor_key = last_page_key
-
-    def _keyset_column(self, inner: str, params: Sequence[Any]) -> str:
-        """Keys compare as text. SQLite uses no index through a CAST, which made every page a
-        full scan and sort (quadratic in N): when every key is already text, use the column."""
-        cast = "CAST(due.subscription_id AS TEXT)"
-        if self.dialect != "sqlite":
-            return cast  # PostgreSQL drops a text-to-text cast and keeps its index
-        other_types = self.query(
-            f"SELECT 1 FROM ({inner}) due WHERE typeof(due.subscription_id) "
-            "NOT IN ('text', 'null') LIMIT 1",
-            params,
-        )
-        return cast if other_types else "due.subscription_id"
-
-    def _fetch_dicts(self, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
-        with closing(self.conn.cursor()) as cur:
-            cur.execute(self._sql(sql), tuple(params))
-            names = [d[0].lower() for d in cur.description]
-            rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
-        self.conn.commit()
-        return rows
+        """Create the tables and indexes if missing, and add columns newer versions use."""
+        for statement in ddl(self.dialect):
+            try:
+                self.execute(statement)
+            except Exception as e:
+                if not self.dialect.is_duplicate_index(e):
+                    raise
+        for table in (ATTEMPTS,):
+            have = set(self._column_names(f"SELECT * FROM {table} WHERE 1 = 0"))
+            for column, kind in expected_columns(table, self.dialect).items():
+                if column not in have:
+                    self.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     # -- attempts -------------------------------------------------------------------------------
 
@@ -372,11 +203,9 @@ class Ledger:
         """Every non-rejected attempt of these subscriptions, keyed by (subscription, date)."""
         ids = list(dict.fromkeys(subscription_ids))
         found: dict[tuple[str, date], list[Attempt]] = {}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ", ".join(["%s"] * len(chunk))
+        for chunk in _chunks(ids):
             for a in self._select_attempts(
-                f"subscription_id IN ({marks}) AND status <> %s", [*chunk, REJECTED]
+                f"subscription_id IN ({_marks(len(chunk))}) AND status <> %s", [*chunk, REJECTED]
             ):
                 found.setdefault((a.subscription_id or "", a.billing_date), []).append(a)
         for attempts in found.values():
@@ -387,30 +216,46 @@ class Ledger:
         rows = self._select_attempts("merchant_uid = %s", [merchant_uid])
         return rows[0] if rows else None
 
+    def attempts_by_merchant_uid(self, merchant_uids: Iterable[str]) -> dict[str, Attempt]:
+        uids = list(dict.fromkeys(merchant_uids))
+        found: dict[str, Attempt] = {}
+        for chunk in _chunks(uids):
+            for a in self._select_attempts(f"merchant_uid IN ({_marks(len(chunk))})", chunk):
+                found[a.merchant_uid] = a
+        return found
+
     def unsettled_attempts(
-        self, *, requested_before: str | None = None, limit: int = 10000
+        self, *, requested_before: datetime | None = None, limit: int = 10000
     ) -> list[Attempt]:
-        """pending/unknown rows, oldest first; ``requested_before`` skips rows still in flight."""
-        where = f"status IN ('{UNSETTLED[0]}', '{UNSETTLED[1]}')"
-        params: list[Any] = []
+        """pending/unknown rows of any DAG, oldest first; ``requested_before`` skips rows
+        still in flight."""
+        where = f"status IN ({_marks(len(UNSETTLED))})"
+        params: list[Any] = list(UNSETTLED)
         if requested_before is not None:
             where += " AND (requested_at IS NULL OR requested_at < %s)"
-            params.append(requested_before)
+            params.append(self.stamp(requested_before))
         return self._select_attempts(where, params, f"ORDER BY requested_at LIMIT {int(limit)}")
+
+    def unsettled_for_claim(self, claim_token: str) -> list[Attempt]:
+        """Rows a claim left pending/unknown (a charge task fails on any)."""
+        return self._select_attempts(
+            f"claim_token = %s AND status IN ({_marks(len(UNSETTLED))})",
+            [claim_token, *UNSETTLED],
+        )
 
     def claim(self, rows: Sequence[Mapping[str, Any]], claim_token: str) -> set[str]:
         """Write-ahead: commit ``pending`` rows, return the merchant_uids this claim now owns.
 
-        ON CONFLICT DO NOTHING makes two runs racing for one merchant_uid safe: exactly one
+        Insert-unless-exists makes two runs racing for one merchant_uid safe: exactly one
         insert wins, and only the winner sends the charge.
         """
         if not rows:
             return set()
-        stamp = now_iso()
+        stamp = self.stamp()
         cols = (
             "merchant_uid", "subscription_id", "billing_date", "attempt_no", "customer_uid",
             "amount", "currency", "status", "requested_at", "dag_id", "run_id", "task_id",
-            "try_number", "claim_token", "updated_at",
+            "try_number", "claim_token", "updated_at", "name", "send_count",
         )  # fmt: skip
         values = [
             (
@@ -429,27 +274,22 @@ class Ledger:
                 r.get("try_number"),
                 claim_token,
                 stamp,
+                r.get("name"),
+                0,
             )  # fmt: skip
             for r in rows
         ]
-        marks = ", ".join(["%s"] * len(cols))
-        self.executemany(
-            f"INSERT INTO {ATTEMPTS} ({', '.join(cols)}) VALUES ({marks}) "
-            "ON CONFLICT (merchant_uid) DO NOTHING",
-            values,
-        )
+        self.executemany(self.dialect.insert_ignore(ATTEMPTS, cols, "merchant_uid"), values)
         return self.claimed_by(claim_token, list(dict.fromkeys(r["merchant_uid"] for r in rows)))
 
     def claimed_by(self, claim_token: str, merchant_uids: Sequence[str]) -> set[str]:
         owned: set[str] = set()
-        for start in range(0, len(merchant_uids), 500):
-            chunk = list(merchant_uids[start : start + 500])
-            marks = ", ".join(["%s"] * len(chunk))
+        for chunk in _chunks(merchant_uids):
             owned.update(
                 r[0]
                 for r in self.query(
                     f"SELECT merchant_uid FROM {ATTEMPTS} WHERE claim_token = %s "
-                    f"AND merchant_uid IN ({marks})",
+                    f"AND merchant_uid IN ({_marks(len(chunk))})",
                     [claim_token, *chunk],
                 )
             )
@@ -457,92 +297,125 @@ class Ledger:
 
     def reclaim(self, attempt: Attempt, claim_token: str, run: Mapping[str, Any]) -> bool:
         """Take over an unsettled row left by an earlier run (compare-and-set on its claim)."""
-        stamp = now_iso()
+        stamp = self.stamp()
+        if attempt.claim_token is None:
+            same_claim, claim_params = "claim_token IS NULL", []
+        else:
+            same_claim, claim_params = "claim_token = %s", [attempt.claim_token]
         count = self.execute(
             f"UPDATE {ATTEMPTS} SET claim_token = %s, status = %s, requested_at = %s, "
             "dag_id = %s, run_id = %s, task_id = %s, try_number = %s, updated_at = %s "
-            "WHERE merchant_uid = %s AND status IN (%s, %s) "
-            "AND (claim_token = %s OR (claim_token IS NULL AND %s IS NULL))",
+            f"WHERE merchant_uid = %s AND status IN (%s, %s) AND {same_claim}",
             [
                 claim_token, PENDING, stamp, run.get("dag_id"), run.get("run_id"),
-                run.get("task_id"), run.get("try_number"), stamp, attempt.merchant_uid, *UNSETTLED,
-                attempt.claim_token, attempt.claim_token,
+                run.get("task_id"), run.get("try_number"), stamp, attempt.merchant_uid,
+                *UNSETTLED, *claim_params,
             ],
         )  # fmt: skip
         return count == 1
 
+    def confirm_send(self, merchant_uid: str, claim_token: str) -> bool:
+        """Just before a POST: the row is still ours and pending, in one compare-and-set.
+
+        Counts the send and renews the lease; False means another try took the row over and
+        this one must not send.
+        """
+        stamp = self.stamp()
+        return (
+            self.execute(
+                f"UPDATE {ATTEMPTS} SET send_count = COALESCE(send_count, 0) + 1, "
+                "requested_at = %s, updated_at = %s "
+                "WHERE merchant_uid = %s AND claim_token = %s AND status = %s",
+                [stamp, stamp, merchant_uid, claim_token, PENDING],
+            )
+            == 1
+        )
+
     def release(self, merchant_uids: Sequence[str], claim_token: str) -> None:
         """Drop pending rows this claim provably never sent (e.g. the batch stopped early)."""
         self.executemany(
-            f"DELETE FROM {ATTEMPTS} WHERE merchant_uid = %s AND claim_token = %s AND status = %s",
+            f"DELETE FROM {ATTEMPTS} WHERE merchant_uid = %s AND claim_token = %s AND status = %s "
+            "AND COALESCE(send_count, 0) = 0",
             [(m, claim_token, PENDING) for m in merchant_uids],
         )
 
     def record_outcomes(
-        self,
-        outcomes: Sequence[Outcome],
-        claim_token: str | None = None,
-        *,
-        only_unsettled: bool = False,
-    ) -> None:
-        """Commit outcomes in one transaction.
+        self, outcomes: Sequence[Outcome], claim_token: str | None = None
+    ) -> list[Refused]:
+        """Move attempts to their outcomes as ``states.ATTEMPT_MOVES`` allows, in one commit.
 
-        With a claim token, only rows the claim still owns, and an unsettled outcome renews
-        the row's lease (requested_at): its owner is alive and still on it. Without one (a
-        lookup by another run), ``only_unsettled`` keeps a late answer from overwriting a row
-        that its owner has settled meanwhile.
+        A gateway's word that money moved (paid, amount mismatch, cancelled) is applied
+        whoever brings it. Any other move needs the row unsettled and, with a claim token,
+        still owned by that claim; an unsettled outcome then renews the lease. Returns what
+        was refused (and logs it): a caller decides whether that is an alarm.
         """
-        stamp = now_iso()
-        renew = claim_token is not None
-        rows = [
-            (
-                o.status,
-                o.imp_uid,
-                o.fail_reason,
-                o.error_code,
-                o.error_message,
-                o.decline_kind,
-                _iso(o.next_retry_date),
-                o.receipt_url,
-                o.latency_ms,
-                o.amount,
-                None if o.status in UNSETTLED else stamp,
-                stamp if renew and o.status in UNSETTLED else None,
-                stamp,
-                o.merchant_uid,
+        if not outcomes:
+            return []
+        stamp = self.stamp()
+        by_guard: dict[tuple[str, bool], list[tuple]] = {}
+        for o in outcomes:
+            guarded = claim_token is not None and o.status not in MONEY_MOVED
+            row = (
+                o.status, o.imp_uid, o.fail_reason, o.error_code, o.error_message,
+                o.decline_kind, _iso(o.next_retry_date), o.receipt_url, o.latency_ms,
+                o.paid_amount, None if o.status in UNSETTLED else stamp,
+                stamp if guarded and o.status in UNSETTLED else None, stamp, o.merchant_uid,
+                *ATTEMPT_MOVES[o.status], *((claim_token,) if guarded else ()),
             )  # fmt: skip
-            for o in outcomes
-        ]
-        guard = ""
-        if claim_token is not None:
-            guard = " AND claim_token = %s"
-            rows = [(*r, claim_token) for r in rows]
-        if only_unsettled:
-            guard += f" AND status IN ('{UNSETTLED[0]}', '{UNSETTLED[1]}')"
-        self.executemany(
-            f"UPDATE {ATTEMPTS} SET status = %s, imp_uid = COALESCE(%s, imp_uid), "
-            "fail_reason = %s, error_code = %s, error_message = %s, decline_kind = %s, "
-            "next_retry_date = %s, receipt_url = COALESCE(%s, receipt_url), "
-            "latency_ms = COALESCE(%s, latency_ms), amount = COALESCE(%s, amount), "
-            "completed_at = %s, requested_at = COALESCE(%s, requested_at), updated_at = %s "
-            "WHERE merchant_uid = %s" + guard,
-            rows,
-        )
+            by_guard.setdefault((o.status, guarded), []).append(row)
+        for (status, guarded), rows in by_guard.items():
+            sources = _marks(len(ATTEMPT_MOVES[status]))
+            self.executemany(
+                f"UPDATE {ATTEMPTS} SET status = %s, imp_uid = COALESCE(%s, imp_uid), "
+                "fail_reason = %s, error_code = %s, error_message = %s, decline_kind = %s, "
+                "next_retry_date = %s, receipt_url = COALESCE(%s, receipt_url), "
+                "latency_ms = COALESCE(%s, latency_ms), "
+                "paid_amount = COALESCE(%s, paid_amount), "
+                "completed_at = %s, requested_at = COALESCE(%s, requested_at), updated_at = %s "
+                f"WHERE merchant_uid = %s AND status IN ({sources})"
+                + (" AND claim_token = %s" if guarded else ""),
+                rows,
+            )
+        return self._refused(outcomes, claim_token)
+
+    def _refused(self, outcomes: Sequence[Outcome], claim_token: str | None) -> list[Refused]:
+        now_rows = self.attempts_by_merchant_uid(o.merchant_uid for o in outcomes)
+        refused = []
+        for o in outcomes:
+            row = now_rows.get(o.merchant_uid)
+            owned = (
+                claim_token is None
+                or o.status in MONEY_MOVED
+                or (row is not None and row.claim_token == claim_token)
+            )
+            if row is None or row.status != o.status or not owned:
+                refused.append(
+                    Refused(o, row.status if row else None, row.claim_token if row else None)
+                )
+        for r in refused:
+            level = logging.ERROR if r.outcome.status in MONEY_MOVED else logging.WARNING
+            log.log(
+                level,
+                "ledger refused %s -> %s for %s (claim %s, row claim %s)",
+                r.current_status, r.outcome.status, r.outcome.merchant_uid,
+                (claim_token or "-")[:8], (r.current_claim or "-")[:8],
+            )  # fmt: skip
+        return refused
 
     def record_rejected(self, rows: Sequence[RejectedRow], run: Mapping[str, Any]) -> None:
         """Upsert rejected input rows: one per (billing date, subscription, reason), rerun-safe."""
-        stamp = now_iso()
+        stamp = self.stamp()
         values = [
             (
                 rejected_key(r.billing_date, r.subscription_id, r.code),
-                r.subscription_id,
+                None if r.subscription_id is None else str(r.subscription_id)[:64],
                 _iso(r.billing_date),
                 0,
                 (r.customer_uid or "")[:200] or None,
                 r.amount if r.amount is not None and abs(r.amount) < 2**63 else None,
                 (r.currency or "")[:10] or None,
                 REJECTED,
-                r.code,
+                r.code[:100],
                 r.reason,
                 stamp,
                 stamp,
@@ -559,47 +432,69 @@ class Ledger:
             "amount", "currency", "status", "error_code", "error_message", "requested_at",
             "completed_at", "dag_id", "run_id", "task_id", "try_number", "updated_at",
         )  # fmt: skip
-        marks = ", ".join(["%s"] * len(cols))
-        updates = ", ".join(
-            f"{c} = excluded.{c}" for c in ("error_message", "run_id", "updated_at")
-        )
         self.executemany(
-            f"INSERT INTO {ATTEMPTS} ({', '.join(cols)}) VALUES ({marks}) "
-            f"ON CONFLICT (merchant_uid) DO UPDATE SET {updates}",
+            self.dialect.upsert(
+                ATTEMPTS, cols, ["merchant_uid"], ["error_message", "run_id", "updated_at"]
+            ),
             values,
         )
 
     def insert_attempt(self, attempt: Mapping[str, Any]) -> bool:
         """Insert a fully formed row (reconciliation found a payment we had no row for)."""
         cols = [c for c in ATTEMPT_COLUMNS if c in attempt]
-        values = [_iso(attempt[c]) if isinstance(attempt[c], date) else attempt[c] for c in cols]
-        marks = ", ".join(["%s"] * len(cols))
-        return (
-            self.execute(
-                f"INSERT INTO {ATTEMPTS} ({', '.join(cols)}) VALUES ({marks}) "
-                "ON CONFLICT (merchant_uid) DO NOTHING",
-                values,
-            )
-            == 1
-        )
+        values = []
+        for c in cols:
+            value = attempt[c]
+            if isinstance(value, datetime):
+                value = self.stamp(value)
+            elif isinstance(value, date):
+                value = _iso(value)
+            values.append(value)
+        before = self.get_attempt(str(attempt["merchant_uid"]))
+        self.execute(self.dialect.insert_ignore(ATTEMPTS, cols, "merchant_uid"), values)
+        return before is None and self.get_attempt(str(attempt["merchant_uid"])) is not None
 
-    # -- runs -----------------------------------------------------------------------------------
+    def record_cancellation(
+        self, merchant_uid: str, *, imp_uid: str | None, cancel_amount: int
+    ) -> bool:
+        """Mark a charge ``cancelled`` with the total refunded so far (the gateway's figure)."""
+        stamp = self.stamp()
+        sources = ATTEMPT_MOVES[CANCELLED]
+        count = self.execute(
+            f"UPDATE {ATTEMPTS} SET status = %s, cancel_amount = %s, "
+            "imp_uid = COALESCE(%s, imp_uid), completed_at = COALESCE(completed_at, %s), "
+            f"updated_at = %s WHERE merchant_uid = %s AND status IN ({_marks(len(sources))})",
+            [CANCELLED, int(cancel_amount), imp_uid, stamp, stamp, merchant_uid, *sources],
+        )
+        if count != 1:
+            log.error("ledger refused the cancellation of %s", merchant_uid)
+        return count == 1
+
+    # -- plans and runs -------------------------------------------------------------------------
 
     def record_run(
         self, run: Mapping[str, Any], billing_date: date, count: int, total: int, rejected: int,
         dry_run: bool, guardrail: str | None,
     ) -> None:  # fmt: skip
+        cols = (
+            "dag_id", "run_id", "billing_date", "planned_count", "planned_total",
+            "rejected_count", "dry_run", "guardrail", "created_at",
+        )  # fmt: skip
         self.execute(
-            f"INSERT INTO {RUNS} (dag_id, run_id, billing_date, planned_count, planned_total, "
-            "rejected_count, dry_run, guardrail, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, "
-            "%s, %s) ON CONFLICT (dag_id, run_id) DO UPDATE SET planned_count = excluded."
-            "planned_count, planned_total = excluded.planned_total, rejected_count = excluded."
-            "rejected_count, dry_run = excluded.dry_run, guardrail = excluded.guardrail",
+            self.dialect.upsert(RUNS, cols, ["dag_id", "run_id"], cols[3:8]),
             [
                 run.get("dag_id"), run.get("run_id"), billing_date.isoformat(), count, total,
-                rejected, int(dry_run), guardrail, now_iso(),
+                rejected, int(dry_run), guardrail, self.stamp(),
             ],
         )  # fmt: skip
+
+    def run_record(self, run: Mapping[str, Any]) -> tuple[str | None, bool] | None:
+        """(guardrail, dry_run) a run's plan recorded, or None."""
+        rows = self.query(
+            f"SELECT guardrail, dry_run FROM {RUNS} WHERE dag_id = %s AND run_id = %s",
+            [run["dag_id"], run["run_id"]],
+        )
+        return (rows[0][0], bool(rows[0][1])) if rows else None
 
     def previous_run_total(self, dag_id: str, billing_date: date) -> int | None:
         """Planned total of the latest real run for an earlier billing date (guardrail base)."""
@@ -611,10 +506,43 @@ class Ledger:
         )
         return int(rows[0][0]) if rows else None
 
+    def freeze_plan(self, run: Mapping[str, Any], items: Sequence[tuple[str, date, int]]) -> None:
+        """Record (subscription, billing date, amount) a plan approved, replacing an earlier
+        plan of the same run (a re-run plan step plans afresh)."""
+        self.execute(
+            f"DELETE FROM {PLAN_ITEMS} WHERE dag_id = %s AND run_id = %s",
+            [run.get("dag_id"), run.get("run_id")],
+        )
+        for chunk in _chunks(items, 2000):
+            self.executemany(
+                f"INSERT INTO {PLAN_ITEMS} (dag_id, run_id, subscription_id, billing_date, "
+                "amount) VALUES (%s, %s, %s, %s, %s)",
+                [(run.get("dag_id"), run.get("run_id"), s, _iso(d), a) for s, d, a in chunk],
+            )
+
+    def planned_items(
+        self, run: Mapping[str, Any], subscription_ids: Sequence[str]
+    ) -> dict[str, tuple[date, int]]:
+        """What the run's plan approved for these subscriptions: id -> (billing date, amount)."""
+        found: dict[str, tuple[date, int]] = {}
+        for chunk in _chunks(list(dict.fromkeys(subscription_ids))):
+            for sub, day, amount in self.query(
+                f"SELECT subscription_id, billing_date, amount FROM {PLAN_ITEMS} "
+                f"WHERE dag_id = %s AND run_id = %s AND subscription_id IN "
+                f"({_marks(len(chunk))})",
+                [run.get("dag_id"), run.get("run_id"), *chunk],
+            ):
+                found[str(sub)] = (to_date(day), int(amount))  # type: ignore[assignment]
+        return found
+
     # -- write-back -----------------------------------------------------------------------------
 
     def paid_not_advanced(
-        self, subscriptions_table: str = SUBSCRIPTIONS, *, since: date | None = None
+        self,
+        subscriptions_table: str = SUBSCRIPTIONS,
+        *,
+        since: date | None = None,
+        subscription_ids: Sequence[str] | None = None,
     ) -> list[tuple[str, date, int | None]]:
         """Paid attempts (refunded ones too: the period was paid) whose subscription still
         sits on that billing date; ``since`` bounds the scan to recent billing dates."""
@@ -624,24 +552,37 @@ class Ledger:
         if since is not None:
             recent = " AND a.billing_date >= %s"
             params.append(since.isoformat())
-        rows = self.query(
+        sql = (
             f"SELECT a.subscription_id, a.billing_date, s.billing_anchor_day FROM {ATTEMPTS} a "
             f"JOIN {table} s ON {self.sub_key('s')} = a.subscription_id "
-            f"WHERE a.status IN (%s, %s) AND {self.sub_date('s')} = a.billing_date{recent}",
-            params,
+            f"WHERE a.status IN (%s, %s) AND {self.sub_date('s')} = a.billing_date{recent}"
         )
+        rows = self._for_ids(sql, params, "a.subscription_id", subscription_ids)
         return [(r[0], to_date(r[1]), r[2]) for r in rows]  # type: ignore[misc]
+
+    def _for_ids(
+        self, sql: str, params: Sequence[Any], column: str, ids: Sequence[str] | None
+    ) -> list[tuple]:
+        """Run ``sql`` (a WHERE clause at its end) for all rows, or chunk by chunk of ids."""
+        if ids is None:
+            return self.query(sql, params)
+        rows: list[tuple] = []
+        for chunk in _chunks(list(dict.fromkeys(ids))):
+            rows += self.query(f"{sql} AND {column} IN ({_marks(len(chunk))})", [*params, *chunk])
+        return rows
 
     def advance_subscriptions(
         self, moves: Sequence[tuple[str, date, date]], subscriptions_table: str = SUBSCRIPTIONS
     ) -> None:
-        """Move (subscription, from_date, to_date); only if it is still on from_date."""
+        """Move (subscription, from_date, to_date) only if it is still on from_date; an empty
+        anchor day is taken from the date it leaves, so month ends do not drift."""
         table = checked_identifier(subscriptions_table)
-        stamp = now_iso()
+        stamp = self.stamp()
         self.executemany(
-            f"UPDATE {table} SET next_billing_date = %s, updated_at = %s "
+            f"UPDATE {table} SET next_billing_date = %s, updated_at = %s, "
+            "billing_anchor_day = COALESCE(billing_anchor_day, %s) "
             "WHERE subscription_id = %s AND next_billing_date = %s",
-            [(_iso(new), stamp, sub, _iso(old)) for sub, old, new in moves],
+            [(_iso(new), stamp, old.day, sub, _iso(old)) for sub, old, new in moves],
         )
 
     def set_subscription_status(
@@ -649,20 +590,103 @@ class Ledger:
         subscription_ids: Sequence[str],
         status: str,
         *,
-        only_from: Sequence[str] = ("active",),
+        only_from: Sequence[str] = (ACTIVE,),
         subscriptions_table: str = SUBSCRIPTIONS,
     ) -> None:
         table = checked_identifier(subscriptions_table)
-        marks = ", ".join(["%s"] * len(only_from))
-        stamp = now_iso()
+        stamp = self.stamp()
         self.executemany(
             f"UPDATE {table} SET status = %s, updated_at = %s "
-            f"WHERE subscription_id = %s AND status IN ({marks})",
+            f"WHERE subscription_id = %s AND status IN ({_marks(len(only_from))})",
             [(status, stamp, sub, *only_from) for sub in subscription_ids],
         )
 
+    def add_subscriptions(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Insert subscriptions unless their id exists (sample data, tests, simulations)."""
+        cols = (
+            "subscription_id", "customer_uid", "amount", "currency", "name", "status",
+            "next_billing_date", "billing_anchor_day", "buyer_name", "buyer_email", "buyer_tel",
+            "updated_at",
+        )  # fmt: skip
+        stamp = self.stamp()
+        values = [
+            (
+                r["subscription_id"],
+                r.get("customer_uid"),
+                r.get("amount"),
+                r.get("currency", "KRW"),
+                r.get("name"),
+                r.get("status", ACTIVE),
+                _iso(r.get("next_billing_date")),
+                r.get("billing_anchor_day"),
+                r.get("buyer_name"),
+                r.get("buyer_email"),
+                r.get("buyer_tel"),
+                stamp,
+            )  # fmt: skip
+            for r in rows
+        ]
+        self.executemany(self.dialect.insert_ignore(SUBSCRIPTIONS, cols, "subscription_id"), values)
+
+    def subscription_state(
+        self, subscription_id: str, subscriptions_table: str = SUBSCRIPTIONS
+    ) -> dict[str, Any] | None:
+        """status, next_billing_date, billing_anchor_day and updated_at of one subscription."""
+        table = checked_identifier(subscriptions_table)
+        rows = self._fetch_dicts(
+            f"SELECT status, next_billing_date, billing_anchor_day, updated_at FROM {table} "
+            "WHERE subscription_id = %s",
+            [subscription_id],
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        row["next_billing_date"] = to_date(row["next_billing_date"])
+        row["updated_at"] = to_datetime(row["updated_at"])
+        return row
+
+    def put_back(self, subscription_id: str, subscriptions_table: str = SUBSCRIPTIONS) -> bool:
+        """What ops do after a customer registers a new card: status active, updated now.
+        The next daily run then makes one more attempt for the current billing date."""
+        table = checked_identifier(subscriptions_table)
+        return (
+            self.execute(
+                f"UPDATE {table} SET status = %s, updated_at = %s WHERE subscription_id = %s",
+                [ACTIVE, self.stamp(), subscription_id],
+            )
+            == 1
+        )
+
+    def latest_failed_subscriptions(
+        self,
+        subscriptions_table: str,
+        kind: str,
+        *,
+        exhausted: bool = False,
+        subscription_ids: Sequence[str] | None = None,
+    ) -> list[str]:
+        """Active subscriptions whose latest attempt on their current billing date failed
+        ``kind`` (``exhausted``: with no retry date left)."""
+        table = checked_identifier(subscriptions_table)
+        extra = " AND a.next_retry_date IS NULL" if exhausted else ""
+        rows = self._for_ids(
+            f"SELECT DISTINCT a.subscription_id FROM {ATTEMPTS} a "
+            f"JOIN {table} s ON {self.sub_key('s')} = a.subscription_id "
+            "WHERE a.status = %s AND a.decline_kind = %s AND s.status = %s "
+            f"AND {self.sub_date('s')} = a.billing_date{extra} "
+            f"AND a.attempt_no = (SELECT MAX(b.attempt_no) FROM {ATTEMPTS} b "
+            "WHERE b.subscription_id = a.subscription_id AND b.billing_date = a.billing_date "
+            "AND b.status <> %s)",
+            [FAILED, kind, ACTIVE, REJECTED],
+            "a.subscription_id",
+            subscription_ids,
+        )
+        return sorted({r[0] for r in rows})
+
+    # -- reports --------------------------------------------------------------------------------
+
     def summary(self, where: str, params: Sequence[Any] = ()) -> dict[str, dict[str, int]]:
-        """Counts and amounts by status for the attempts matching ``where``."""
+        """Counts and requested amounts by status for the attempts matching ``where``."""
         rows = self.query(
             f"SELECT status, COUNT(*), COALESCE(SUM(amount), 0) FROM {ATTEMPTS} "
             f"WHERE {where} GROUP BY status",
@@ -670,7 +694,86 @@ class Ledger:
         )
         return {r[0]: {"count": int(r[1]), "amount": int(r[2] or 0)} for r in rows}
 
-    # -- dunning, backfills, reconciliation, refunds ---------------------------------------------
+    def run_summary(self, run: Mapping[str, Any]) -> dict[str, dict[str, int]]:
+        return self.summary("dag_id = %s AND run_id = %s", [run["dag_id"], run["run_id"]])
+
+    def date_summary(self, billing_date: date) -> dict[str, dict[str, int]]:
+        return self.summary("billing_date = %s", [billing_date.isoformat()])
+
+    def unsettled_summary(self, up_to: date | None = None) -> dict[str, dict[str, int]]:
+        where, params = f"status IN ({_marks(len(UNSETTLED))})", list(UNSETTLED)
+        if up_to is not None:
+            where += " AND billing_date <= %s"
+            params.append(up_to.isoformat())
+        return self.summary(where, params)
+
+    def exhausted_summary(self, subscription_ids: Sequence[str]) -> dict[str, dict[str, int]]:
+        """Soft declines with no retry left for these subscriptions (the past-due alert)."""
+        totals: dict[str, dict[str, int]] = {}
+        for chunk in _chunks(list(subscription_ids)):
+            part = self.summary(
+                f"subscription_id IN ({_marks(len(chunk))}) AND status = %s "
+                "AND next_retry_date IS NULL AND decline_kind = %s",
+                [*chunk, FAILED, SOFT],
+            )
+            for status, v in part.items():
+                t = totals.setdefault(status, {"count": 0, "amount": 0})
+                t["count"] += v["count"]
+                t["amount"] += v["amount"]
+        return totals
+
+    def top_reasons(
+        self, *, run: Mapping[str, Any] | None = None, billing_date: date | None = None,
+        limit: int = 10,
+    ) -> list[tuple[str, int]]:  # fmt: skip
+        """Decline and rejection reasons, most frequent first, for a run or a billing date."""
+        where, params = self._scope(run, billing_date)
+        rows = self.query(
+            f"SELECT COALESCE(fail_reason, error_message, error_code), COUNT(*) FROM {ATTEMPTS} "
+            f"WHERE {where} AND status IN (%s, %s) "
+            "GROUP BY COALESCE(fail_reason, error_message, error_code) "
+            f"ORDER BY COUNT(*) DESC LIMIT {int(limit)}",
+            [*params, FAILED, REJECTED],
+        )
+        return [(str(r[0]), int(r[1])) for r in rows]
+
+    def rejected_rows(
+        self, *, run: Mapping[str, Any] | None = None, billing_date: date | None = None,
+        limit: int = 50,
+    ) -> list[tuple[str, str, str]]:  # fmt: skip
+        """(subscription_id, code, reason) of rejected rows, for a run or a billing date."""
+        where, params = self._scope(run, billing_date)
+        rows = self.query(
+            f"SELECT subscription_id, error_code, error_message FROM {ATTEMPTS} "
+            f"WHERE {where} AND status = %s ORDER BY subscription_id LIMIT {int(limit)}",
+            [*params, REJECTED],
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def outcome_kinds(self, billing_date: date) -> list[tuple[str, int, int]]:
+        """(kind, count, amount) for a billing date, declines split hard/soft/no key."""
+        counts: dict[str, list[int]] = {}
+        for a in self._select_attempts("billing_date = %s", [billing_date.isoformat()]):
+            if a.status == FAILED and a.error_code == "missing_billing_key":
+                kind = "no billing key"
+            elif a.status == FAILED:
+                kind = f"declined ({a.decline_kind})"
+            else:
+                kind = a.status
+            entry = counts.setdefault(kind, [0, 0])
+            entry[0] += 1
+            entry[1] += int(a.amount or 0)
+        return sorted((k, v[0], v[1]) for k, v in counts.items())
+
+    @staticmethod
+    def _scope(run: Mapping[str, Any] | None, billing_date: date | None) -> tuple[str, list]:
+        if run is not None:
+            return "dag_id = %s AND run_id = %s", [run["dag_id"], run["run_id"]]
+        if billing_date is not None:
+            return "billing_date = %s", [billing_date.isoformat()]
+        return "1 = 1", []
+
+    # -- dunning, backfills, reconciliation -----------------------------------------------------
 
     def retryable_failures(
         self,
@@ -687,25 +790,25 @@ class Ledger:
         """Failed attempts that may get a next attempt, with the subscription's current data.
 
         Only the latest attempt of a (subscription, billing date), only when nothing for that
-        pair is paid, cancelled, pending or unknown, and only while the subscription still sits
+        pair moved money or is pending/unknown, and only while the subscription still sits
         on that billing date: the ledger side of "never charge a period twice".
         """
         table = checked_identifier(subscriptions_table)
+        blocking = (*MONEY_MOVED, *UNSETTLED)
         where = [
             "a.status = %s",
-            f"a.decline_kind IN ({', '.join(['%s'] * len(decline_kinds))})",
-            f"s.status IN ({', '.join(['%s'] * len(subscription_statuses))})",
+            f"a.decline_kind IN ({_marks(len(decline_kinds))})",
+            f"s.status IN ({_marks(len(subscription_statuses))})",
             f"{self.sub_date('s')} = a.billing_date",
             "a.attempt_no < %s",
             f"a.attempt_no = (SELECT MAX(b.attempt_no) FROM {ATTEMPTS} b "
             "WHERE b.subscription_id = a.subscription_id AND b.billing_date = a.billing_date "
             "AND b.status <> %s)",
             f"NOT EXISTS (SELECT 1 FROM {ATTEMPTS} c WHERE c.subscription_id = a.subscription_id "
-            "AND c.billing_date = a.billing_date AND c.status IN (%s, %s, %s, %s))",
+            f"AND c.billing_date = a.billing_date AND c.status IN ({_marks(len(blocking))}))",
         ]
         params: list[Any] = [
-            FAILED, *decline_kinds, *subscription_statuses, max_attempt_no, REJECTED,
-            PAID, CANCELLED, *UNSETTLED,
+            FAILED, *decline_kinds, *subscription_statuses, max_attempt_no, REJECTED, *blocking,
         ]  # fmt: skip
         if retry_due_by is not None:
             where.append("a.next_retry_date <= %s")
@@ -727,51 +830,23 @@ class Ledger:
         order = " ORDER BY a.subscription_id, a.billing_date"
         if subscription_ids is None:
             return self._fetch_dicts(sql + order, params)
-        ids = list(dict.fromkeys(subscription_ids))
         rows: list[dict[str, Any]] = []
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ", ".join(["%s"] * len(chunk))
+        for chunk in _chunks(list(dict.fromkeys(subscription_ids))):
             rows += self._fetch_dicts(
-                f"{sql} AND a.subscription_id IN ({marks}){order}", [*params, *chunk]
+                f"{sql} AND a.subscription_id IN ({_marks(len(chunk))}){order}",
+                [*params, *chunk],
             )
         return rows
-
-    def attempts_by_merchant_uid(self, merchant_uids: Iterable[str]) -> dict[str, Attempt]:
-        """Ledger rows for these merchant_uids (reconciliation compares them with Iamport)."""
-        uids = list(dict.fromkeys(merchant_uids))
-        found: dict[str, Attempt] = {}
-        for start in range(0, len(uids), 500):
-            chunk = uids[start : start + 500]
-            marks = ", ".join(["%s"] * len(chunk))
-            for a in self._select_attempts(f"merchant_uid IN ({marks})", chunk):
-                found[a.merchant_uid] = a
-        return found
 
     def double_paid(self, billing_from: date) -> list[tuple[str, date, int]]:
         """(subscription, billing date, paid attempts) with more than one paid attempt."""
         rows = self.query(
             f"SELECT subscription_id, billing_date, COUNT(*) FROM {ATTEMPTS} "
-            "WHERE status = %s AND billing_date >= %s "
+            f"WHERE status IN ({_marks(len(MONEY_MOVED))}) AND billing_date >= %s "
             "GROUP BY subscription_id, billing_date HAVING COUNT(*) > 1",
-            [PAID, billing_from.isoformat()],
+            [*MONEY_MOVED, billing_from.isoformat()],
         )
         return [(r[0], to_date(r[1]), int(r[2])) for r in rows]  # type: ignore[misc]
-
-    def record_cancellation(
-        self, merchant_uid: str, *, imp_uid: str | None, cancel_amount: int
-    ) -> bool:
-        """Mark a charge ``cancelled`` with the total refunded so far (Iamport's cancel_amount)."""
-        stamp = now_iso()
-        return (
-            self.execute(
-                f"UPDATE {ATTEMPTS} SET status = %s, cancel_amount = %s, "
-                "imp_uid = COALESCE(%s, imp_uid), completed_at = COALESCE(completed_at, %s), "
-                "updated_at = %s WHERE merchant_uid = %s",
-                [CANCELLED, int(cancel_amount), imp_uid, stamp, stamp, merchant_uid],
-            )
-            == 1
-        )
 
 
 def checked_identifier(name: str) -> str:
@@ -783,3 +858,7 @@ def checked_identifier(name: str) -> str:
 
 def new_claim_token() -> str:
     return uuid.uuid4().hex
+
+
+def lease_cutoff(seconds: float) -> datetime:
+    return now() - timedelta(seconds=seconds)

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
-from iamport_billing.ledger import (
+from iamport_billing.policy import to_date
+from iamport_billing.states import FAILED, PAID, REJECTED, UNSETTLED
+from iamport_billing.warehouse.ledger import (
     ATTEMPT_COLUMNS,
     ATTEMPTS,
     RUNS,
@@ -20,7 +22,6 @@ from iamport_billing.ledger import (
     Ledger,
     checked_identifier,
 )
-from iamport_billing.policy import FAILED, PAID, REJECTED, UNSETTLED, to_date
 
 FILTER_FIELDS = ("status", "billing_date", "customer_uid", "merchant_uid", "dag_id", "run_id")
 # The columns write-back relies on, so they exist in a custom subscriptions table too.

@@ -1,0 +1,65 @@
+"""The vocabulary of the ledger: attempt states, subscription statuses and allowed moves.
+
+Every other module names states through this one; the warehouse enforces ``ATTEMPT_MOVES``
+in SQL (compare-and-set) on every write, so a move the table does not allow cannot happen.
+"""
+
+from __future__ import annotations
+
+# -- attempt states (billing_charge_attempts.status) -------------------------------------------
+PENDING = "pending"  # written ahead: about to be sent, or sent and not answered yet
+UNKNOWN = "unknown"  # sent, and the answer did not say what happened: look it up first
+PAID = "paid"  # the gateway says paid, for the amount we asked
+AMOUNT_MISMATCH = "amount_mismatch"  # paid, but not the amount we asked: a person decides
+FAILED = "failed"  # declined (see decline_kind) or refused before money moved
+CANCELLED = "cancelled"  # paid, then refunded in full or in part (see cancel_amount)
+REJECTED = "rejected"  # bad input: never sent to the gateway
+
+ATTEMPT_STATES = (PENDING, UNKNOWN, PAID, AMOUNT_MISMATCH, FAILED, CANCELLED, REJECTED)
+UNSETTLED = (PENDING, UNKNOWN)  # money may be moving: nothing else may touch the period
+MONEY_MOVED = (PAID, AMOUNT_MISMATCH, CANCELLED)  # the gateway took money for this uid
+SETTLED = (PAID, AMOUNT_MISMATCH, FAILED, CANCELLED, REJECTED)
+
+# target state -> states it may be reached from. A gateway's word that money moved (paid,
+# amount mismatch, cancelled) wins over any state but rejected, whoever brings it; every
+# other move needs the row to be unsettled (and, for its owner, still claimed by it).
+ATTEMPT_MOVES: dict[str, tuple[str, ...]] = {
+    PENDING: (PENDING, UNKNOWN),
+    UNKNOWN: (PENDING, UNKNOWN),
+    FAILED: (PENDING, UNKNOWN),
+    PAID: (PENDING, UNKNOWN, FAILED, PAID, AMOUNT_MISMATCH),
+    AMOUNT_MISMATCH: (PENDING, UNKNOWN, FAILED),
+    CANCELLED: (PENDING, UNKNOWN, FAILED, PAID, AMOUNT_MISMATCH, CANCELLED),
+}
+
+MEANING = {
+    PENDING: "written ahead of the request; sent or about to be",
+    UNKNOWN: "sent, answer unclear; looked up before anything else",
+    PAID: "paid the requested amount",
+    AMOUNT_MISMATCH: "paid a different amount than requested; needs a person",
+    FAILED: "declined or refused; dunning decides what comes next",
+    CANCELLED: "refunded (cancel_amount says how much)",
+    REJECTED: "bad input, never sent",
+}
+
+# Decline kinds (billing_charge_attempts.decline_kind).
+HARD, SOFT = "hard", "soft"
+
+# -- subscription statuses (billing_subscriptions.status) --------------------------------------
+ACTIVE = "active"  # billed on next_billing_date
+PAYMENT_METHOD_REQUIRED = "payment_method_required"  # hard decline / no billing key
+PAST_DUE = "past_due"  # soft declines and every retry used up
+SUB_CANCELLED = "cancelled"  # ended by the customer or the merchant: never charged
+
+SUBSCRIPTION_STATUSES = (ACTIVE, PAYMENT_METHOD_REQUIRED, PAST_DUE, SUB_CANCELLED)
+# status -> statuses write-back may move a subscription from (a person moves it back).
+SUBSCRIPTION_MOVES: dict[str, tuple[str, ...]] = {
+    PAYMENT_METHOD_REQUIRED: (ACTIVE,),
+    PAST_DUE: (ACTIVE,),
+    ACTIVE: (PAST_DUE, PAYMENT_METHOD_REQUIRED),  # a backfill that got paid
+}
+
+
+def may_move(source: str, target: str) -> bool:
+    """True when ``ATTEMPT_MOVES`` allows ``source`` -> ``target``."""
+    return source in ATTEMPT_MOVES.get(target, ())
