@@ -8,6 +8,7 @@ import pendulum
 import pytest
 from iamport_billing.backfill import BackfillRefused, BackfillRequest, run_backfill
 from iamport_billing.charging import ChargeEngine
+from iamport_billing.gateways.iamport_v1 import IamportV1Gateway
 from iamport_billing.hooks.iamport import IamportHook
 from iamport_billing.policy import ChargeCandidate
 from iamport_billing.warehouse.ledger import Ledger
@@ -36,7 +37,7 @@ def failed_day(hook, ledger, emulator):
     cands = [
         ChargeCandidate(s, f"cust-{s}", 10_000, DAY, name="plan") for s in ("soft1", "hard1", "ok1")
     ]
-    ChargeEngine(hook, ledger, SETTINGS, RUN).charge_batch(cands)
+    ChargeEngine(IamportV1Gateway(hook), ledger, SETTINGS, RUN).charge_batch(cands)
     register_cards(emulator, [("cust-soft1", PAYING_CARD), ("cust-hard1", PAYING_CARD)])
 
 
@@ -45,7 +46,7 @@ def backfill(hook, ledger, **params):
         {"from_date": "2026-11-20", "to_date": "2026-11-27", **params}, today=TODAY
     )
     return run_backfill(
-        hook, ledger, request, run_date=TODAY, limits=LIMITS, settings=SETTINGS,
+        IamportV1Gateway(hook), ledger, request, run_date=TODAY, limits=LIMITS, settings=SETTINGS,
         subscriptions_table="billing_subscriptions", run=RUN,
     )  # fmt: skip
 
@@ -130,7 +131,7 @@ def test_backfill_dag_dry_run_then_real_run(airflow_db, warehouse, emulator, mon
     with Ledger.from_conn_id("billing_warehouse") as led:
         led.init_schema()
         subscribe(led, emulator, "soft1", SOFT_DECLINE_CARD, DAY)
-        ChargeEngine(hook, led, SETTINGS, RUN).charge_batch(
+        ChargeEngine(IamportV1Gateway(hook), led, SETTINGS, RUN).charge_batch(
             [ChargeCandidate("soft1", "cust-soft1", 9900, DAY, name="plan")]
         )
     register_cards(emulator, [("cust-soft1", PAYING_CARD)])

@@ -45,6 +45,7 @@ from chaos_support import (
 )
 from conftest import conn_env
 from iamport_billing.policy import SEOUL
+from iamport_billing.states import REJECTED, UNSETTLED
 from iamport_billing.warehouse.ledger import Ledger
 
 pytestmark = [pytest.mark.chaos, pytest.mark.airflow, pytest.mark.timeout(600)]
@@ -54,11 +55,11 @@ DAY = date(2027, 2, 10)
 
 @dataclass
 class Chaos:
-    """One scenario's world: emulator process, warehouse file, alert receiver, DAGs."""
+    """One scenario's world: emulator process, ledger database, alert receiver, DAGs."""
 
     emulator: ChaosEmulator
     receiver: AlertReceiver
-    warehouse: Path
+    warehouse: str
     env: dict[str, str]
     tmp: Path
     capsys: Any = None
@@ -122,16 +123,16 @@ class Chaos:
 
 @pytest.fixture
 def chaos(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, airflow_db
-) -> Iterator[Chaos]:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, airflow_db,
+    warehouse: str,
+) -> Iterator[Chaos]:  # fmt: skip
     from iamport_billing.hooks.iamport import TOKEN_CACHE
 
     emulator = ChaosEmulator(tmp_path / "emulator.db", faults=CHAOS_FAULTS).start()
     receiver = AlertReceiver()
-    warehouse = tmp_path / "warehouse.db"
     env = {
         conn_env("iamport_default"): json.dumps(emulator.conn()),
-        conn_env("billing_warehouse"): json.dumps({"conn_type": "sqlite", "host": str(warehouse)}),
+        conn_env("billing_warehouse"): os.environ[conn_env("billing_warehouse")],
         conn_env("alert_webhook"): json.dumps(receiver.conn),
         "IAMPORT_BILLING_ALERT_WEBHOOK_CONN_ID": "alert_webhook",
         "IAMPORT_BILLING_UNKNOWN_SETTLE_SECONDS": "0.3",
@@ -234,18 +235,16 @@ def test_emulator_down_mid_run_then_back_on_the_same_port_and_db(chaos: Chaos) -
     outage: dict[str, Any] = {}
 
     def pull_the_plug() -> None:
-        conn = sqlite3.connect(chaos.warehouse, timeout=30)
-        try:
+        with chaos.ledger() as led:
             while True:
-                (settled,) = conn.execute(
-                    "SELECT COUNT(*) FROM billing_charge_attempts "
-                    "WHERE status NOT IN ('pending', 'rejected')"
-                ).fetchone()
+                settled = sum(
+                    v["count"]
+                    for s, v in led.date_summary(day).items()
+                    if s not in (*UNSETTLED, REJECTED)
+                )
                 if settled >= n // 4:
                     break
                 time.sleep(0.1)
-        finally:
-            conn.close()
         outage["settled_at_kill"] = settled
         chaos.emulator.kill()
         time.sleep(6)

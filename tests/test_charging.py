@@ -7,6 +7,7 @@ from datetime import date, timedelta
 import pytest
 import requests
 from iamport_billing.charging import ChargeEngine, ChargeSettings, RateLimiter, resolve_unsettled
+from iamport_billing.gateways.iamport_v1 import IamportV1Gateway
 from iamport_billing.hooks.iamport import IamportHook
 from iamport_billing.policy import ChargeCandidate, merchant_uid_for
 from iamport_billing.warehouse.ledger import Ledger
@@ -28,7 +29,7 @@ def cand(sub: str, customer: str | None = None, amount: int = 1000) -> ChargeCan
 
 
 def engine(hook, ledger, settings=SETTINGS, run=RUN) -> ChargeEngine:
-    return ChargeEngine(hook, ledger, settings, run)
+    return ChargeEngine(IamportV1Gateway(hook), ledger, settings, run)
 
 
 def set_faults(emulator, **faults) -> None:
@@ -195,7 +196,10 @@ def test_reconcile_settles_stale_rows_and_resends_the_ones_never_seen(hook, ledg
     old.claim(old.plan([cand("a"), cand("b")])[0])
     hook.charge_again("cust-a", merchant_uid_for("a", DAY, 1), 1000, "plan")
     counts = resolve_unsettled(
-        hook, ledger, ChargeSettings(pending_lease_seconds=0), {**RUN, "run_id": "reconcile"}
+        IamportV1Gateway(hook),
+        ledger,
+        ChargeSettings(pending_lease_seconds=0),
+        {**RUN, "run_id": "reconcile"},
     )
     assert counts == {"resolved_paid": 1, "paid": 1}
     rows = ledger_rows(ledger)
@@ -258,10 +262,11 @@ def test_an_unclear_refusal_is_unknown_not_a_decline(hook, ledger, emulator, cod
     assert ledger_rows(ledger)[merchant_uid_for("a", DAY, 1)][0] == "unknown"
 
 
-def test_a_plain_refusal_of_a_first_send_is_a_decline(hook, ledger, emulator):
+def test_a_plain_refusal_of_a_first_send_is_a_refused_request_never_dunned(hook, ledger, emulator):
     result = engine(_refusing(hook, 1, "한도초과"), ledger).charge_batch([cand("a")])
-    assert result.counts == {"declined_soft": 1}
-    assert ledger_rows(ledger)[merchant_uid_for("a", DAY, 1)][:4:3] == ("failed", "soft")
+    assert result.counts == {"declined_refused": 1}
+    row = ledger_rows(ledger)[merchant_uid_for("a", DAY, 1)]
+    assert (row[0], row[3], row[4]) == ("failed", "refused", None)
 
 
 def test_a_refusal_of_a_resend_is_unknown(hook, ledger, emulator):

@@ -10,6 +10,7 @@ import pytest
 from iamport_billing.billing_run import write_back
 from iamport_billing.charging import ChargeEngine
 from iamport_billing.dunning import due_retries, send_retries
+from iamport_billing.gateways.iamport_v1 import IamportV1Gateway
 from iamport_billing.policy import ChargeCandidate
 from iamport_billing.warehouse.ledger import Ledger
 from ops_support import LIMITS, RUN, SETTINGS, attempts_of, subscribe, subscription
@@ -27,7 +28,7 @@ DAY = date(2026, 11, 26)
 def first_charge(hook, ledger, *subs: str, amount: int = 9900) -> None:
     """The daily run's first attempt, through the real engine."""
     cands = [ChargeCandidate(s, f"cust-{s}", amount, DAY, name="plan") for s in subs]
-    ChargeEngine(hook, ledger, SETTINGS, RUN).charge_batch(cands)
+    ChargeEngine(IamportV1Gateway(hook), ledger, SETTINGS, RUN).charge_batch(cands)
 
 
 def dunning_day(hook, ledger, day: date, max_attempts: int = 5) -> dict:
@@ -35,7 +36,7 @@ def dunning_day(hook, ledger, day: date, max_attempts: int = 5) -> dict:
         ledger, run_date=day, max_attempts=max_attempts, limits=LIMITS,
         subscriptions_table="billing_subscriptions",
     )  # fmt: skip
-    result = send_retries(hook, ledger, plan, SETTINGS, RUN)
+    result = send_retries(IamportV1Gateway(hook), ledger, plan, SETTINGS, RUN)
     write_back(ledger, subscriptions_table="billing_subscriptions")
     return result
 
@@ -112,7 +113,9 @@ def test_retry_run_twice_charges_once(hook, ledger, emulator):
     )  # fmt: skip
     dunning_day(hook, ledger, day)
     dunning_day(hook, ledger, day)
-    result = send_retries(hook, ledger, stale, SETTINGS, RUN)  # a racing run with an old plan
+    result = send_retries(
+        IamportV1Gateway(hook), ledger, stale, SETTINGS, RUN
+    )  # a racing run with an old plan
     assert result["counts"] == {"claimed_elsewhere": 1}
     paid = [p for p in emulator_payments(emulator.config.db_path) if p["status"] == "paid"]
     assert [p["merchant_uid"] for p in paid] == ["soft1-20261126-02"]

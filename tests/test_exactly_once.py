@@ -9,8 +9,9 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 import requests
-from chaos_support import AlertReceiver, load_dags, logical, run_dag, without_dag_deadlines
+from chaos_support import AlertReceiver, load_dags, logical, run_dag
 from conftest import conn_env
+from iamport_billing.gateways.iamport_v1 import IamportV1Gateway
 from iamport_billing.policy import merchant_uid_for
 from iamport_billing.states import (
     ACTIVE,
@@ -22,6 +23,7 @@ from iamport_billing.states import (
     PENDING,
     UNSETTLED,
 )
+from iamport_billing.warehouse.ledger import Ledger
 from support import (
     HARD_DECLINE_CARD,
     PAYING_CARD,
@@ -44,7 +46,7 @@ def world(airflow_db, ledger, emulator, monkeypatch):
     monkeypatch.setenv("IAMPORT_BILLING_ALERT_WEBHOOK_CONN_ID", "alert_webhook")
     monkeypatch.setenv("IAMPORT_BILLING_UNKNOWN_SETTLE_SECONDS", "0.1")
     monkeypatch.setenv("IAMPORT_BILLING_TASK_RETRIES", "0")
-    without_dag_deadlines()
+    monkeypatch.setattr("iamport_billing.alerts.deadline_alerts", lambda cfg, *, starts_at: [])
     yield ledger, emulator, receiver
     receiver.close()
 
@@ -117,13 +119,15 @@ def test_a_zombie_tries_paid_answer_wins_and_dunning_sends_nothing_more(world, m
         return real(*args, **kwargs)
 
     monkeypatch.setattr(hook1, "charge_again", stalled_charge)
-    try1 = ChargeEngine(hook1, ledger.__class__.from_conn_id("billing_warehouse"), settings,
-                        {**run, "try_number": 1})  # fmt: skip
+    try1 = ChargeEngine(
+        IamportV1Gateway(hook1), Ledger.from_conn_id("billing_warehouse"), settings,
+        {**run, "try_number": 1},
+    )  # fmt: skip
     worker = threading.Thread(target=try1.charge_batch, args=([cand],))
     worker.start()
     assert stalled.wait(30)
     # ...try 2 of the same task takes the row over and is declined...
-    try2 = ChargeEngine(IamportHook(), ledger, settings, {**run, "try_number": 2})
+    try2 = ChargeEngine(IamportV1Gateway(IamportHook()), ledger, settings, {**run, "try_number": 2})
     try2.charge_batch([cand])
     assert ledger.get_attempt(merchant_uid_for("z1", DAY, 1)).status == FAILED
     # ...then the card works, and try 1's request arrives and is paid.
@@ -136,7 +140,9 @@ def test_a_zombie_tries_paid_answer_wins_and_dunning_sends_nothing_more(world, m
         ledger, run_date=DAY + timedelta(days=3), max_attempts=5, limits=ValidationLimits(),
         subscriptions_table="billing_subscriptions",
     )  # fmt: skip
-    send_retries(IamportHook(), ledger, retries, settings, {**run, "dag_id": "retry"})
+    send_retries(
+        IamportV1Gateway(IamportHook()), ledger, retries, settings, {**run, "dag_id": "retry"}
+    )
     assert paid_at_gateway(emulator) == [merchant_uid_for("z1", DAY, 1)]
 
 

@@ -21,6 +21,7 @@ from chaos_support import AlertReceiver, logical, run_dag, without_dag_deadlines
 from conftest import conn_env
 from iamport_billing.charging import ChargeEngine, ChargeSettings
 from iamport_billing.emulator.store import seed_customers
+from iamport_billing.gateways.iamport_v1 import IamportV1Gateway
 from iamport_billing.hooks.iamport import TOKEN_CACHE, IamportHook
 from iamport_billing.policy import ChargeCandidate, merchant_uid_for
 from iamport_billing.warehouse.ledger import Ledger
@@ -298,13 +299,18 @@ def test_garbled_charge_reply_leaves_unknown_then_lookup_settles_it(
     with Ledger.from_conn_id("billing_warehouse") as ledger:
         ledger.init_schema()
         hook = IamportHook()
-        result = ChargeEngine(hook, ledger, settings, run).charge_batch([candidate])
+        result = ChargeEngine(IamportV1Gateway(hook), ledger, settings, run).charge_batch(
+            [candidate]
+        )
         row = ledger.get_attempt(uid)
         assert result.unknown_merchant_uids == [uid]
         assert row.status == "unknown" and row.error_message
         # The money did move: the next run asks Iamport before anything else and records it.
         later = ChargeEngine(
-            hook, ledger, ChargeSettings(pending_lease_seconds=0), {**run, "run_id": "r2"}
+            IamportV1Gateway(hook),
+            ledger,
+            ChargeSettings(pending_lease_seconds=0),
+            {**run, "run_id": "r2"},
         ).charge_batch([candidate])
         row = ledger.get_attempt(uid)
     garbler.server.shutdown()

@@ -14,6 +14,7 @@ from alert_receivers import http_receiver, smtp_receiver
 from iamport_billing import alerts, tasks
 from iamport_billing.charging import ChargeEngine, ChargeSettings
 from iamport_billing.config import BillingConfig
+from iamport_billing.gateways.iamport_v1 import IamportV1Gateway
 from iamport_billing.hooks.iamport import IamportHook
 from iamport_billing.notifiers import (
     Alert,
@@ -217,7 +218,9 @@ def test_subscriptions_going_past_due_are_alerted_with_the_amount_owed(
         ledger.init_schema()
         subscribe(ledger, emulator, "soft1", SOFT_DECLINE_CARD, day, amount=7700)
         hook = IamportHook()
-        ChargeEngine(hook, ledger, ChargeSettings(retry_schedule_days=()), RUN).charge_batch(
+        ChargeEngine(
+            IamportV1Gateway(hook), ledger, ChargeSettings(retry_schedule_days=()), RUN
+        ).charge_batch(
             [ChargeCandidate("soft1", "cust-soft1", 7700, day, name="plan")]
         )  # no retries configured: the first soft decline is the last
         hook.close()
@@ -300,7 +303,7 @@ def test_reconcile_dag_alerts_what_needs_a_person(airflow_db, warehouse, emulato
     with Ledger.from_conn_id("billing_warehouse") as ledger:
         ledger.init_schema()
         subscribe(ledger, emulator, "a1", PAYING_CARD, day)
-        ChargeEngine(hook, ledger, ChargeSettings(), RUN).charge_batch(
+        ChargeEngine(IamportV1Gateway(hook), ledger, ChargeSettings(), RUN).charge_batch(
             [ChargeCandidate("a1", "cust-a1", 9900, day, name="plan")]
         )
         ledger.execute("UPDATE billing_charge_attempts SET amount = 1000")

@@ -6,6 +6,7 @@ from datetime import date
 
 import pendulum
 import pytest
+from iamport_billing.gateways.iamport_v1 import IamportV1Gateway
 from iamport_billing.hooks.iamport import IamportHook
 from iamport_billing.precheck import check_billing_keys
 from iamport_billing.warehouse.ledger import DEFAULT_DUE_QUERY, Ledger
@@ -19,8 +20,8 @@ def check(ledger, day=TOMORROW):
     hook = IamportHook()
     try:
         return check_billing_keys(
-            hook, ledger, due_query=DEFAULT_DUE_QUERY, billing_date=day, limits=LIMITS,
-            subscriptions_table="billing_subscriptions",
+            IamportV1Gateway(hook), ledger, due_query=DEFAULT_DUE_QUERY, billing_date=day,
+            limits=LIMITS, subscriptions_table="billing_subscriptions",
         )  # fmt: skip
     finally:
         hook.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, timedelta
 
 from iamport_billing.charging import ChargeEngine
+from iamport_billing.gateways.iamport_v1 import IamportV1Gateway
 from iamport_billing.policy import ChargeCandidate
 from iamport_billing.reconciliation import reconcile
 from ops_support import RUN, SETTINGS, subscribe
@@ -17,8 +18,8 @@ WINDOW = timedelta(hours=48)
 
 def run_reconcile(hook, ledger):
     return reconcile(
-        hook, ledger, SETTINGS, until=datetime.now(UTC) + timedelta(minutes=1), window=WINDOW,
-        run=RUN,
+        IamportV1Gateway(hook), ledger, SETTINGS, until=datetime.now(UTC) + timedelta(minutes=1),
+        window=WINDOW, run=RUN,
     )  # fmt: skip
 
 
@@ -42,7 +43,7 @@ def row(ledger, merchant_uid):
 
 
 def charge(hook, ledger, sub, amount=9900):
-    ChargeEngine(hook, ledger, SETTINGS, RUN).charge_batch(
+    ChargeEngine(IamportV1Gateway(hook), ledger, SETTINGS, RUN).charge_batch(
         [ChargeCandidate(sub, f"cust-{sub}", amount, DAY, name="plan")]
     )
 

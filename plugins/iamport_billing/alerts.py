@@ -107,6 +107,17 @@ def run_alerts(
             title=f"decline rate {failed / tried:.0%} is over {cfg.alert_decline_rate:.0%}",
             details=reasons, **base,
         ))  # fmt: skip
+    if report.get("refused"):
+        refused = report["refused"]
+        found.append(Alert(
+            kind="refused_requests", severity=WARNING,
+            counts={"refused": len(refused)},
+            title=f"the gateway refused {len(refused)} charge requests (not card declines; "
+            "never retried): fix the data or the request",
+            details=tuple(f"{r['subscription_id']}: {r['reason']} (code {r['code']})"
+                          for r in refused),
+            **base,
+        ))  # fmt: skip
     if AMOUNT_MISMATCH in by_status:
         counts, amounts = _split(by_status, [AMOUNT_MISMATCH])
         found.append(Alert(

@@ -15,6 +15,7 @@ from typing import Any
 
 from iamport_billing.charging import ChargeSettings
 from iamport_billing.dunning import RetryPlan, describe, next_attempts, send_retries
+from iamport_billing.gateways.base import Gateway
 from iamport_billing.policy import (
     Guardrails,
     PlanTotals,
@@ -104,7 +105,7 @@ def plan_backfill(
 
 
 def run_backfill(
-    hook: Any,
+    gateway: Gateway,
     ledger: Ledger,
     request: BackfillRequest,
     *,
@@ -146,7 +147,7 @@ def run_backfill(
     if request.dry_run:
         summary["charges"] = plan.lines()[:100]
         return summary
-    result = send_retries(hook, ledger, plan, settings, run, logger=lg)
+    result = send_retries(gateway, ledger, plan, settings, run, logger=lg)
     ledger.set_subscription_status(
         result["paid_subscriptions"], "active", only_from=REACTIVATE_FROM,
         subscriptions_table=subscriptions_table,

@@ -157,6 +157,8 @@ def plan_run(
                 ledger.record_rejected(pending_rejects, run)
                 pending_rejects.clear()
             continue
+        for note in item.notes:
+            lg.warning("%s: %s", item.subscription_id, note)
         totals.count += 1
         totals.total_amount += item.amount
         approved.append((item.subscription_id, item.billing_date, item.amount))
@@ -314,6 +316,10 @@ def run_report(ledger: Ledger, *, run: Mapping[str, Any], billing_date: date) ->
         "rejected": [
             {"subscription_id": s, "code": c, "reason": r}
             for s, c, r in ledger.rejected_rows(run=run, limit=REJECTED_SHOWN)
+        ],
+        "refused": [
+            {"subscription_id": s, "code": c, "reason": r}
+            for s, c, r in ledger.refused_requests(run, limit=REJECTED_SHOWN)
         ],
         "guardrail": recorded[0] if recorded else None,
         "dry_run": recorded[1] if recorded else False,

@@ -2,12 +2,15 @@
 
 Order of work for a batch, which is the whole safety argument:
 1. read the ledger for these subscriptions; paid or settled ones are skipped;
-2. pending/unknown rows left by earlier runs are looked up at Iamport before anything else;
-3. new attempts are claimed by committing ``pending`` rows (write-ahead, ON CONFLICT);
-4. only claimed rows are sent, with bounded concurrency under a requests-per-second limit;
-5. outcomes are committed in small bulk writes as they arrive;
+2. pending/unknown rows left by earlier runs are looked up at the gateway before anything else;
+3. new attempts are claimed by committing ``pending`` rows (write-ahead, insert-unless-exists);
+4. just before each POST the ledger confirms the row is still this engine's and pending;
+5. requests go out with bounded concurrency under a requests-per-second limit, and outcomes are
+   committed in small bulk writes as they arrive, through the state table's compare-and-set;
 6. outcomes that stayed unknown are looked up, and resent with the same merchant_uid only when
-   Iamport has no record of them.
+   the gateway's own word says it has no record of them (never on "could not ask").
+
+The engine talks to one ``gateways.base.Gateway`` and sees only its neutral answers.
 """
 
 from __future__ import annotations
@@ -23,14 +26,23 @@ from queue import Empty, SimpleQueue
 from typing import Any
 
 from iamport_billing.api_types import Payment
-from iamport_billing.errors import (
-    IamportAuthError,
-    IamportBillingKeyMissing,
-    IamportError,
-    IamportNotFound,
-    IamportOutcomeUnknown,
-    IamportRateLimited,
-    IamportRequestRejected,
+from iamport_billing.gateways.base import (
+    ABSENT,
+    FOREIGN_REPLY,
+    FOUND,
+    NO_BILLING_KEY,
+    NOT_SENT,
+    RATE_LIMITED,
+    UNREACHABLE,
+    ChargeRequest,
+    ChargeResult,
+    CredentialsRefused,
+    Gateway,
+    GatewayUnavailable,
+    Lookup,
+)
+from iamport_billing.gateways.base import (
+    REFUSED as REFUSED_REQUEST,
 )
 from iamport_billing.policy import (
     ChargeCandidate,
@@ -46,6 +58,7 @@ from iamport_billing.states import (
     MONEY_MOVED,
     PAID,
     PENDING,
+    REFUSED,
     SOFT,
     UNKNOWN,
     UNSETTLED,
@@ -62,8 +75,6 @@ from iamport_billing.warehouse.ledger import (
 log = logging.getLogger(__name__)
 
 MISSING_BILLING_KEY = "missing_billing_key"
-# Iamport's refusal of a merchant_uid that already has a paid or cancelled payment.
-DUPLICATE_MARKERS = ("이미 주문이 이루어진", "동일한 merchant_uid")
 
 
 @dataclass(frozen=True)
@@ -195,34 +206,49 @@ def outcome_from_payment(
         status=UNKNOWN,
         imp_uid=payment.imp_uid,
         error_code="status_" + (payment.status or "empty"),
-        error_message=f"Iamport reports status {payment.status!r}",
+        error_message=f"the gateway reports status {payment.status!r}",
         latency_ms=latency_ms,
     )
 
 
-def decisive_payment(payments: Sequence[Payment]) -> Payment:
-    """Of a merchant_uid's records, the one that decides: paid/cancelled if any, else the
-    latest started."""
-    settled = [p for p in payments if p.is_paid or p.status == CANCELLED]
-    if settled:
-        return settled[0]
-    return max(payments, key=lambda p: (p.started_at or 0, p.failed_at or 0))
-
-
-def resolve_by_lookup(
-    hook: Any, attempt_merchant_uid: str, expected_amount: int | None, billing_date: date,
+def settle_by_lookup(
+    gateway: Gateway, merchant_uid: str, expected_amount: int | None, billing_date: date,
     attempt_no: int, settings: ChargeSettings,
-) -> Outcome | None:  # fmt: skip
-    """Ask Iamport what became of a merchant_uid. None means it has no record: safe to resend.
-
-    Raises IamportError when Iamport cannot be asked (the row stays unsettled).
-    """
-    payments = hook.find_all_payments(attempt_merchant_uid)
-    if not payments:
-        return None
-    return outcome_from_payment(
-        decisive_payment(payments), expected_amount, billing_date, attempt_no, settings
+) -> tuple[Lookup, Outcome | None]:  # fmt: skip
+    """Ask the gateway what became of a merchant_uid: the lookup, and the outcome its records
+    prove (None unless found). Only an ``absent`` lookup allows sending the uid again."""
+    found = gateway.look_up(merchant_uid)
+    if found.kind != FOUND or found.decisive is None:
+        return found, None
+    return found, outcome_from_payment(
+        found.decisive, expected_amount, billing_date, attempt_no, settings
     )
+
+
+def outcome_from_result(
+    result: ChargeResult, p: PlannedCharge, settings: ChargeSettings, latency_ms: int
+) -> Outcome:
+    """A charge result in ledger terms (NOT_SENT and RATE_LIMITED never get here)."""
+    c = p.candidate
+    if result.payment is not None:
+        return outcome_from_payment(
+            result.payment, c.amount, c.billing_date, p.attempt_no, settings, latency_ms
+        )
+    if result.kind == NO_BILLING_KEY:
+        return Outcome(
+            p.merchant_uid, FAILED, error_code=MISSING_BILLING_KEY, error_message=result.reason,
+            fail_reason=result.reason, decline_kind=HARD, latency_ms=latency_ms,
+        )  # fmt: skip
+    if result.kind == REFUSED_REQUEST:
+        # The request, not the card: never dunned, always alerted.
+        return Outcome(
+            p.merchant_uid, FAILED, error_code=result.code, error_message=result.reason,
+            fail_reason=result.reason, decline_kind=REFUSED, latency_ms=latency_ms,
+        )  # fmt: skip
+    return Outcome(
+        p.merchant_uid, UNKNOWN, error_code=result.code, error_message=result.reason,
+        latency_ms=latency_ms,
+    )  # fmt: skip
 
 
 class ChargeEngine:
@@ -230,7 +256,7 @@ class ChargeEngine:
 
     def __init__(
         self,
-        hook: Any,
+        gateway: Gateway,
         ledger: Ledger,
         settings: ChargeSettings,
         run: Mapping[str, Any],
@@ -238,7 +264,7 @@ class ChargeEngine:
         on_charge: Callable[[str], None] | None = None,
         logger: logging.Logger | None = None,
     ):
-        self.hook = hook
+        self.gateway = gateway
         self.ledger = ledger
         self.settings = settings
         self.run = dict(run)
@@ -345,13 +371,14 @@ class ChargeEngine:
         resend: list[PlannedCharge] = []
         outcomes: list[Outcome] = []
         for attempt, cand in stale:
-            try:
-                outcome = resolve_by_lookup(
-                    self.hook, attempt.merchant_uid, attempt.amount, attempt.billing_date,
-                    attempt.attempt_no, self.settings,
-                )  # fmt: skip
-            except IamportError as e:
-                self.log.warning("lookup of %s failed, left unsettled: %s", attempt.merchant_uid, e)
+            found, outcome = settle_by_lookup(
+                self.gateway, attempt.merchant_uid, attempt.amount, attempt.billing_date,
+                attempt.attempt_no, self.settings,
+            )  # fmt: skip
+            if found.kind != ABSENT and outcome is None:
+                self.log.warning(
+                    "could not look %s up, left unsettled: %s", attempt.merchant_uid, found.reason
+                )
                 self.result.add("unresolved", attempt.amount)
                 self.result.unknown_merchant_uids.append(attempt.merchant_uid)
                 continue
@@ -381,7 +408,7 @@ class ChargeEngine:
             if not unknown:
                 return
             if round_no == self.settings.max_resend_rounds:
-                pending = [p for p, _ in unknown]
+                pending = [p for p, _, _ in unknown]
                 break
             pending = self._settle_unknown(unknown)
             if not pending:
@@ -391,28 +418,34 @@ class ChargeEngine:
             self.result.add(UNKNOWN, p.candidate.amount)
 
     def _settle_unknown(
-        self, unknown: Sequence[tuple[PlannedCharge, float]]
+        self, unknown: Sequence[tuple[PlannedCharge, float, Outcome]]
     ) -> list[PlannedCharge]:
         """Look unknown outcomes up once they had time to settle; return those to resend."""
-        latest = max(t for _, t in unknown)
+        latest = max(t for _, t, _ in unknown)
         delay = latest + self.settings.unknown_settle_seconds - time.monotonic()
         if delay > 0:
             time.sleep(delay)
         resend: list[PlannedCharge] = []
         outcomes: list[Outcome] = []
-        for p, _ in unknown:
-            try:
-                outcome = resolve_by_lookup(
-                    self.hook, p.merchant_uid, p.candidate.amount, p.candidate.billing_date,
-                    p.attempt_no, self.settings,
+        for p, _, first in unknown:
+            found, outcome = settle_by_lookup(
+                self.gateway, p.merchant_uid, p.candidate.amount, p.candidate.billing_date,
+                p.attempt_no, self.settings,
+            )  # fmt: skip
+            if found.kind == ABSENT and first.error_code == FOREIGN_REPLY:
+                outcome = Outcome(
+                    p.merchant_uid, FAILED, error_code=FOREIGN_REPLY, decline_kind=REFUSED,
+                    fail_reason=first.error_message,
+                    error_message="the gateway has no such payment, and the charge was answered "
+                    f"in a foreign format (check the connection): {first.error_message}",
                 )  # fmt: skip
-            except IamportError as e:
-                self.log.warning("lookup of %s failed: %s", p.merchant_uid, e)
-                self.result.unknown_merchant_uids.append(p.merchant_uid)
-                self.result.add(UNKNOWN, p.candidate.amount)
+            elif found.kind == ABSENT:
+                resend.append(replace(p, resend=True))
                 continue
             if outcome is None:
-                resend.append(replace(p, resend=True))
+                self.log.warning("could not look %s up: %s", p.merchant_uid, found.reason)
+                self.result.unknown_merchant_uids.append(p.merchant_uid)
+                self.result.add(UNKNOWN, p.candidate.amount)
                 continue
             outcomes.append(outcome)
             self._count(outcome, p)
@@ -425,13 +458,15 @@ class ChargeEngine:
         lost = {r.outcome.merchant_uid for r in refused}
         return [p for p in resend if p.merchant_uid not in lost]
 
-    def _send_round(self, planned: Iterable[PlannedCharge]) -> list[tuple[PlannedCharge, float]]:
+    def _send_round(
+        self, planned: Iterable[PlannedCharge]
+    ) -> list[tuple[PlannedCharge, float, Outcome]]:
         """One pass over ``planned`` with bounded concurrency; returns the unknown outcomes.
 
         Long-lived worker threads take charges from a queue and post results back; the main
         thread alone feeds them (so claims happen just in time) and writes the ledger.
         """
-        unknown: list[tuple[PlannedCharge, float]] = []
+        unknown: list[tuple[PlannedCharge, float, Outcome]] = []
         buffer: list[Outcome] = []
         last_flush = time.monotonic()
         fatal: list[BaseException] = []
@@ -465,19 +500,32 @@ class ChargeEngine:
             return False
 
         in_flight = sum(feed() for _ in range(workers))
+        not_sent: list[str] = []
         try:
             while in_flight:
                 for p, result in _take_finished(done, self.settings.flush_seconds):
                     in_flight -= 1
                     if isinstance(result, BaseException):
-                        if not isinstance(result, IamportAuthError):
+                        if not isinstance(result, CredentialsRefused):
                             raise result
                         fatal.append(result)
+                        not_sent.append(p.merchant_uid)
                         continue
                     outcome, finished_at = result
+                    if outcome is None:
+                        # No token or no connection: nobody else will get through either.
+                        not_sent.append(p.merchant_uid)
+                        if not fatal:
+                            fatal.append(
+                                GatewayUnavailable(
+                                    f"the gateway could not be reached ({p.merchant_uid} and "
+                                    "every charge after it were not sent)"
+                                )
+                            )
+                        continue
                     buffer.append(outcome)
                     if outcome.status == UNKNOWN:
-                        unknown.append((p, finished_at))
+                        unknown.append((p, finished_at, outcome))
                     else:
                         self._count(outcome, p)
                     in_flight += feed()
@@ -492,88 +540,43 @@ class ChargeEngine:
             for _ in threads:
                 todo.put(None)
         if fatal:
-            self.ledger.release(sorted(self._fresh - self._sent), self.claim_token)
+            # What never left goes back: a fresh row is deleted, a resend stays as it was.
+            self.ledger.withdraw(not_sent, self.claim_token)
+            self.ledger.release(
+                sorted(self._fresh - (self._sent - set(not_sent))), self.claim_token
+            )
             raise fatal[0]
         return unknown
 
-    def _charge_one(self, p: PlannedCharge) -> tuple[Outcome, float]:
-        """Send one charge and classify what came back. Runs in a worker thread."""
+    def _charge_one(self, p: PlannedCharge) -> tuple[Outcome | None, float]:
+        """Send one charge and classify what came back; None when it provably never left.
+        Runs in a worker thread."""
         c = p.candidate
-        optional = {k: v for k, v in (
-            ("currency", c.currency if c.currency != "KRW" else None),
-            ("buyer_name", c.buyer_name), ("buyer_email", c.buyer_email),
-            ("buyer_tel", c.buyer_tel),
-        ) if v}  # fmt: skip
-        optional.update(c.options)
+        request = ChargeRequest(
+            merchant_uid=p.merchant_uid, customer_uid=c.customer_uid, amount=c.amount,
+            name=c.name, currency=c.currency, resend=p.resend,
+            buyer={"buyer_name": c.buyer_name, "buyer_email": c.buyer_email,
+                   "buyer_tel": c.buyer_tel, **c.options},
+        )  # fmt: skip
         for rate_try in range(self.settings.rate_limit_retries + 1):
             self.limiter.acquire()
             started = time.monotonic()
-            try:
-                payment = self.hook.charge_again(
-                    c.customer_uid, p.merchant_uid, c.amount, c.name, **optional
-                )
-                latency = _ms(started)
-                outcome = outcome_from_payment(
-                    payment, c.amount, c.billing_date, p.attempt_no, self.settings, latency
-                )
-            except IamportRateLimited as e:
-                if rate_try < self.settings.rate_limit_retries:
-                    time.sleep(e.retry_after if e.retry_after is not None else 0.5 * 2**rate_try)
-                    continue
-                outcome = Outcome(p.merchant_uid, UNKNOWN, error_code="rate_limited",
-                                  error_message=str(e), latency_ms=_ms(started))  # fmt: skip
-            except IamportBillingKeyMissing as e:
-                outcome = Outcome(
-                    p.merchant_uid, FAILED, error_code=MISSING_BILLING_KEY,
-                    error_message=e.api_message, fail_reason=e.api_message, decline_kind=HARD,
-                    latency_ms=_ms(started),
-                )  # fmt: skip
-            except IamportRequestRejected as e:
-                # A rejection may be Iamport refusing a merchant_uid it already charged: ask.
-                outcome = self._rejected(p, e, started)
-            except IamportOutcomeUnknown as e:
-                outcome = Outcome(p.merchant_uid, UNKNOWN, error_code="outcome_unknown",
-                                  error_message=str(e), latency_ms=_ms(started))  # fmt: skip
-            except IamportAuthError:
-                raise
-            except Exception as e:  # noqa: BLE001 - money may have moved: unknown, never lost
-                outcome = Outcome(p.merchant_uid, UNKNOWN, error_code="client_error",
-                                  error_message=f"{type(e).__name__}: {e}"[:500],
-                                  latency_ms=_ms(started))  # fmt: skip
+            result = self.gateway.charge(request)
+            if result.kind == RATE_LIMITED and rate_try < self.settings.rate_limit_retries:
+                delay = result.retry_after if result.retry_after is not None else 0.5 * 2**rate_try
+                time.sleep(delay)
+                continue
             break
+        if result.kind == NOT_SENT:
+            self.log.warning("%s not sent: %s", p.merchant_uid, result.reason)
+            return None, time.monotonic()
+        if result.kind == RATE_LIMITED:
+            result = replace(result, kind=UNKNOWN, code="rate_limited")
+        outcome = outcome_from_result(result, p, self.settings, _ms(started))
         self._log_charge(p, outcome)
         if self._on_charge is not None:
             self._on_charge(p.merchant_uid)
         return outcome, time.monotonic()
-
-    def _rejected(self, p: PlannedCharge, e: IamportRequestRejected, started: float) -> Outcome:
-        """A non-zero code. Iamport's own record decides if it has one; otherwise it is a
-        decline only for a first send with a plain refusal. A resend, a duplicate-merchant_uid
-        refusal or code -1 (PG communication trouble) may hide a charge still in progress."""
-        c = p.candidate
-        unclear = Outcome(p.merchant_uid, UNKNOWN, error_code=f"rejected_{e.code}",
-                          error_message=e.api_message, latency_ms=_ms(started))  # fmt: skip
-        try:
-            found = resolve_by_lookup(
-                self.hook, p.merchant_uid, c.amount, c.billing_date, p.attempt_no, self.settings
-            )
-        except IamportNotFound:
-            found = None
-        except IamportError:
-            return unclear
-        if found is not None:
-            return found
-        if p.resend or e.code == -1 or any(m in e.api_message for m in DUPLICATE_MARKERS):
-            return unclear
-        kind = self.settings.decline_table.classify(e.api_message, e.code)
-        return Outcome(
-            p.merchant_uid, FAILED, error_code=str(e.code), error_message=e.api_message,
-            fail_reason=e.api_message, decline_kind=kind, latency_ms=_ms(started),
-            next_retry_date=(
-                next_retry_date(c.billing_date, p.attempt_no, self.settings.retry_schedule_days)
-                if kind == SOFT else None
-            ),
-        )  # fmt: skip
 
     def _note_refused(self, refused: Sequence[Refused]) -> None:
         """A refused move is never dropped: counted, and the row stays as the ledger has it."""
@@ -588,26 +591,27 @@ class ChargeEngine:
         sent; a lookup that cannot ask keeps NN+1 back until the next run.
         """
         go: list[PlannedCharge] = []
-        found: list[Outcome] = []
+        paid: list[Outcome] = []
         for p in planned:
             c = p.candidate
             previous = merchant_uid_for(c.subscription_id, c.billing_date, p.attempt_no - 1)
-            try:
-                outcome = resolve_by_lookup(
-                    self.hook, previous, c.amount, c.billing_date, p.attempt_no - 1, self.settings
+            lookup, outcome = settle_by_lookup(
+                self.gateway, previous, c.amount, c.billing_date, p.attempt_no - 1, self.settings
+            )
+            if lookup.kind == UNREACHABLE:
+                self.log.warning(
+                    "could not look %s up, %s waits: %s", previous, p.merchant_uid, lookup.reason
                 )
-            except IamportError as e:
-                self.log.warning("could not look %s up, %s waits: %s", previous, p.merchant_uid, e)
                 self.result.add("previous_unverified", c.amount)
                 continue
             if outcome is not None and outcome.status in MONEY_MOVED:
                 self.log.error("%s is %s at the gateway: %s not sent", previous, outcome.status,
                                p.merchant_uid)  # fmt: skip
-                found.append(outcome)
+                paid.append(outcome)
                 self.result.add("previous_paid", c.amount)
                 continue
             go.append(p)
-        self._note_refused(self.ledger.record_outcomes(found))
+        self._note_refused(self.ledger.record_outcomes(paid))
         return go
 
     def _count(self, outcome: Outcome, p: PlannedCharge) -> None:

@@ -15,6 +15,7 @@ from datetime import date
 from typing import Any
 
 from iamport_billing.charging import ChargeEngine, ChargeSettings, PlannedCharge, iter_chunks
+from iamport_billing.gateways.base import Gateway
 from iamport_billing.policy import (
     RejectedRow,
     ValidationLimits,
@@ -101,7 +102,7 @@ def due_retries(
 
 
 def send_retries(
-    hook: Any,
+    gateway: Gateway,
     ledger: Ledger,
     plan: RetryPlan,
     settings: ChargeSettings,
@@ -116,7 +117,7 @@ def send_retries(
     lg = logger or log
     if plan.rejected:
         ledger.record_rejected(plan.rejected, run)
-    engine = ChargeEngine(hook, ledger, settings, run, logger=lg)
+    engine = ChargeEngine(gateway, ledger, settings, run, logger=lg)
     for chunk in iter_chunks(plan.planned, CHUNK):
         # Attempt NN may have been paid after all (a zombie try, a late answer): ask first.
         engine.charge_planned(engine.previous_unpaid(chunk))

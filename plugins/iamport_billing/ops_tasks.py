@@ -16,7 +16,7 @@ from iamport_billing.backfill import BackfillRefused, BackfillRequest, run_backf
 from iamport_billing.billing_run import billing_date_from_context, run_info
 from iamport_billing.config import BillingConfig
 from iamport_billing.dunning import describe, due_retries, send_retries
-from iamport_billing.hooks.iamport import IamportHook
+from iamport_billing.gateways import gateway_for
 from iamport_billing.precheck import check_billing_keys
 from iamport_billing.reconciliation import reconcile
 from iamport_billing.tasks import charge_settings, due_source
@@ -39,11 +39,11 @@ def retry_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, Any]:
         if params.get("dry_run"):
             return {"dry_run": True, "count": len(plan.planned), "total_amount": plan.total_amount}
         settings = charge_settings(cfg, params)
-        hook = IamportHook(cfg.iamport_conn_id, pool_maxsize=settings.max_concurrency)
+        gateway = gateway_for(cfg.iamport_conn_id, pool_maxsize=settings.max_concurrency)
         try:
-            return send_retries(hook, ledger, plan, settings, run_info(context))
+            return send_retries(gateway, ledger, plan, settings, run_info(context))
         finally:
-            hook.close()
+            gateway.close()
 
 
 def backfill_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, Any]:
@@ -55,12 +55,12 @@ def backfill_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, Any]
     except BackfillRefused as e:
         raise AirflowFailException(str(e)) from None
     settings = charge_settings(cfg, context.get("params"))
-    hook = IamportHook(cfg.iamport_conn_id, pool_maxsize=settings.max_concurrency)
+    gateway = gateway_for(cfg.iamport_conn_id, pool_maxsize=settings.max_concurrency)
     try:
         with Ledger.from_conn_id(cfg.warehouse_conn_id) as ledger:
             ledger.init_schema()
             return run_backfill(
-                hook, ledger, request, run_date=today, limits=cfg.limits, settings=settings,
+                gateway, ledger, request, run_date=today, limits=cfg.limits, settings=settings,
                 subscriptions_table=cfg.subscriptions_table, run=run,
             )  # fmt: skip
     except BackfillRefused as e:
@@ -68,7 +68,7 @@ def backfill_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, Any]
         alerts.send([alert], cfg)
         raise AirflowFailException(str(e)) from None
     finally:
-        hook.close()
+        gateway.close()
 
 
 def reconcile_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, Any]:
@@ -76,16 +76,16 @@ def reconcile_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, Any
     run = run_info(context)
     dag_run = context.get("dag_run")
     until = context.get("logical_date") or dag_run.run_after  # type: ignore[union-attr]
-    hook = IamportHook(cfg.iamport_conn_id)
+    gateway = gateway_for(cfg.iamport_conn_id)
     try:
         with Ledger.from_conn_id(cfg.warehouse_conn_id) as ledger:
             ledger.init_schema()
             report = reconcile(
-                hook, ledger, charge_settings(cfg, context.get("params")), until=until,
+                gateway, ledger, charge_settings(cfg, context.get("params")), until=until,
                 window=timedelta(hours=cfg.reconcile_window_hours), run=run,
             )  # fmt: skip
     finally:
-        hook.close()
+        gateway.close()
     alerts.send(alerts.reconcile_alerts(report, cfg=cfg, run=run), cfg)
     return report.as_dict()
 
@@ -94,17 +94,17 @@ def precheck_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, Any]
     """The day before charge day: customers without a billing key need a new card now."""
     run = run_info(context)
     billing_date = billing_date_from_context(context) + timedelta(days=cfg.precheck_days_ahead)
-    hook = IamportHook(cfg.iamport_conn_id)
+    gateway = gateway_for(cfg.iamport_conn_id)
     try:
         with Ledger.from_conn_id(cfg.warehouse_conn_id) as ledger:
             ledger.init_schema()
             with due_source(cfg, ledger) as source:
                 report = check_billing_keys(
-                    hook, ledger, source=source, due_query=cfg.due_query,
+                    gateway, ledger, source=source, due_query=cfg.due_query,
                     billing_date=billing_date, limits=cfg.limits,
                     subscriptions_table=cfg.subscriptions_table if cfg.write_back else None,
                 )  # fmt: skip
     finally:
-        hook.close()
+        gateway.close()
     alerts.send(alerts.precheck_alert(report, cfg=cfg, run=run), cfg)
     return report

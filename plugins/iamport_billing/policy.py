@@ -22,6 +22,13 @@ SEOUL = pendulum.timezone("Asia/Seoul")
 MERCHANT_UID_MAX = 40
 CUSTOMER_UID_MAX = 80
 NAME_MAX = 40
+# Field limits of POST /subscribe/payments/again (shared/iamport/v1.openapi.json).
+SPEC_LIMITS = {
+    "buyer_name": 16, "buyer_email": 64, "buyer_tel": 16, "buyer_addr": 128,
+    "buyer_postcode": 8, "channel_key": 55,
+}  # fmt: skip
+# Display fields: cut to fit, with a note. Contact fields over the limit are left out.
+TRIMMED_FIELDS = ("buyer_name", "buyer_addr")
 SUBSCRIPTION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 MERCHANT_UID_RE = re.compile(
     r"^(?P<sub>[A-Za-z0-9][A-Za-z0-9_-]*)-(?P<date>\d{8})-(?P<attempt>\d{2})$"
@@ -95,6 +102,8 @@ class ChargeCandidate:
     buyer_email: str | None = None
     buyer_tel: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    # What validation changed to fit the gateway's limits (logged by the plan).
+    notes: tuple[str, ...] = ()
     # When the warehouse last changed the subscription (a person putting it back after a
     # failure makes it due for one more attempt).
     updated_at: datetime | None = None
@@ -256,6 +265,26 @@ def validate_row(
     for key, value in buyer.items():
         if value is not None and CONTROL_CHARS_RE.search(value):
             return reject("invalid_buyer", f"{key} has control characters")
+    extra = dict(options or {})
+    channel_key = _text(extra.get("channel_key"))
+    if channel_key is not None and len(channel_key) > SPEC_LIMITS["channel_key"]:
+        return reject(
+            "channel_key_too_long",
+            f"channel_key is {len(channel_key)} characters (max {SPEC_LIMITS['channel_key']})",
+        )
+    notes: list[str] = []
+    fields = {**buyer, **{k: _text(extra.get(k)) for k in ("buyer_addr", "buyer_postcode")}}
+    for key, value in fields.items():
+        limit = SPEC_LIMITS[key]
+        if value is None or len(value) <= limit:
+            continue
+        if key in TRIMMED_FIELDS:
+            fields[key] = value[:limit]
+            notes.append(f"{key} trimmed to the gateway's {limit} characters")
+        else:  # a cut e-mail or phone number would be wrong: leave it out
+            fields[key] = None
+            notes.append(f"{key} left out: {len(value)} characters, the gateway takes {limit}")
+    extra.update({k: fields[k] for k in ("buyer_addr", "buyer_postcode") if k in extra})
     return ChargeCandidate(
         subscription_id=sub,
         customer_uid=customer_uid,
@@ -263,9 +292,12 @@ def validate_row(
         billing_date=billing_date,
         currency=currency,
         name=name,
-        options=dict(options or {}),
+        options={k: v for k, v in extra.items() if v is not None},
         updated_at=to_timestamp(row.get("updated_at")),
-        **buyer,
+        notes=tuple(notes),
+        buyer_name=fields["buyer_name"],
+        buyer_email=fields["buyer_email"],
+        buyer_tel=fields["buyer_tel"],
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from iamport_billing.billing_run import validated
 from iamport_billing.charging import iter_chunks
+from iamport_billing.gateways.base import Gateway
 from iamport_billing.policy import ChargeCandidate, ValidationLimits
 from iamport_billing.states import PAYMENT_METHOD_REQUIRED
 from iamport_billing.warehouse.ledger import Ledger
@@ -24,7 +25,7 @@ LOOKUP_CHUNK = 1000
 
 
 def check_billing_keys(
-    hook: Any,
+    gateway: Gateway,
     ledger: Ledger,
     *,
     due_query: str,
@@ -52,8 +53,8 @@ def check_billing_keys(
         if isinstance(c, ChargeCandidate)
     )
     for chunk in iter_chunks(candidates, LOOKUP_CHUNK):
-        lookup = hook.get_billing_keys([c.customer_uid for c in chunk])
-        missing = set(lookup.missing)
+        # Only the gateway's own word marks a key missing; "could not ask" raises.
+        missing = set(gateway.missing_billing_keys([c.customer_uid for c in chunk]))
         checked += len(chunk)
         missing_subs += [c.subscription_id for c in chunk if c.customer_uid in missing]
     if subscriptions_table is not None:

@@ -20,11 +20,11 @@ from typing import Any
 from iamport_billing.api_types import Payment
 from iamport_billing.charging import (
     ChargeSettings,
-    decisive_payment,
     outcome_from_payment,
-    resolve_by_lookup,
     resolve_unsettled,
+    settle_by_lookup,
 )
+from iamport_billing.gateways.base import FOUND, Gateway, Lookup
 from iamport_billing.policy import SEOUL, parse_merchant_uid
 from iamport_billing.states import CANCELLED, FAILED, MONEY_MOVED, PAID, UNSETTLED
 from iamport_billing.warehouse.ledger import Attempt, Ledger
@@ -58,7 +58,7 @@ class ReconcileReport:
 
 
 def reconcile(
-    hook: Any,
+    gateway: Gateway,
     ledger: Ledger,
     settings: ChargeSettings,
     *,
@@ -70,10 +70,11 @@ def reconcile(
     lg = logger or log
     since_ts, until_ts = int((until - window).timestamp()), int(until.timestamp())
     report = ReconcileReport(window=(since_ts, until_ts))
-    report.resolved = resolve_unsettled(hook, ledger, settings, run, logger=lg)
+    report.resolved = resolve_unsettled(gateway, ledger, settings, run, logger=lg)
 
     ours: dict[str, list[Payment]] = {}
-    for payment in hook.list_payments("all", since_ts, until_ts):
+    # A listing the gateway could not give fails the run (GatewayUnavailable): never "0 scanned".
+    for payment in gateway.payments_between(since_ts, until_ts):
         report.scanned += 1
         if parse_merchant_uid(payment.merchant_uid) is not None:
             ours.setdefault(payment.merchant_uid, []).append(payment)
@@ -81,9 +82,10 @@ def reconcile(
     for merchant_uid, payments in sorted(ours.items()):
         row = rows.get(merchant_uid)
         if row is None:
-            _record_missing(hook, ledger, settings, merchant_uid, run, report, lg)
+            _record_missing(gateway, ledger, settings, merchant_uid, run, report, lg)
         elif row.status not in UNSETTLED:  # unsettled ones are in flight or left to step 1
-            _compare(ledger, settings, row, decisive_payment(payments), report, lg)
+            decisive = Lookup(FOUND, tuple(payments)).decisive
+            _compare(ledger, settings, row, decisive, report, lg)  # type: ignore[arg-type]
 
     first_day = datetime.fromtimestamp(since_ts, SEOUL).date() - timedelta(days=1)
     for sub, day, n in ledger.double_paid(first_day):
@@ -104,17 +106,19 @@ def reconcile(
 
 
 def _record_missing(
-    hook: Any, ledger: Ledger, settings: ChargeSettings, merchant_uid: str,
+    gateway: Gateway, ledger: Ledger, settings: ChargeSettings, merchant_uid: str,
     run: Mapping[str, Any], report: ReconcileReport, lg: logging.Logger,
 ) -> None:  # fmt: skip
     """Insert the ledger row Iamport proves we should have (its full history decides)."""
     parsed = parse_merchant_uid(merchant_uid)
     assert parsed is not None
     sub, billing_date, attempt_no = parsed
-    outcome = resolve_by_lookup(hook, merchant_uid, None, billing_date, attempt_no, settings)
-    if outcome is None:
+    found, outcome = settle_by_lookup(
+        gateway, merchant_uid, None, billing_date, attempt_no, settings
+    )
+    if outcome is None or found.decisive is None:
         return
-    payment = hook.find_payment(merchant_uid)
+    payment = found.decisive
     row = {
         **asdict(outcome),
         "subscription_id": sub,

@@ -42,8 +42,10 @@ MEANING = {
     REJECTED: "bad input, never sent",
 }
 
-# Decline kinds (billing_charge_attempts.decline_kind).
-HARD, SOFT = "hard", "soft"
+# Decline kinds (billing_charge_attempts.decline_kind) of a failed attempt.
+HARD = "hard"  # the card cannot be charged again: a new card is needed
+SOFT = "soft"  # try again on the dunning schedule
+REFUSED = "refused"  # the gateway refused the request itself: never dunned, a person looks
 
 # -- subscription statuses (billing_subscriptions.status) --------------------------------------
 ACTIVE = "active"  # billed on next_billing_date
@@ -63,3 +65,29 @@ SUBSCRIPTION_MOVES: dict[str, tuple[str, ...]] = {
 def may_move(source: str, target: str) -> bool:
     """True when ``ATTEMPT_MOVES`` allows ``source`` -> ``target``."""
     return source in ATTEMPT_MOVES.get(target, ())
+
+
+# -- refund states (billing_refunds.status) ----------------------------------------------------
+REFUND_PENDING = "pending"  # written ahead of the cancel POST; sent or about to be
+REFUND_UNKNOWN = "unknown"  # sent, no usable answer: settled from the cancel history, not resent
+REFUND_DONE = "done"  # Iamport's cancel history holds this refund (our marker in its reason)
+REFUND_REFUSED = "refused"  # not applied: Iamport refused it, or the balance moved under it
+
+REFUND_STATES = (REFUND_PENDING, REFUND_UNKNOWN, REFUND_DONE, REFUND_REFUSED)
+REFUND_OPEN = (REFUND_PENDING, REFUND_UNKNOWN)  # a re-run must settle these before anything
+
+# target state -> states a refund may be moved from (compare-and-set in SQL). Iamport's cancel
+# history showing our refund wins over any state; every other move needs the refund open.
+REFUND_MOVES: dict[str, tuple[str, ...]] = {
+    REFUND_PENDING: (REFUND_PENDING, REFUND_UNKNOWN),
+    REFUND_UNKNOWN: (REFUND_PENDING, REFUND_UNKNOWN),
+    REFUND_DONE: (REFUND_PENDING, REFUND_UNKNOWN, REFUND_REFUSED),
+    REFUND_REFUSED: (REFUND_PENDING, REFUND_UNKNOWN),
+}
+
+REFUND_MEANING = {
+    REFUND_PENDING: "written ahead of the cancel request; sent or about to be",
+    REFUND_UNKNOWN: "sent, answer lost; a re-run settles it from Iamport's cancel history",
+    REFUND_DONE: "refunded: Iamport's cancel history carries this refund's marker",
+    REFUND_REFUSED: "not refunded: refused, or the balance moved under it; a person decides",
+}

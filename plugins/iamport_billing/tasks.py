@@ -24,7 +24,7 @@ from iamport_billing.billing_run import (
 )
 from iamport_billing.charging import ChargeSettings, resolve_unsettled
 from iamport_billing.config import BillingConfig
-from iamport_billing.hooks.iamport import IamportHook
+from iamport_billing.gateways import gateway_for
 from iamport_billing.policy import Guardrails
 from iamport_billing.states import AMOUNT_MISMATCH, SOFT
 from iamport_billing.warehouse.ledger import Ledger
@@ -54,14 +54,14 @@ def reconcile_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, int
     """Settle what earlier runs left pending/unknown before this run plans anything."""
     with Ledger.from_conn_id(cfg.warehouse_conn_id) as ledger:
         ledger.init_schema()
-        hook = IamportHook(cfg.iamport_conn_id)
+        gateway = gateway_for(cfg.iamport_conn_id)
         try:
             counts = resolve_unsettled(
-                hook, ledger, charge_settings(cfg, context.get("params")), run_info(context),
+                gateway, ledger, charge_settings(cfg, context.get("params")), run_info(context),
                 default_name=cfg.limits.default_name,
             )  # fmt: skip
         finally:
-            hook.close()
+            gateway.close()
     log.info("reconciled earlier unsettled attempts: %s", counts or "none")
     return counts
 

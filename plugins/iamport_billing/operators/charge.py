@@ -9,8 +9,9 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from iamport_billing.billing_run import candidates_in_batch, run_info, write_back
-from iamport_billing.charging import ChargeEngine, ChargeSettings
-from iamport_billing.hooks.iamport import IamportHook
+from iamport_billing.charging import BatchResult, ChargeEngine, ChargeSettings
+from iamport_billing.gateways import gateway_for
+from iamport_billing.gateways.base import CredentialsRefused, Gateway, GatewayUnavailable
 from iamport_billing.policy import (
     ChargeCandidate,
     DeclineTable,
@@ -118,30 +119,47 @@ class ChargeAgainOperator(BaseOperator):
         )
 
     def execute(self, context: Any) -> dict[str, Any]:
+        gateway = gateway_for(self.iamport_conn_id, pool_maxsize=int(self.max_concurrency))
+        try:
+            result, unsettled = self._charge(gateway, context)
+        except CredentialsRefused as e:
+            # Retrying cannot help and nothing was sent: fail now, saying so.
+            raise AirflowFailException(
+                f"the gateway refused the credentials of connection {self.iamport_conn_id!r} "
+                f"(imp_key/imp_secret): nothing was sent. Fix the connection, then clear this "
+                f"task. {e}"
+            ) from None
+        except GatewayUnavailable as e:
+            raise AirflowException(f"{e}; a retry sends them") from None
+        finally:
+            gateway.close()
+        summary = result.as_dict()
+        self.log.info("charge summary: %s", summary)
+        if unsettled and self.fail_on_unknown:
+            raise AirflowException(
+                f"{len(unsettled)} charge outcomes still unknown (e.g. {unsettled[:5]}); "
+                "a retry or the reconcile DAG looks them up first"
+            )
+        return summary
+
+    def _charge(self, gateway: Gateway, context: Any) -> tuple[BatchResult, list[str]]:
         settings = self._settings()
         limits = ValidationLimits(**self.validation)
-        hook = IamportHook(self.iamport_conn_id, pool_maxsize=settings.max_concurrency)
         with Ledger.from_conn_id(self.warehouse_conn_id) as ledger:
             ledger.init_schema()
-            engine = ChargeEngine(hook, ledger, settings, run_info(context), logger=self.log)
+            engine = ChargeEngine(gateway, ledger, settings, run_info(context), logger=self.log)
             if self.batch is not None:
-                source = (
-                    DueSource.from_conn_id(self.source_conn_id)
-                    if self.source_conn_id not in (None, self.warehouse_conn_id)
-                    else ledger.due_source()
-                )
-                with source:
-                    candidates = candidates_in_batch(
-                        ledger, source=source, due_query=self.due_query, batch=self.batch,
-                        limits=limits, run=engine.run, logger=self.log,
-                    )  # fmt: skip
+                candidates = self._batch_candidates(ledger, limits, engine.run)
                 self.log.info("batch %s: %d charges to consider", dict(self.batch), len(candidates))
-                result = engine.charge_batch(candidates)
-                if self.subscriptions_table:
-                    write_back(
-                        ledger, subscriptions_table=self.subscriptions_table,
-                        subscription_ids=[c.subscription_id for c in candidates], logger=self.log,
-                    )  # fmt: skip
+                try:
+                    result = engine.charge_batch(candidates)
+                finally:
+                    if self.subscriptions_table:
+                        write_back(
+                            ledger, subscriptions_table=self.subscriptions_table,
+                            subscription_ids=[c.subscription_id for c in candidates],
+                            logger=self.log,
+                        )  # fmt: skip
             else:
                 candidate = self._single_candidate(context, limits)
                 result = engine.charge_batch(
@@ -150,16 +168,21 @@ class ChargeAgainOperator(BaseOperator):
             # Whatever the engine counted, the ledger decides: any row this task left
             # pending/unknown (a 'ready' payment, an unresolved 5xx) fails it.
             unsettled = [a.merchant_uid for a in ledger.unsettled_for_claim(engine.claim_token)]
-        hook.close()
-        summary = result.as_dict()
-        self.log.info("charge summary: %s", summary)
-        unsettled = sorted({*unsettled, *result.unknown_merchant_uids})
-        if unsettled and self.fail_on_unknown:
-            raise AirflowException(
-                f"{len(unsettled)} charge outcomes still unknown (e.g. {unsettled[:5]}); "
-                "a retry or the reconcile DAG looks them up first"
-            )
-        return summary
+        return result, sorted({*unsettled, *result.unknown_merchant_uids})
+
+    def _batch_candidates(
+        self, ledger: Ledger, limits: ValidationLimits, run: Mapping[str, Any]
+    ) -> list[ChargeCandidate]:
+        source = (
+            DueSource.from_conn_id(self.source_conn_id)
+            if self.source_conn_id not in (None, self.warehouse_conn_id)
+            else ledger.due_source()
+        )
+        with source:
+            return candidates_in_batch(
+                ledger, source=source, due_query=self.due_query, batch=self.batch or {},
+                limits=limits, run=run, logger=self.log,
+            )  # fmt: skip
 
     def _single_candidate(self, context: Any, limits: ValidationLimits) -> ChargeCandidate:
         if not (self.customer_uid and self.merchant_uid and self.amount is not None):

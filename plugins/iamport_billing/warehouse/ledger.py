@@ -25,6 +25,7 @@ from iamport_billing.states import (
     MONEY_MOVED,
     PAID,
     PENDING,
+    REFUSED,
     REJECTED,
     SOFT,
     UNSETTLED,
@@ -329,6 +330,15 @@ class Ledger(SqlSession):
                 [stamp, stamp, merchant_uid, claim_token, PENDING],
             )
             == 1
+        )
+
+    def withdraw(self, merchant_uids: Sequence[str], claim_token: str) -> None:
+        """Take back the send ``confirm_send`` counted for requests that provably never left
+        (no token, connection refused): the row is as it was before this send."""
+        self.executemany(
+            f"UPDATE {ATTEMPTS} SET send_count = send_count - 1 WHERE merchant_uid = %s "
+            "AND claim_token = %s AND status = %s AND send_count > 0",
+            [(m, claim_token, PENDING) for m in merchant_uids],
         )
 
     def release(self, merchant_uids: Sequence[str], claim_token: str) -> None:
@@ -747,6 +757,18 @@ class Ledger(SqlSession):
             f"SELECT subscription_id, error_code, error_message FROM {ATTEMPTS} "
             f"WHERE {where} AND status = %s ORDER BY subscription_id LIMIT {int(limit)}",
             [*params, REJECTED],
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def refused_requests(
+        self, run: Mapping[str, Any], limit: int = 50
+    ) -> list[tuple[str, str | None, str | None]]:
+        """(subscription_id, code, reason) of a run's requests the gateway refused."""
+        rows = self.query(
+            f"SELECT subscription_id, error_code, error_message FROM {ATTEMPTS} "
+            "WHERE dag_id = %s AND run_id = %s AND status = %s AND decline_kind = %s "
+            f"ORDER BY subscription_id LIMIT {int(limit)}",
+            [run["dag_id"], run["run_id"], FAILED, REFUSED],
         )
         return [(r[0], r[1], r[2]) for r in rows]
 

@@ -1,0 +1,105 @@
+"""The gateway interface: what the engine, reconciliation, precheck and refunds may ask a
+payment gateway, and the neutral answers they get back.
+
+Everything a gateway says in its own words (envelopes, codes, decline markers, token styles)
+stays in its implementation; callers see ``ChargeResult`` kinds and three-way ``Lookup``s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from iamport_billing.api_types import Payment
+
+# ChargeResult kinds: what one charge request ended as, in the engine's words.
+PAID = "paid"  # the gateway took money (see payment: it may be another amount)
+DECLINED = "declined"  # the card was declined (payment.fail_reason / code say why)
+NO_BILLING_KEY = "no_billing_key"  # the customer has no stored card at the gateway
+REFUSED = "refused"  # the request itself was refused; no money moved, never retried as is
+UNKNOWN = "unknown"  # sent, and nothing says what happened: look it up before anything else
+NOT_SENT = "not_sent"  # provably never reached the gateway (no token, connection refused)
+RATE_LIMITED = "rate_limited"  # refused unprocessed for load: safe to send again later
+
+# ChargeResult code of an UNKNOWN answered in a shape that is not the gateway's (a proxy's
+# page, a wrong base path): once the gateway's own word says it has no such payment, the
+# request is settled as refused for a person to look at, never sent again in a loop.
+FOREIGN_REPLY = "foreign_reply"
+
+# Lookup kinds.
+FOUND, ABSENT, UNREACHABLE = "found", "absent", "unreachable"
+
+
+class GatewayError(Exception):
+    """The gateway could not be asked, or refused our credentials; the message is clean text
+    (status and a short excerpt, no markup, no secret)."""
+
+
+class CredentialsRefused(GatewayError):
+    """The gateway refused the API key/secret: nothing was sent, retrying cannot help."""
+
+
+class GatewayUnavailable(GatewayError):
+    """The gateway could not be asked (down, proxy, wrong shape): it proves nothing."""
+
+
+@dataclass(frozen=True)
+class ChargeRequest:
+    merchant_uid: str
+    customer_uid: str
+    amount: int
+    name: str
+    currency: str = "KRW"
+    # Sent before under this merchant_uid: a refusal now may hide the first request's charge.
+    resend: bool = False
+    buyer: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChargeResult:
+    kind: str
+    payment: Payment | None = None
+    code: str | None = None
+    reason: str | None = None
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """found (with the gateway's records), absent (its own word), or unreachable (anything
+    else). Only ``absent`` ever allows sending the same merchant_uid again."""
+
+    kind: str
+    payments: tuple[Payment, ...] = ()
+    reason: str | None = None
+
+    @property
+    def decisive(self) -> Payment | None:
+        """Of a merchant_uid's records, the one that decides: paid/cancelled if any, else the
+        latest started."""
+        if not self.payments:
+            return None
+        settled = [p for p in self.payments if p.status in ("paid", "cancelled")]
+        if settled:
+            return settled[0]
+        return max(self.payments, key=lambda p: (p.started_at or 0, p.failed_at or 0))
+
+
+class Gateway(Protocol):
+    """One gateway connection. Implementations: ``iamport_v1.IamportV1Gateway``."""
+
+    def charge(self, request: ChargeRequest) -> ChargeResult: ...
+
+    def look_up(self, merchant_uid: str) -> Lookup: ...
+
+    def payments_between(self, since: int, until: int) -> Iterator[Payment]:
+        """Every payment started in [since, until) (unix seconds); raises GatewayUnavailable
+        rather than end early."""
+        ...
+
+    def missing_billing_keys(self, customer_uids: Sequence[str]) -> list[str]:
+        """customer_uids the gateway says have no billing key; raises GatewayUnavailable."""
+        ...
+
+    def close(self) -> None: ...
