@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pendulum
 from airflow.sdk import DAG, CronTriggerTimetable, task
 from iamport_billing import alerts, ops_tasks
@@ -17,7 +19,11 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     tags=["billing", "iamport", "reconciliation"],
-    default_args={"retries": 2, "on_failure_callback": alerts.TaskFailureAlert(cfg)},
+    default_args={
+        "retries": cfg.task_retries,
+        "retry_delay": timedelta(seconds=cfg.task_retry_delay_seconds),
+        "on_failure_callback": alerts.TaskFailureAlert(cfg),
+    },
 ) as dag:
 
     @task

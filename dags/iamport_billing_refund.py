@@ -2,9 +2,15 @@
 
 Trigger with config, e.g. ``{"merchant_uid": "sub-1-20261126-01", "amount": 3000,
 "reason": "customer asked"}``; leave ``amount`` null for a full refund.
+
+Retries are safe: the refund is written ahead (keyed by this task instance), sent once, and a
+retry settles it from Iamport's cancel history instead of sending it again. ``checksum`` is for
+a person: the refundable balance to refund against when the ledger and Iamport disagree.
 """
 
 from __future__ import annotations
+
+from datetime import timedelta
 
 import pendulum
 from airflow.sdk import DAG, Param
@@ -16,7 +22,7 @@ cfg = BillingConfig.from_env()
 
 with DAG(
     dag_id="iamport_billing_refund",
-    description="Cancel (refund) one charge with a checksum; the ledger records it",
+    description="Cancel (refund) one charge: written ahead, sent once, settled from Iamport",
     schedule=None,
     start_date=pendulum.datetime(2026, 1, 1, tz="Asia/Seoul"),
     catchup=False,
@@ -27,8 +33,19 @@ with DAG(
         "imp_uid": Param(None, type=["null", "string"]),
         "amount": Param(None, type=["null", "integer"], minimum=1, description="null: full"),
         "reason": Param("refund", type="string", minLength=1),
+        "checksum": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            description="null: Iamport's balance, checked against the ledger",
+        ),  # fmt: skip
     },
-    default_args={"retries": 0, "on_failure_callback": alerts.TaskFailureAlert(cfg)},
+    default_args={
+        # A retry settles a lost answer from the cancel history; it never resends blindly.
+        "retries": 3,
+        "retry_delay": timedelta(minutes=1),
+        "on_failure_callback": alerts.TaskFailureAlert(cfg),
+    },
 ) as dag:
     CancelPaymentOperator(
         task_id="cancel",
@@ -38,4 +55,5 @@ with DAG(
         imp_uid="{{ params.imp_uid }}",
         amount="{{ params.amount }}",
         reason="{{ params.reason }}",
+        checksum="{{ params.checksum }}",
     )

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import date
+import json
+from datetime import date, timedelta
+from types import SimpleNamespace
 
 import pendulum
 import pytest
+import requests
 from iamport_billing.charging import ChargeEngine
+from iamport_billing.gateways.iamport_v1 import IamportV1Gateway
 from iamport_billing.hooks.iamport import IamportHook
+from iamport_billing.operators.cancel import refund_identity
 from iamport_billing.policy import ChargeCandidate, merchant_uid_for
+from iamport_billing.states import REFUND_DONE
+from iamport_billing.warehouse.refunds import Refunds
 from ops_support import RUN, SETTINGS, subscribe
 from support import PAYING_CARD, emulator_payments
 
@@ -31,7 +38,7 @@ def states(dr) -> dict[str, str]:
 
 def charge(ledger, sub: str, amount: int = 10_000) -> str:
     hook = IamportHook()
-    ChargeEngine(hook, ledger, SETTINGS, RUN).charge_batch(
+    ChargeEngine(IamportV1Gateway(hook), ledger, SETTINGS, RUN).charge_batch(
         [ChargeCandidate(sub, f"cust-{sub}", amount, DAY, name="plan")]
     )
     hook.close()
@@ -49,6 +56,36 @@ def test_refund_dag_cancels_part_of_a_charge_and_records_it(airflow_db, ledger, 
     assert (payment["status"], int(payment["cancel_amount"])) == ("cancelled", 3000)
     row = ledger.get_attempt(uid)
     assert (row.status, row.cancel_amount) == ("cancelled", 3000)
+
+
+def test_refund_dag_retry_settles_a_dropped_cancel_reply_without_resending(
+    airflow_db, ledger, emulator
+):
+    subscribe(ledger, emulator, "r2", PAYING_CARD, DAY, amount=10_000)
+    uid = charge(ledger, "r2")
+    faults = f"{emulator.url}/__emulator__/faults"
+    requests.post(faults, json={"drop_cancel_reply": True}, timeout=5).raise_for_status()
+    refund = dag("iamport_billing_refund")
+    refund.task_dict["cancel"].retry_delay = timedelta(seconds=1)
+
+    dr = refund.test(run_conf={"merchant_uid": uid, "amount": 3000, "reason": "customer asked"})
+
+    (ti,) = dr.get_task_instances()
+    assert (ti.state, ti.try_number) == ("success", 2)  # try 1: answer lost; try 2 settled it
+    (payment,) = emulator_payments(emulator.config.db_path)
+    cancels = [int(h["amount"]) for h in json.loads(payment["cancel_history"])]
+    assert (payment["status"], int(payment["cancel_amount"]), cancels) == (
+        "cancelled",
+        3000,
+        [3000],
+    )
+    stats = requests.get(f"{emulator.url}/__emulator__/stats", timeout=5).json()
+    assert stats["requests"]["POST /payments/cancel"] == 1
+    row = ledger.get_attempt(uid)
+    assert (row.status, row.cancel_amount) == ("cancelled", 3000)
+    task = SimpleNamespace(dag_id=dr.dag_id, run_id=dr.run_id, task_id="cancel", map_index=-1)
+    intent = Refunds(ledger).get(refund_identity({"ti": task}).refund_id)
+    assert (intent.status, intent.cancel_amount_after, intent.send_count) == (REFUND_DONE, 3000, 1)
 
 
 def test_reconcile_dag_settles_pending_rows_and_records_missing_payments(

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import date
+from datetime import date, datetime
 from itertools import chain
 from queue import Empty, SimpleQueue
 from typing import Any
@@ -45,12 +45,14 @@ from iamport_billing.gateways.base import (
     REFUSED as REFUSED_REQUEST,
 )
 from iamport_billing.policy import (
+    SEOUL,
     ChargeCandidate,
     DeclineTable,
     merchant_uid_for,
     next_retry_date,
 )
 from iamport_billing.states import (
+    ABANDONED,
     AMOUNT_MISMATCH,
     CANCELLED,
     FAILED,
@@ -60,6 +62,7 @@ from iamport_billing.states import (
     PENDING,
     REFUSED,
     SOFT,
+    SUB_CANCELLED,
     UNKNOWN,
     UNSETTLED,
 )
@@ -290,6 +293,13 @@ class ChargeEngine:
         attempt. ``merchant_uids`` overrides the scheme (single charges with a caller's id).
         """
         existing = self.ledger.attempts_for(c.subscription_id for c in candidates)
+        put_back = self.ledger.put_backs_for(
+            {
+                c.subscription_id
+                for c in candidates
+                if (c.subscription_id, c.billing_date) in existing
+            }
+        )
         cutoff = lease_cutoff(self.settings.pending_lease_seconds)
         to_claim: list[PlannedCharge] = []
         to_resolve: list[tuple[Attempt, ChargeCandidate]] = []
@@ -309,8 +319,15 @@ class ChargeEngine:
                         to_resolve.append((a, c))
                 continue
             attempt_no = 1
-            if attempts and new_attempts and _put_back_after(attempts[-1], c):
-                attempt_no = attempts[-1].attempt_no + 1
+            latest = attempts[-1] if attempts else None
+            if (
+                latest is not None
+                and new_attempts
+                and latest.status == FAILED
+                and (c.subscription_id, c.billing_date, latest.attempt_no) in put_back
+                and latest.attempt_no < 99
+            ):
+                attempt_no = latest.attempt_no + 1  # a person put it back: once more
             elif attempts or not new_attempts:
                 self.result.add("already_settled", c.amount)
                 continue
@@ -339,7 +356,10 @@ class ChargeEngine:
     ) -> BatchResult:
         to_claim, to_resolve = self.plan(candidates, merchant_uids=merchant_uids)
         resend = self.resolve_stale(to_resolve)
-        self.send_all(resend, to_claim)
+        # A put-back's attempt NN+1 asks about NN first, exactly as dunning does.
+        later = self.previous_unpaid([p for p in to_claim if p.attempt_no > 1])
+        first = [p for p in to_claim if p.attempt_no == 1]
+        self.send_all(resend, [*first, *later])
         return self.result
 
     def charge_planned(self, planned: Sequence[PlannedCharge]) -> BatchResult:
@@ -365,7 +385,10 @@ class ChargeEngine:
             yield from self.claim(part)
 
     def resolve_stale(
-        self, stale: Sequence[tuple[Attempt, ChargeCandidate]]
+        self,
+        stale: Sequence[tuple[Attempt, ChargeCandidate]],
+        *,
+        owed: Callable[[Attempt], bool] | None = None,
     ) -> list[PlannedCharge]:
         """Look up unsettled rows from earlier runs; return those Iamport never saw (resend)."""
         resend: list[PlannedCharge] = []
@@ -382,10 +405,27 @@ class ChargeEngine:
                 self.result.add("unresolved", attempt.amount)
                 self.result.unknown_merchant_uids.append(attempt.merchant_uid)
                 continue
+            if outcome is None and owed is not None and not owed(attempt):
+                outcome = Outcome(
+                    attempt.merchant_uid, ABANDONED, error_code="no_longer_owed",
+                    error_message="the gateway never saw it and the subscription no longer owes "
+                    "this period (cancelled, moved on or too old): closed without a charge",
+                )  # fmt: skip
             if outcome is None:
-                if self.ledger.reclaim(attempt, self.claim_token, self.run):
+                idle = (
+                    None
+                    if self._left_by_dead_try(attempt)
+                    else lease_cutoff(self.settings.pending_lease_seconds)
+                )
+                if self.ledger.reclaim(attempt, self.claim_token, self.run, idle_since=idle):
+                    # The same merchant_uid carries the same request: what the row recorded.
+                    same = replace(
+                        cand, customer_uid=attempt.customer_uid or cand.customer_uid,
+                        amount=int(attempt.amount or cand.amount), name=attempt.name or cand.name,
+                        currency=attempt.currency or cand.currency,
+                    )  # fmt: skip
                     resend.append(
-                        PlannedCharge(cand, attempt.attempt_no, attempt.merchant_uid, resend=True)
+                        PlannedCharge(same, attempt.attempt_no, attempt.merchant_uid, resend=True)
                     )
                 else:
                     self.result.add("claimed_elsewhere", cand.amount)
@@ -558,15 +598,19 @@ class ChargeEngine:
             buyer={"buyer_name": c.buyer_name, "buyer_email": c.buyer_email,
                    "buyer_tel": c.buyer_tel, **c.options},
         )  # fmt: skip
+        # Waits after 429s stay well inside the lease confirm_send renewed, so nobody takes
+        # the row over while this worker is about to send it again.
+        budget = time.monotonic() + self.settings.pending_lease_seconds / 2
         for rate_try in range(self.settings.rate_limit_retries + 1):
             self.limiter.acquire()
             started = time.monotonic()
             result = self.gateway.charge(request)
-            if result.kind == RATE_LIMITED and rate_try < self.settings.rate_limit_retries:
-                delay = result.retry_after if result.retry_after is not None else 0.5 * 2**rate_try
-                time.sleep(delay)
-                continue
-            break
+            if result.kind != RATE_LIMITED or rate_try == self.settings.rate_limit_retries:
+                break
+            delay = result.retry_after if result.retry_after is not None else 0.5 * 2**rate_try
+            if time.monotonic() + delay > budget:
+                break
+            time.sleep(delay)
         if result.kind == NOT_SENT:
             self.log.warning("%s not sent: %s", p.merchant_uid, result.reason)
             return None, time.monotonic()
@@ -610,6 +654,12 @@ class ChargeEngine:
                 paid.append(outcome)
                 self.result.add("previous_paid", c.amount)
                 continue
+            if outcome is not None and outcome.status != FAILED:
+                # Still in progress there ('ready' or new): NN+1 waits for NN to settle.
+                self.log.warning("%s is %s at the gateway: %s waits", previous, outcome.status,
+                                 p.merchant_uid)  # fmt: skip
+                self.result.add("previous_unsettled", c.amount)
+                continue
             go.append(p)
         self._note_refused(self.ledger.record_outcomes(paid))
         return go
@@ -647,31 +697,42 @@ def _take_finished(finished: SimpleQueue[Any], timeout: float) -> list[Any]:
             return done
 
 
-def _put_back_after(latest: Attempt, c: ChargeCandidate) -> bool:
-    """A person put the subscription back (active, updated after its last failure) when the
-    last attempt was a hard decline, a missing key or the last retry: try once more."""
-    if latest.status != FAILED or c.updated_at is None or latest.completed_at is None:
-        return False
-    gave_up = latest.decline_kind == HARD or latest.next_retry_date is None
-    return gave_up and c.updated_at > latest.completed_at and latest.attempt_no < 99
-
-
 def _ms(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
 
 
 def resolve_unsettled(
-    hook: Any, ledger: Ledger, settings: ChargeSettings, run: Mapping[str, Any], *,
+    gateway: Gateway, ledger: Ledger, settings: ChargeSettings, run: Mapping[str, Any], *,
     logger: logging.Logger | None = None, limit: int = 10000, default_name: str = "정기결제",
+    subscriptions_table: str | None = None, max_overdue_days: int = 45,
 ) -> dict[str, int]:  # fmt: skip
     """Drive every pending/unknown row older than the lease, whichever DAG left it, to a final
-    state: record what the gateway says happened, and resend under the same merchant_uid the
-    rows the gateway says it never saw. Rows it cannot be asked about stay as they are."""
+    state: record what the gateway says happened; resend under the same merchant_uid the rows
+    it says it never saw while the period is still owed (subscription not cancelled, still on
+    that billing date, not overdue past the limit), close the others as abandoned. Rows it
+    cannot be asked about stay as they are."""
     stale = ledger.unsettled_attempts(
         requested_before=lease_cutoff(settings.pending_lease_seconds), limit=limit
     )
-    engine = ChargeEngine(hook, ledger, settings, run, logger=logger)
-    resend = engine.resolve_stale([(a, candidate_from_attempt(a, default_name)) for a in stale])
+    states = (
+        ledger.subscription_states([a.subscription_id or "" for a in stale], subscriptions_table)
+        if subscriptions_table is not None
+        else None
+    )
+    today = datetime.now(SEOUL).date()
+
+    def owed(a: Attempt) -> bool:
+        if (today - a.billing_date).days > max_overdue_days:
+            return False
+        if states is None:
+            return True
+        state = states.get(a.subscription_id or "")
+        return state is not None and state[0] != SUB_CANCELLED and state[1] == a.billing_date
+
+    engine = ChargeEngine(gateway, ledger, settings, run, logger=logger)
+    resend = engine.resolve_stale(
+        [(a, candidate_from_attempt(a, default_name)) for a in stale], owed=owed
+    )
     engine.send_all(resend, [])
     return dict(engine.result.counts)
 

@@ -44,18 +44,19 @@ def ledger_summary(args: argparse.Namespace) -> int:
 
 
 def subscriptions_put_back(args: argparse.Namespace) -> int:
-    """After a customer registered a new card: status active, updated now. The next daily run
-    makes one more attempt for the subscription's current billing date (then never again)."""
-    missing = []
+    """After a customer registered a new card: the next daily run makes one more attempt for
+    the billing date of the subscription's latest failed attempt (then never again)."""
+    refused = 0
+    table = None if args.no_table else args.table
     with _ledger(args.conn_id) as ledger:
         for sub in args.subscription_id:
-            if not ledger.put_back(sub, args.table):
-                missing.append(sub)
-    for sub in missing:
-        print(f"no subscription {sub!r} in {args.table}", file=sys.stderr)
-    done = len(args.subscription_id) - len(missing)
+            why_not = ledger.put_back(sub, table)
+            if why_not:
+                refused += 1
+                print(f"{sub}: not put back: {why_not}", file=sys.stderr)
+    done = len(args.subscription_id) - refused
     print(f"{done} subscription(s) put back: the next daily run charges them once more")
-    return 1 if missing else 0
+    return 1 if refused else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     put_back.add_argument("subscription_id", nargs="+")
     put_back.add_argument("--conn-id", default="billing_warehouse")
     put_back.add_argument("--table", default=SUBSCRIPTIONS)
+    put_back.add_argument(
+        "--no-table", action="store_true",
+        help="the subscriptions table is read-only elsewhere: record the put-back only",
+    )  # fmt: skip
     put_back.set_defaults(func=subscriptions_put_back)
     return parser
 

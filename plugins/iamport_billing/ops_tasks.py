@@ -83,6 +83,8 @@ def reconcile_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, Any
             report = reconcile(
                 gateway, ledger, charge_settings(cfg, context.get("params")), until=until,
                 window=timedelta(hours=cfg.reconcile_window_hours), run=run,
+                subscriptions_table=cfg.subscriptions_table if cfg.write_back else None,
+                max_overdue_days=cfg.limits.max_overdue_days,
             )  # fmt: skip
     finally:
         gateway.close()

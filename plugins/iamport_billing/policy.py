@@ -104,9 +104,6 @@ class ChargeCandidate:
     options: Mapping[str, Any] = field(default_factory=dict)
     # What validation changed to fit the gateway's limits (logged by the plan).
     notes: tuple[str, ...] = ()
-    # When the warehouse last changed the subscription (a person putting it back after a
-    # failure makes it due for one more attempt).
-    updated_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -293,7 +290,6 @@ def validate_row(
         currency=currency,
         name=name,
         options={k: v for k, v in extra.items() if v is not None},
-        updated_at=to_timestamp(row.get("updated_at")),
         notes=tuple(notes),
         buyer_name=fields["buyer_name"],
         buyer_email=fields["buyer_email"],

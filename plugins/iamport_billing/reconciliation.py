@@ -65,12 +65,17 @@ def reconcile(
     until: datetime,
     window: timedelta,
     run: Mapping[str, Any],
+    subscriptions_table: str | None = None,
+    max_overdue_days: int = 45,
     logger: logging.Logger | None = None,
 ) -> ReconcileReport:
     lg = logger or log
     since_ts, until_ts = int((until - window).timestamp()), int(until.timestamp())
     report = ReconcileReport(window=(since_ts, until_ts))
-    report.resolved = resolve_unsettled(gateway, ledger, settings, run, logger=lg)
+    report.resolved = resolve_unsettled(
+        gateway, ledger, settings, run, logger=lg, subscriptions_table=subscriptions_table,
+        max_overdue_days=max_overdue_days,
+    )  # fmt: skip
 
     ours: dict[str, list[Payment]] = {}
     # A listing the gateway could not give fails the run (GatewayUnavailable): never "0 scanned".

@@ -14,11 +14,14 @@ AMOUNT_MISMATCH = "amount_mismatch"  # paid, but not the amount we asked: a pers
 FAILED = "failed"  # declined (see decline_kind) or refused before money moved
 CANCELLED = "cancelled"  # paid, then refunded in full or in part (see cancel_amount)
 REJECTED = "rejected"  # bad input: never sent to the gateway
+ABANDONED = "abandoned"  # never reached the gateway and no longer owed: closed, not charged
 
-ATTEMPT_STATES = (PENDING, UNKNOWN, PAID, AMOUNT_MISMATCH, FAILED, CANCELLED, REJECTED)
+ATTEMPT_STATES = (
+    PENDING, UNKNOWN, PAID, AMOUNT_MISMATCH, FAILED, CANCELLED, REJECTED, ABANDONED,
+)  # fmt: skip
 UNSETTLED = (PENDING, UNKNOWN)  # money may be moving: nothing else may touch the period
 MONEY_MOVED = (PAID, AMOUNT_MISMATCH, CANCELLED)  # the gateway took money for this uid
-SETTLED = (PAID, AMOUNT_MISMATCH, FAILED, CANCELLED, REJECTED)
+SETTLED = (PAID, AMOUNT_MISMATCH, FAILED, CANCELLED, REJECTED, ABANDONED)
 
 # target state -> states it may be reached from. A gateway's word that money moved (paid,
 # amount mismatch, cancelled) wins over any state but rejected, whoever brings it; every
@@ -27,9 +30,10 @@ ATTEMPT_MOVES: dict[str, tuple[str, ...]] = {
     PENDING: (PENDING, UNKNOWN),
     UNKNOWN: (PENDING, UNKNOWN),
     FAILED: (PENDING, UNKNOWN),
-    PAID: (PENDING, UNKNOWN, FAILED, PAID, AMOUNT_MISMATCH),
-    AMOUNT_MISMATCH: (PENDING, UNKNOWN, FAILED),
-    CANCELLED: (PENDING, UNKNOWN, FAILED, PAID, AMOUNT_MISMATCH, CANCELLED),
+    ABANDONED: (PENDING, UNKNOWN),
+    PAID: (PENDING, UNKNOWN, FAILED, ABANDONED, PAID, AMOUNT_MISMATCH),
+    AMOUNT_MISMATCH: (PENDING, UNKNOWN, FAILED, ABANDONED),
+    CANCELLED: (PENDING, UNKNOWN, FAILED, ABANDONED, PAID, AMOUNT_MISMATCH, CANCELLED),
 }
 
 MEANING = {
@@ -40,6 +44,7 @@ MEANING = {
     FAILED: "declined or refused; dunning decides what comes next",
     CANCELLED: "refunded (cancel_amount says how much)",
     REJECTED: "bad input, never sent",
+    ABANDONED: "the gateway never saw it and the period is no longer owed: closed",
 }
 
 # Decline kinds (billing_charge_attempts.decline_kind) of a failed attempt.

@@ -26,7 +26,7 @@ from iamport_billing.charging import ChargeSettings, resolve_unsettled
 from iamport_billing.config import BillingConfig
 from iamport_billing.gateways import gateway_for
 from iamport_billing.policy import Guardrails
-from iamport_billing.states import AMOUNT_MISMATCH, SOFT
+from iamport_billing.states import AMOUNT_MISMATCH
 from iamport_billing.warehouse.ledger import Ledger
 from iamport_billing.warehouse.source import DueSource
 
@@ -59,6 +59,8 @@ def reconcile_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, int
             counts = resolve_unsettled(
                 gateway, ledger, charge_settings(cfg, context.get("params")), run_info(context),
                 default_name=cfg.limits.default_name,
+                subscriptions_table=cfg.subscriptions_table if cfg.write_back else None,
+                max_overdue_days=cfg.limits.max_overdue_days,
             )  # fmt: skip
         finally:
             gateway.close()
@@ -111,9 +113,9 @@ def write_back_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, in
         log.info("write-back is off: results are in the ledger (billing_charge_attempts)")
         return {}
     with Ledger.from_conn_id(cfg.warehouse_conn_id) as ledger:
-        going_past_due = ledger.latest_failed_subscriptions(
-            cfg.subscriptions_table, SOFT, exhausted=True
-        )
+        # Whoever moved them (this step, or a charge task writing its batch back), the
+        # subscriptions whose last retry failed in this run are the ones that went past_due.
+        going_past_due = ledger.exhausted_in_run(run_info(context))
         # Older periods are past the overdue limit: their rows are rejected, not charged.
         since = billing_date_from_context(context) - timedelta(days=cfg.limits.max_overdue_days + 7)
         counts = write_back(ledger, subscriptions_table=cfg.subscriptions_table, since=since)

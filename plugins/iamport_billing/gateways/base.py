@@ -76,14 +76,15 @@ class Lookup:
 
     @property
     def decisive(self) -> Payment | None:
-        """Of a merchant_uid's records, the one that decides: paid/cancelled if any, else the
-        latest started."""
+        """Of a merchant_uid's records, the one that decides: paid/cancelled if any, else one
+        still in progress ('ready': money may yet move), else the latest failure."""
         if not self.payments:
             return None
         settled = [p for p in self.payments if p.status in ("paid", "cancelled")]
         if settled:
             return settled[0]
-        return max(self.payments, key=lambda p: (p.started_at or 0, p.failed_at or 0))
+        open_ = [p for p in self.payments if p.status != "failed"]
+        return max(open_ or self.payments, key=lambda p: (p.started_at or 0, p.failed_at or 0))
 
 
 class Gateway(Protocol):

@@ -1,37 +1,193 @@
-"""CancelPaymentOperator: full or partial refund of a charge, recorded in the ledger."""
+"""CancelPaymentOperator: a refund written ahead, sent once, settled from Iamport's record.
+
+Every refund request has a ``refund_id``: by default derived from the task instance (dag_id,
+run_id, task_id, map_index), so every try of the same task finds the row its earlier tries
+wrote; outside Airflow the caller names it (``request_id``). The cancel ``reason`` carries a
+marker with that id, so Iamport's ``cancel_history`` says which cancels are ours.
+
+A new request: look the payment up, write the intent (amount, checksum = refundable balance
+before) to ``billing_refunds`` and commit, send once. A request that already has a row is
+never resent blindly; it is settled from the payment's cancel history:
+
+* an entry carrying our marker: it was refunded: ``done`` (recorded in the ledger);
+* no such entry and the balance still equals the intent's checksum: it never applied: sent
+  again with the same checksum (Iamport refuses it if anything moved the balance meanwhile);
+* anything else: someone else moved the balance (e.g. a console refund): ``refused``, the task
+  fails for a person to decide. It never reports another refund as its own.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import re
+import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from iamport_billing.api_types import Payment
-from iamport_billing.errors import IamportRequestRejected
-from iamport_billing.hooks.iamport import IamportHook
+from iamport_billing.api_types import Payment, ShapeError
+from iamport_billing.errors import (
+    IamportCancelOutcomeUnknown,
+    IamportError,
+    IamportNotFound,
+    IamportRequestRejected,
+    IamportUnexpectedReply,
+)
+from iamport_billing.hooks.iamport import IamportHook, clean_excerpt
 from iamport_billing.policy import parse_amount
+from iamport_billing.states import (
+    MONEY_MOVED,
+    REFUND_DONE,
+    REFUND_REFUSED,
+    REFUND_UNKNOWN,
+)
 from iamport_billing.warehouse.ledger import Ledger
+from iamport_billing.warehouse.refunds import Refund, Refunds
+
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,40}")
+_MARKER_RE = re.compile(r"\[refund:([A-Za-z0-9._:-]{1,64})\]")
+
+
+@dataclass(frozen=True)
+class RefundIdentity:
+    """Who asks for a refund: its key, and the task instance (None outside Airflow)."""
+
+    refund_id: str
+    dag_id: str | None = None
+    run_id: str | None = None
+    task_id: str | None = None
+    map_index: int | None = None
+    try_number: int | None = None
+
+
+def refund_identity(context: Any, request_id: Any = None) -> RefundIdentity:
+    """The refund's key: ``request_id`` when given, else a hash of the task instance's
+    (dag_id, run_id, task_id, map_index), the same for every try of that instance."""
+    ti = (context or {}).get("ti")
+    meta: dict[str, Any] = {}
+    if ti is not None:
+        map_index = getattr(ti, "map_index", None)
+        meta = {
+            "dag_id": ti.dag_id,
+            "run_id": ti.run_id,
+            "task_id": ti.task_id,
+            "map_index": -1 if map_index is None else int(map_index),
+            "try_number": getattr(ti, "try_number", None),
+        }
+    if request_id not in (None, "", "None"):
+        if not REQUEST_ID_RE.fullmatch(str(request_id)):
+            raise AirflowFailException(
+                f"request_id must be 1-40 characters of A-Z a-z 0-9 . _ : -, got {request_id!r}"
+            )
+        return RefundIdentity(str(request_id), **meta)
+    if ti is None:
+        raise AirflowFailException(
+            "outside Airflow a refund needs request_id: the key that lets a re-run find it"
+        )
+    key = "\x1f".join(str(meta[k]) for k in ("dag_id", "run_id", "task_id", "map_index"))
+    return RefundIdentity("af-" + hashlib.sha256(key.encode()).hexdigest()[:24], **meta)
+
+
+def refund_marker(refund_id: str) -> str:
+    """What the cancel ``reason`` carries so Iamport's cancel history names the refund."""
+    return f"[refund:{refund_id}]"
+
+
+@dataclass(frozen=True)
+class CancelEntry:
+    """One entry of a payment's ``cancel_history`` (PaymentCancelAnnotation)."""
+
+    amount: int | float
+    reason: str
+
+    @property
+    def refund_ids(self) -> set[str]:
+        return set(_MARKER_RE.findall(self.reason))
+
+
+def _cancel_history(data: dict[str, Any]) -> list[CancelEntry]:
+    items = data.get("cancel_history")
+    if items is None:
+        if data.get("cancel_amount"):
+            raise ShapeError("payment has a cancel_amount but no cancel_history")
+        return []
+    if not isinstance(items, list):
+        raise ShapeError("payment.cancel_history is not a list")
+    entries = []
+    for item in items:
+        amount = item.get("amount") if isinstance(item, dict) else None
+        if not isinstance(amount, (int, float)) or isinstance(amount, bool):
+            raise ShapeError("a cancel_history entry has no numeric amount")
+        reason = item.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            raise ShapeError("a cancel_history entry's reason is not a string")
+        entries.append(CancelEntry(amount, reason or ""))
+    return entries
+
+
+def payment_with_history(hook: IamportHook, imp_uid: str) -> tuple[Payment, list[CancelEntry]]:
+    """``GET /payments/{imp_uid}`` with its cancel history (``Payment`` drops that list).
+
+    Raises like ``hook.get_payment``: IamportNotFound only on Iamport's own 404, else
+    IamportUnexpectedReply / IamportTransportError (could not ask) for anything that is not a
+    payment with a well-formed history.
+    """
+    # TODO(hook owner): give Payment a cancel_history; then this is hook.get_payment().
+    what = "GET /payments/{imp_uid}"
+    status, body = hook._call(
+        "GET", f"/payments/{quote(imp_uid, safe='')}", params=hook._sandbox_params()
+    )
+    data = hook._payload(status, body, what=what, absent_on_404=True)
+    try:
+        return Payment.parse(data), _cancel_history(data)
+    except ShapeError as e:
+        raise IamportUnexpectedReply(
+            f"{what}: the response has the wrong shape ({e})",
+            http_status=status,
+            body_excerpt=clean_excerpt(body),
+        ) from None
+
+
+def applied_total(history: Sequence[CancelEntry], refund_id: str) -> int | None:
+    """Iamport's total cancel_amount right after the cancel carrying ``refund_id``; None when
+    no cancel in the history carries it."""
+    total = 0
+    for entry in history:
+        total += int(entry.amount)
+        if refund_id in entry.refund_ids:
+            return total
+    return None
 
 
 class CancelPaymentOperator(BaseOperator):
     """Cancel (refund) a charge by ``imp_uid`` or ``merchant_uid``, in full or in part.
 
-    Every request carries ``checksum``: the refundable balance before this cancel. It comes
-    from the ledger (amount - cancel_amount), which changes only after a cancel succeeded, so
-    a retried task whose first try did refund is refused by Iamport instead of refunding twice;
-    the operator then finds that earlier refund and records it. The ledger row becomes
-    ``cancelled`` with Iamport's total ``cancel_amount``.
+    Safe to retry, clear and re-run: the refund is written ahead to ``billing_refunds`` with
+    the amount and ``checksum`` (the refundable balance before it), sent at most once per
+    proof that it never applied, and settled from the payment's cancel history (see the
+    module docstring). The charge's ledger row becomes ``cancelled`` with Iamport's total
+    ``cancel_amount``.
 
     :param imp_uid: Iamport's payment id (wins over merchant_uid).
     :param merchant_uid: our id of the charge, e.g. ``sub-20261126-01``.
-    :param amount: KRW to refund; None refunds the whole remaining balance.
-    :param reason: shown to the customer and in Iamport's records.
-    :param checksum: the refundable balance you expect; None takes it from the ledger.
+    :param amount: KRW to refund; None refunds the whole remaining balance (resolved to a
+        number when the refund is written, and sent as that number).
+    :param reason: shown to the customer and in Iamport's records (prefixed with the refund's
+        marker ``[refund:<refund_id>]``).
+    :param checksum: the refundable balance you expect; None takes Iamport's, after checking
+        it against the ledger (a mismatch means a refund outside this operator: the task
+        fails; pass the balance as ``checksum`` to refund anyway).
+    :param request_id: the refund's key (1-40 of ``A-Za-z0-9._:-``); None derives it from the
+        task instance. Needed outside Airflow.
     """
 
-    template_fields: Sequence[str] = ("imp_uid", "merchant_uid", "amount", "reason", "checksum")
+    template_fields: Sequence[str] = (
+        "imp_uid", "merchant_uid", "amount", "reason", "checksum", "request_id",
+    )  # fmt: skip
     ui_color = "#ffe8e8"
 
     def __init__(
@@ -42,6 +198,7 @@ class CancelPaymentOperator(BaseOperator):
         merchant_uid: str | None = None,
         amount: int | str | None = None,
         checksum: int | str | None = None,
+        request_id: str | None = None,
         iamport_conn_id: str = "iamport_default",
         warehouse_conn_id: str = "billing_warehouse",
         **kwargs: Any,
@@ -52,38 +209,225 @@ class CancelPaymentOperator(BaseOperator):
         self.amount = amount
         self.reason = reason
         self.checksum = checksum
+        self.request_id = request_id
         self.iamport_conn_id = iamport_conn_id
         self.warehouse_conn_id = warehouse_conn_id
 
     def execute(self, context: Any) -> dict[str, Any]:
-        if not (self.imp_uid or self.merchant_uid):
+        if not (_given(self.imp_uid) or _given(self.merchant_uid)):
             raise AirflowFailException("CancelPaymentOperator needs imp_uid or merchant_uid")
-        amount = _opt_amount(self.amount)
+        amount = _opt_positive(self.amount, "cancel amount")
+        checksum = _opt_positive(self.checksum, "checksum")
+        who = refund_identity(context, self.request_id)
         hook = IamportHook(self.iamport_conn_id)
         try:
             with Ledger.from_conn_id(self.warehouse_conn_id) as ledger:
                 ledger.init_schema()
-                before = self._current(hook)
-                checksum = self._checksum(ledger, before)
-                try:
-                    payment = hook.cancel_payment(
-                        imp_uid=before.imp_uid, amount=amount, reason=self.reason,
-                        checksum=checksum,
-                    )  # fmt: skip
-                except IamportRequestRejected as e:
-                    payment = self._done_by_earlier_try(hook, before, checksum, amount, e)
-                recorded = ledger.record_cancellation(
-                    payment.merchant_uid,
-                    imp_uid=payment.imp_uid,
-                    cancel_amount=int(payment.cancel_amount),
-                )
+                refunds = Refunds(ledger)
+                known = refunds.get(who.refund_id)
+                if known is None:
+                    summary = self._new(hook, ledger, refunds, who, amount, checksum)
+                else:
+                    self._same_request(known, amount)
+                    summary = self._settle(hook, ledger, refunds, known, who)
         finally:
             hook.close()
+        self.log.info("refund %s: %s", who.refund_id, summary)
+        return summary
+
+    # -- a new request: look up, write ahead, send once -----------------------------------------
+
+    def _new(
+        self, hook: IamportHook, ledger: Ledger, refunds: Refunds, who: RefundIdentity,
+        amount: int | None, checksum: int | None,
+    ) -> dict[str, Any]:  # fmt: skip
+        before = self._current(hook)
+        balance = int(before.net_amount)
+        if balance <= 0:
+            raise AirflowFailException(f"{before.imp_uid} has nothing left to refund")
+        if checksum is None:
+            checksum = self._ledger_agrees(ledger, before, balance)
+        to_refund = amount if amount is not None else checksum
+        if to_refund > checksum:
+            raise AirflowFailException(
+                f"cannot refund {to_refund} KRW of {before.imp_uid}: {checksum} KRW is refundable"
+            )
+        token = uuid.uuid4().hex
+        written = refunds.write_intent(
+            {
+                "refund_id": who.refund_id,
+                "merchant_uid": before.merchant_uid,
+                "imp_uid": before.imp_uid,
+                "amount_requested": amount,
+                "amount": to_refund,
+                "checksum": checksum,
+                "reason": f"{refund_marker(who.refund_id)} {self.reason}",
+                "claim_token": token,
+                "dag_id": who.dag_id,
+                "run_id": who.run_id,
+                "task_id": who.task_id,
+                "map_index": who.map_index,
+                "try_number": who.try_number,
+            }
+        )
+        if not written:
+            raise AirflowException(
+                f"refund {who.refund_id} was written by another try at the same moment: "
+                "nothing sent by this one; re-run to settle it"
+            )
+        return self._send(hook, ledger, refunds, refunds.get(who.refund_id))
+
+    def _send(
+        self, hook: IamportHook, ledger: Ledger, refunds: Refunds, row: Refund | None
+    ) -> dict[str, Any]:
+        assert row is not None  # written and committed just before
+        self.log.info(
+            "sending refund %s: %s KRW of %s (checksum %s)",
+            row.refund_id, row.amount, row.imp_uid, row.checksum,
+        )  # fmt: skip
+        try:
+            payment = hook.cancel_payment(
+                imp_uid=row.imp_uid, amount=row.amount, reason=row.reason or "",
+                checksum=row.checksum,
+            )  # fmt: skip
+        except IamportCancelOutcomeUnknown as e:
+            refunds.move(row.refund_id, REFUND_UNKNOWN, error_message=str(e))
+            raise AirflowException(
+                f"refund {row.refund_id}: the cancel was sent and no usable answer came back "
+                f"({e}). It is never resent blindly: a re-run of this task (or Airflow's "
+                "retry) settles it from Iamport's cancel history"
+            ) from None
+        except IamportRequestRejected as e:
+            message = f"Iamport refused refund {row.refund_id}: {e.api_message or e}"
+            refunds.move(row.refund_id, REFUND_REFUSED, error_message=message)
+            raise AirflowFailException(message) from None
+        after = int(payment.cancel_amount)
+        refunds.move(row.refund_id, REFUND_DONE, cancel_amount_after=after)
+        return self._done(ledger, row, payment, sent=True)
+
+    # -- a request seen before: settle it from the cancel history -------------------------------
+
+    def _settle(
+        self, hook: IamportHook, ledger: Ledger, refunds: Refunds, row: Refund,
+        who: RefundIdentity,
+    ) -> dict[str, Any]:  # fmt: skip
+        payment, history = self._lookup(hook, row.imp_uid)
+        if row.status == REFUND_DONE:
+            self.log.info("refund %s is already done: nothing sent", row.refund_id)
+            return self._done(ledger, row, payment, sent=False)
+        after = applied_total(history, row.refund_id)
+        if after is not None:
+            self.log.info(
+                "refund %s is in Iamport's cancel history (an earlier try's answer was lost): "
+                "recording it, nothing sent", row.refund_id,
+            )  # fmt: skip
+            refunds.move(row.refund_id, REFUND_DONE, cancel_amount_after=after)
+            return self._done(ledger, row, payment, sent=False)
+        if row.status == REFUND_REFUSED:
+            raise AirflowFailException(
+                f"refund {row.refund_id} was refused: {row.error_message}. Nothing sent; "
+                "trigger a new refund if one is still due"
+            )
+        balance = int(payment.net_amount)
+        if balance == row.checksum:
+            self.log.warning(
+                "refund %s never applied (no cancel carries its marker; the balance is still "
+                "%s): sending it again with the same checksum", row.refund_id, balance,
+            )  # fmt: skip
+            if not refunds.claim_resend(row, uuid.uuid4().hex, try_number=who.try_number):
+                raise AirflowException(
+                    f"refund {row.refund_id} was taken by another try meanwhile: nothing "
+                    "sent by this one; re-run to settle it"
+                )
+            return self._send(hook, ledger, refunds, refunds.get(row.refund_id))
+        message = (
+            f"refund {row.refund_id} ({row.amount} KRW of {row.imp_uid}) is not in Iamport's "
+            f"cancel history, and the refundable balance is {balance} KRW, not the "
+            f"{row.checksum} KRW it was written against: someone else refunded "
+            f"{row.checksum - balance} KRW meanwhile (e.g. in Iamport's console). Not sent, "
+            "not reported as done: a person decides (if a refund is still due, trigger a new "
+            f"one with checksum={balance})"
+        )
+        refunds.move(row.refund_id, REFUND_REFUSED, error_message=message)
+        raise AirflowFailException(message)
+
+    def _same_request(self, row: Refund, amount: int | None) -> None:
+        """A re-run must ask what the written refund asked; anything else is another request."""
+        target = _given(self.imp_uid) or _given(self.merchant_uid)
+        if target not in (row.imp_uid, row.merchant_uid) or amount != row.amount_requested:
+            asked = f"{row.amount_requested} KRW" if row.amount_requested else "the balance"
+            raise AirflowFailException(
+                f"refund {row.refund_id} was written for {asked} of {row.imp_uid}; this task "
+                f"asks {amount or 'the balance'} of {target}. Nothing sent: use another "
+                "request_id (or run) for another refund"
+            )
+
+    # -- lookups and results --------------------------------------------------------------------
+
+    def _current(self, hook: IamportHook) -> Payment:
+        """The payment to cancel, as Iamport has it now (imp_uid wins, as in the API)."""
+        target = _given(self.imp_uid) or _given(self.merchant_uid)
+        try:
+            if _given(self.imp_uid):
+                payments = [hook.get_payment(str(self.imp_uid))]
+            else:
+                payments = hook.find_all_payments(str(self.merchant_uid))
+        except IamportNotFound:
+            payments = []
+        except IamportError as e:
+            raise AirflowException(
+                f"could not look {target} up at Iamport: {e}; nothing sent"
+            ) from None
+        settled = [p for p in payments if p.is_paid or p.status == "cancelled"]
+        if not settled:
+            raise AirflowFailException(f"no paid payment for {target}: nothing to cancel")
+        return settled[0]
+
+    def _lookup(self, hook: IamportHook, imp_uid: str) -> tuple[Payment, list[CancelEntry]]:
+        try:
+            return payment_with_history(hook, imp_uid)
+        except IamportNotFound:
+            raise AirflowFailException(f"Iamport has no payment {imp_uid}: nothing sent") from None
+        except IamportError as e:
+            raise AirflowException(
+                f"could not look {imp_uid} up at Iamport: {e}; nothing sent"
+            ) from None
+
+    def _ledger_agrees(self, ledger: Ledger, payment: Payment, balance: int) -> int:
+        """Iamport's refundable balance, unless the ledger expects another one (a refund made
+        outside this operator, or not recorded yet): then nothing is written or sent."""
+        row = ledger.get_attempt(payment.merchant_uid)
+        if (
+            row is None
+            or row.status not in MONEY_MOVED
+            or row.amount is None
+            or row.imp_uid not in (None, payment.imp_uid)
+        ):
+            return balance
+        taken = row.paid_amount if row.paid_amount is not None else row.amount
+        expected = int(taken) - int(row.cancel_amount or 0)
+        if expected != balance:
+            raise AirflowFailException(
+                f"{payment.merchant_uid}: Iamport's refundable balance is {balance} KRW, the "
+                f"ledger expects {expected} KRW: a refund outside this DAG (e.g. in the "
+                "console) or one not recorded yet. Nothing sent; if a refund is still due, "
+                f"trigger it with checksum={balance}"
+            )
+        return balance
+
+    def _done(self, ledger: Ledger, row: Refund, payment: Payment, *, sent: bool) -> dict[str, Any]:
+        recorded = ledger.record_cancellation(
+            payment.merchant_uid, imp_uid=payment.imp_uid, cancel_amount=int(payment.cancel_amount)
+        )
         if not recorded:
             self.log.warning(
                 "%s is not in the ledger: refund done, nothing recorded", payment.merchant_uid
             )
-        summary = {
+        return {
+            "refund_id": row.refund_id,
+            "refund_status": REFUND_DONE,
+            "sent": sent,
+            "refunded": int(row.amount),
             "imp_uid": payment.imp_uid,
             "merchant_uid": payment.merchant_uid,
             "amount": int(payment.amount),
@@ -92,48 +436,20 @@ class CancelPaymentOperator(BaseOperator):
             "status": payment.status,
             "ledger_updated": recorded,
         }
-        self.log.info("cancelled: %s", summary)
-        return summary
-
-    def _current(self, hook: IamportHook) -> Payment:
-        """The payment to cancel, as Iamport has it now (imp_uid wins, as in the API)."""
-        if self.imp_uid:
-            payments = [hook.get_payment(str(self.imp_uid))]
-        else:
-            payments = hook.find_all_payments(str(self.merchant_uid))
-        settled = [p for p in payments if p.is_paid or p.status == "cancelled"]
-        if not settled:
-            raise AirflowFailException(
-                f"no paid payment for {self.imp_uid or self.merchant_uid}: nothing to cancel"
-            )
-        return settled[0]
-
-    def _checksum(self, ledger: Ledger, current: Payment) -> int:
-        if self.checksum not in (None, ""):
-            return parse_amount(self.checksum)
-        row = ledger.get_attempt(current.merchant_uid)
-        if row is not None and row.amount is not None and row.imp_uid in (None, current.imp_uid):
-            return int(row.amount) - int(row.cancel_amount or 0)
-        self.log.warning("no ledger row for %s: checksum from Iamport", current.merchant_uid)
-        return int(current.amount - current.cancel_amount)
-
-    def _done_by_earlier_try(
-        self, hook: IamportHook, before: Payment, checksum: int, amount: int | None,
-        error: IamportRequestRejected,
-    ) -> Payment:  # fmt: skip
-        """A refused cancel may mean an earlier try of this task already refunded: check."""
-        now = hook.get_payment(before.imp_uid)
-        expected = int(now.amount) - checksum + (amount if amount is not None else checksum)
-        if now.status == "cancelled" and int(now.cancel_amount) == expected:
-            self.log.info("an earlier try already refunded %s: recording it", now.imp_uid)
-            return now
-        raise AirflowFailException(f"Iamport refused the cancel: {error.api_message}") from None
 
 
-def _opt_amount(value: Any) -> int | None:
-    if value in (None, "", "None"):
+def _given(value: Any) -> str | None:
+    """A templated parameter's value, None for what renders as nothing."""
+    return None if value in (None, "", "None") else str(value)
+
+
+def _opt_positive(value: Any, what: str) -> int | None:
+    if _given(value) is None:
         return None
-    amount = parse_amount(value)
-    if amount <= 0:
-        raise AirflowFailException(f"cancel amount must be positive, got {amount}")
-    return amount
+    try:
+        number = parse_amount(value)
+    except ValueError as e:
+        raise AirflowFailException(f"{what}: {e}") from None
+    if number <= 0:
+        raise AirflowFailException(f"{what} must be positive, got {number}")
+    return number

@@ -26,6 +26,10 @@ class Dialect:
         """Statements are written with ``%s`` placeholders."""
         return statement
 
+    def key_type(self, length: int) -> str:
+        """A text key compared byte for byte ('AB1' and 'ab1' are two subscriptions)."""
+        return f"VARCHAR({length})"
+
     def timestamp(self, moment: datetime) -> Any:
         """A UTC moment as this driver stores it."""
         return moment
@@ -36,12 +40,12 @@ class Dialect:
     def as_date(self, column: str) -> str:
         return f"CAST({column} AS DATE)"
 
-    def insert_ignore(self, table: str, columns: Sequence[str], key: str) -> str:
+    def insert_ignore(self, table: str, columns: Sequence[str], key: Sequence[str]) -> str:
         """Insert a row unless its key exists; never overwrites, never hides other errors."""
         marks = ", ".join(["%s"] * len(columns))
         return (
             f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks}) "
-            f"ON CONFLICT ({key}) DO NOTHING"
+            f"ON CONFLICT ({', '.join(key)}) DO NOTHING"
         )
 
     def upsert(
@@ -101,15 +105,19 @@ class MysqlDialect(Dialect):
     def timestamp(self, moment: datetime) -> Any:
         return moment.astimezone(UTC).replace(tzinfo=None)
 
-    def as_text(self, column: str) -> str:
-        return f"CAST({column} AS CHAR)"
+    def key_type(self, length: int) -> str:
+        # MySQL's default collations fold case: 'AB1' would be the same key as 'ab1'.
+        return f"VARCHAR({length}) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
 
-    def insert_ignore(self, table: str, columns: Sequence[str], key: str) -> str:
+    def as_text(self, column: str) -> str:
+        return f"CAST({column} AS CHAR) COLLATE utf8mb4_bin"
+
+    def insert_ignore(self, table: str, columns: Sequence[str], key: Sequence[str]) -> str:
         # Not INSERT IGNORE: that would also turn truncation and bad values into warnings.
         marks = ", ".join(["%s"] * len(columns))
         return (
             f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks}) "
-            f"ON DUPLICATE KEY UPDATE {key} = {key}"
+            f"ON DUPLICATE KEY UPDATE {key[0]} = {key[0]}"
         )
 
     def upsert(

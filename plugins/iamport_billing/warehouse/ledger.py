@@ -24,6 +24,8 @@ from iamport_billing.states import (
     FAILED,
     MONEY_MOVED,
     PAID,
+    PAST_DUE,
+    PAYMENT_METHOD_REQUIRED,
     PENDING,
     REFUSED,
     REJECTED,
@@ -35,6 +37,7 @@ from iamport_billing.warehouse.schema import (
     ATTEMPT_COLUMNS,
     ATTEMPTS,
     PLAN_ITEMS,
+    PUT_BACKS,
     RUNS,
     SUBSCRIPTIONS,
     ddl,
@@ -49,7 +52,7 @@ CHUNK = 500
 
 DEFAULT_DUE_QUERY = f"""
 SELECT subscription_id, customer_uid, amount, currency, name,
-       next_billing_date AS billing_date, buyer_name, buyer_email, buyer_tel, updated_at
+       next_billing_date AS billing_date, buyer_name, buyer_email, buyer_tel
 FROM {SUBSCRIPTIONS}
 WHERE status = 'active' AND next_billing_date <= :billing_date
 """
@@ -280,7 +283,7 @@ class Ledger(SqlSession):
             )  # fmt: skip
             for r in rows
         ]
-        self.executemany(self.dialect.insert_ignore(ATTEMPTS, cols, "merchant_uid"), values)
+        self.executemany(self.dialect.insert_ignore(ATTEMPTS, cols, ["merchant_uid"]), values)
         return self.claimed_by(claim_token, list(dict.fromkeys(r["merchant_uid"] for r in rows)))
 
     def claimed_by(self, claim_token: str, merchant_uids: Sequence[str]) -> set[str]:
@@ -296,13 +299,27 @@ class Ledger(SqlSession):
             )
         return owned
 
-    def reclaim(self, attempt: Attempt, claim_token: str, run: Mapping[str, Any]) -> bool:
-        """Take over an unsettled row left by an earlier run (compare-and-set on its claim)."""
+    def reclaim(
+        self,
+        attempt: Attempt,
+        claim_token: str,
+        run: Mapping[str, Any],
+        *,
+        idle_since: datetime | None = None,
+    ) -> bool:
+        """Take over an unsettled row left by an earlier run: compare-and-set on the claim and
+        on the sends seen when it was read (an owner that confirmed a send since keeps it),
+        and with ``idle_since``, only if its lease has run out."""
         stamp = self.stamp()
         if attempt.claim_token is None:
             same_claim, claim_params = "claim_token IS NULL", []
         else:
             same_claim, claim_params = "claim_token = %s", [attempt.claim_token]
+        same_claim += " AND COALESCE(send_count, 0) = %s"
+        claim_params.append(int(attempt.send_count or 0))
+        if idle_since is not None:
+            same_claim += " AND (requested_at IS NULL OR requested_at < %s)"
+            claim_params.append(self.stamp(idle_since))
         count = self.execute(
             f"UPDATE {ATTEMPTS} SET claim_token = %s, status = %s, requested_at = %s, "
             "dag_id = %s, run_id = %s, task_id = %s, try_number = %s, updated_at = %s "
@@ -461,7 +478,7 @@ class Ledger(SqlSession):
                 value = _iso(value)
             values.append(value)
         before = self.get_attempt(str(attempt["merchant_uid"]))
-        self.execute(self.dialect.insert_ignore(ATTEMPTS, cols, "merchant_uid"), values)
+        self.execute(self.dialect.insert_ignore(ATTEMPTS, cols, ["merchant_uid"]), values)
         return before is None and self.get_attempt(str(attempt["merchant_uid"])) is not None
 
     def record_cancellation(
@@ -636,7 +653,9 @@ class Ledger(SqlSession):
             )  # fmt: skip
             for r in rows
         ]
-        self.executemany(self.dialect.insert_ignore(SUBSCRIPTIONS, cols, "subscription_id"), values)
+        self.executemany(
+            self.dialect.insert_ignore(SUBSCRIPTIONS, cols, ["subscription_id"]), values
+        )
 
     def subscription_state(
         self, subscription_id: str, subscriptions_table: str = SUBSCRIPTIONS
@@ -655,17 +674,62 @@ class Ledger(SqlSession):
         row["updated_at"] = to_datetime(row["updated_at"])
         return row
 
-    def put_back(self, subscription_id: str, subscriptions_table: str = SUBSCRIPTIONS) -> bool:
-        """What ops do after a customer registers a new card: status active, updated now.
-        The next daily run then makes one more attempt for the current billing date."""
+    def put_back(
+        self, subscription_id: str, subscriptions_table: str | None = SUBSCRIPTIONS
+    ) -> str | None:
+        """What ops do after a customer registers a new card: the latest attempt failed for
+        good, and the next daily run may make one more, once. Records that word in the ledger
+        and, with a subscriptions table, makes the subscription active again.
+        Returns None when done, else why not."""
+        latest = self._select_attempts(
+            "subscription_id = %s AND status <> %s", [subscription_id, REJECTED],
+            "ORDER BY billing_date DESC, attempt_no DESC LIMIT 1",
+        )  # fmt: skip
+        if not latest:
+            return "it has no attempt to follow"
+        a = latest[0]
+        if a.status != FAILED:
+            return f"its latest attempt {a.merchant_uid} is {a.status}, not failed"
+        self.execute(
+            self.dialect.insert_ignore(
+                PUT_BACKS, ("subscription_id", "billing_date", "after_attempt_no", "created_at"),
+                ("subscription_id", "billing_date", "after_attempt_no"),
+            ),
+            [subscription_id, _iso(a.billing_date), a.attempt_no, self.stamp()],
+        )  # fmt: skip
+        if subscriptions_table is not None:
+            self.set_subscription_status(
+                [subscription_id], ACTIVE, only_from=(PAYMENT_METHOD_REQUIRED, PAST_DUE, ACTIVE),
+                subscriptions_table=subscriptions_table,
+            )  # fmt: skip
+        return None
+
+    def subscription_states(
+        self, subscription_ids: Sequence[str], subscriptions_table: str = SUBSCRIPTIONS
+    ) -> dict[str, tuple[str, date | None]]:
+        """id -> (status, next_billing_date) of these subscriptions."""
         table = checked_identifier(subscriptions_table)
-        return (
-            self.execute(
-                f"UPDATE {table} SET status = %s, updated_at = %s WHERE subscription_id = %s",
-                [ACTIVE, self.stamp(), subscription_id],
-            )
-            == 1
-        )
+        found: dict[str, tuple[str, date | None]] = {}
+        for chunk in _chunks(list(dict.fromkeys(subscription_ids))):
+            for sub, status, day in self.query(
+                f"SELECT {self.sub_key('s')}, s.status, s.next_billing_date FROM {table} s "
+                f"WHERE {self.sub_key('s')} IN ({_marks(len(chunk))})",
+                chunk,
+            ):
+                found[str(sub)] = (str(status), to_date(day))
+        return found
+
+    def put_backs_for(self, subscription_ids: Iterable[str]) -> set[tuple[str, date, int]]:
+        """(subscription, billing date, attempt) a person allowed one more attempt after."""
+        found: set[tuple[str, date, int]] = set()
+        for chunk in _chunks(list(dict.fromkeys(subscription_ids))):
+            for sub, day, after in self.query(
+                f"SELECT subscription_id, billing_date, after_attempt_no FROM {PUT_BACKS} "
+                f"WHERE subscription_id IN ({_marks(len(chunk))})",
+                chunk,
+            ):
+                found.add((str(sub), to_date(day), int(after)))  # type: ignore[arg-type]
+        return found
 
     def latest_failed_subscriptions(
         self,
@@ -686,7 +750,11 @@ class Ledger(SqlSession):
             f"AND {self.sub_date('s')} = a.billing_date{extra} "
             f"AND a.attempt_no = (SELECT MAX(b.attempt_no) FROM {ATTEMPTS} b "
             "WHERE b.subscription_id = a.subscription_id AND b.billing_date = a.billing_date "
-            "AND b.status <> %s)",
+            "AND b.status <> %s) "
+            # A subscription a person put back after that attempt is theirs, not write-back's.
+            f"AND NOT EXISTS (SELECT 1 FROM {PUT_BACKS} pb WHERE pb.subscription_id = "
+            "a.subscription_id AND pb.billing_date = a.billing_date "
+            "AND pb.after_attempt_no = a.attempt_no)",
             [FAILED, kind, ACTIVE, REJECTED],
             "a.subscription_id",
             subscription_ids,
@@ -759,6 +827,15 @@ class Ledger(SqlSession):
             [*params, REJECTED],
         )
         return [(r[0], r[1], r[2]) for r in rows]
+
+    def exhausted_in_run(self, run: Mapping[str, Any]) -> list[str]:
+        """Subscriptions whose soft decline with no retry left was recorded by this run."""
+        rows = self.query(
+            f"SELECT DISTINCT subscription_id FROM {ATTEMPTS} WHERE dag_id = %s AND run_id = %s "
+            "AND status = %s AND decline_kind = %s AND next_retry_date IS NULL",
+            [run["dag_id"], run["run_id"], FAILED, SOFT],
+        )
+        return sorted(str(r[0]) for r in rows)
 
     def refused_requests(
         self, run: Mapping[str, Any], limit: int = 50

@@ -13,6 +13,8 @@ SUBSCRIPTIONS = "billing_subscriptions"
 ATTEMPTS = "billing_charge_attempts"
 RUNS = "billing_runs"
 PLAN_ITEMS = "billing_plan_items"
+PUT_BACKS = "billing_put_backs"
+REFUNDS = "billing_refunds"
 
 ATTEMPT_COLUMNS = (
     "merchant_uid", "subscription_id", "billing_date", "attempt_no", "customer_uid", "amount",
@@ -25,11 +27,11 @@ ATTEMPT_COLUMNS = (
 
 def _attempt_types(d: Dialect) -> dict[str, str]:
     return {
-        "merchant_uid": "VARCHAR(64) PRIMARY KEY",
-        "subscription_id": "VARCHAR(64)",
+        "merchant_uid": f"{d.key_type(64)} PRIMARY KEY",
+        "subscription_id": d.key_type(64),
         "billing_date": f"{d.date_type} NOT NULL",
         "attempt_no": "INTEGER NOT NULL",
-        "customer_uid": "VARCHAR(200)",
+        "customer_uid": d.key_type(200),
         "amount": "BIGINT",
         "currency": "VARCHAR(10)",
         "status": "VARCHAR(32) NOT NULL",
@@ -45,7 +47,7 @@ def _attempt_types(d: Dialect) -> dict[str, str]:
         "run_id": "VARCHAR(250)",
         "task_id": "VARCHAR(250)",
         "try_number": "INTEGER",
-        "claim_token": "VARCHAR(64)",
+        "claim_token": d.key_type(64),
         "cancel_amount": "BIGINT DEFAULT 0",
         "receipt_url": "TEXT",
         "latency_ms": "INTEGER",
@@ -56,6 +58,45 @@ def _attempt_types(d: Dialect) -> dict[str, str]:
         "name": "VARCHAR(200)",
         # POSTs made under this merchant_uid (audit: a resend shows as 2).
         "send_count": "INTEGER DEFAULT 0",
+    }
+
+
+REFUND_COLUMNS = (
+    "refund_id", "merchant_uid", "imp_uid", "amount_requested", "amount", "checksum", "reason",
+    "status", "cancel_amount_after", "requested_at", "completed_at", "updated_at", "dag_id",
+    "run_id", "task_id", "map_index", "try_number", "send_count", "claim_token", "error_message",
+)  # fmt: skip
+
+
+def _refund_types(d: Dialect) -> dict[str, str]:
+    return {
+        # The request's key: from (dag_id, run_id, task_id, map_index), or given outside Airflow.
+        "refund_id": f"{d.key_type(64)} PRIMARY KEY",
+        "merchant_uid": d.key_type(64),
+        "imp_uid": "VARCHAR(100) NOT NULL",
+        # As asked (NULL: the whole balance), and resolved to KRW at intent time (what is sent).
+        "amount_requested": "BIGINT",
+        "amount": "BIGINT NOT NULL",
+        # The refundable balance before this refund (sent as ``checksum``).
+        "checksum": "BIGINT NOT NULL",
+        # The reason as sent, with the refund's marker (how the cancel history names it).
+        "reason": "TEXT",
+        "status": "VARCHAR(32) NOT NULL",
+        # Iamport's total cancel_amount once this refund applied.
+        "cancel_amount_after": "BIGINT",
+        "requested_at": d.timestamp_type,
+        "completed_at": d.timestamp_type,
+        "updated_at": d.timestamp_type,
+        "dag_id": "VARCHAR(250)",
+        "run_id": "VARCHAR(250)",
+        "task_id": "VARCHAR(250)",
+        "map_index": "INTEGER",
+        "try_number": "INTEGER",
+        # POSTs made for this refund (audit: a resend after "never applied" shows as 2).
+        "send_count": "INTEGER DEFAULT 0",
+        # The try that may send it now (compare-and-set before every POST).
+        "claim_token": d.key_type(64),
+        "error_message": "TEXT",
     }
 
 
@@ -71,10 +112,11 @@ def expected_columns(table: str, d: Dialect) -> dict[str, str]:
 
 def ddl(d: Dialect) -> list[str]:
     attempt_cols = ",\n            ".join(f"{c} {t}" for c, t in _attempt_types(d).items())
+    refund_cols = ",\n            ".join(f"{c} {t}" for c, t in _refund_types(d).items())
     statements = [
         f"""CREATE TABLE IF NOT EXISTS {SUBSCRIPTIONS} (
-            subscription_id VARCHAR(64) PRIMARY KEY,
-            customer_uid VARCHAR(200),
+            subscription_id {d.key_type(64)} PRIMARY KEY,
+            customer_uid {d.key_type(200)},
             amount BIGINT,
             currency VARCHAR(10) DEFAULT 'KRW',
             name VARCHAR(200),
@@ -103,12 +145,25 @@ def ddl(d: Dialect) -> list[str]:
         f"""CREATE TABLE IF NOT EXISTS {PLAN_ITEMS} (
             dag_id VARCHAR(250) NOT NULL,
             run_id VARCHAR(250) NOT NULL,
-            subscription_id VARCHAR(64) NOT NULL,
+            subscription_id {d.key_type(64)} NOT NULL,
             billing_date {d.date_type} NOT NULL,
             amount BIGINT NOT NULL,
             PRIMARY KEY (dag_id, run_id, subscription_id)
         )""",
+        # Refunds, written ahead of the cancel POST (see warehouse/refunds.py).
+        f"CREATE TABLE IF NOT EXISTS {REFUNDS} (\n            {refund_cols}\n        )",
     ]
+    statements.append(
+        # A person's word that a subscription may be charged once more for a billing date
+        # after attempt ``after_attempt_no`` failed for good (a new card, say).
+        f"""CREATE TABLE IF NOT EXISTS {PUT_BACKS} (
+            subscription_id {d.key_type(64)} NOT NULL,
+            billing_date {d.date_type} NOT NULL,
+            after_attempt_no INTEGER NOT NULL,
+            created_at {d.timestamp_type},
+            PRIMARY KEY (subscription_id, billing_date, after_attempt_no)
+        )"""
+    )
     indexes = [
         (f"ix_{SUBSCRIPTIONS}_due", SUBSCRIPTIONS, "status, next_billing_date"),
         # The keyset pages of the default due query walk this in subscription_id order.
@@ -117,6 +172,7 @@ def ddl(d: Dialect) -> list[str]:
         (f"ix_{ATTEMPTS}_status", ATTEMPTS, "status"),
         (f"ix_{ATTEMPTS}_run", ATTEMPTS, "run_id"),
         (f"ix_{ATTEMPTS}_date", ATTEMPTS, "billing_date"),
+        (f"ix_{REFUNDS}_imp_uid", REFUNDS, "imp_uid"),
     ]
     for name, table, cols in indexes:
         statements += d.create_index(name, table, cols)
