@@ -1,5 +1,6 @@
-"""Shared fixtures: an Airflow home with a migrated SQLite metadata DB, warehouses on a real
-SQLite file and on the real PostgreSQL server, and the emulator over real HTTP on loopback."""
+"""Shared fixtures: an Airflow home with a migrated SQLite metadata DB, ledgers on a real SQLite
+file, the real PostgreSQL server and the real MariaDB server, and the emulator over real HTTP
+on loopback."""
 
 from __future__ import annotations
 
@@ -165,16 +166,6 @@ def warehouse(request: pytest.FixtureRequest) -> str:
     """The ``billing_warehouse`` connection on the database named by the parameter."""
     request.getfixturevalue(f"{request.param}_warehouse")
     return request.param
-
-
-@pytest.fixture
-def sqlite_ledger(sqlite_warehouse: Path):
-    """The ledger on a SQLite file only: for tests of screens and messages, not money."""
-    from iamport_billing.warehouse.ledger import Ledger
-
-    with Ledger.from_conn_id("billing_warehouse") as led:
-        led.init_schema()
-        yield led
 
 
 @pytest.fixture

@@ -45,7 +45,7 @@ from chaos_support import (
 )
 from conftest import conn_env
 from iamport_billing.policy import SEOUL
-from iamport_billing.states import REJECTED, UNSETTLED
+from iamport_billing.states import ABANDONED, REJECTED, UNSETTLED
 from iamport_billing.warehouse.ledger import Ledger
 
 pytestmark = [pytest.mark.chaos, pytest.mark.airflow, pytest.mark.timeout(600)]
@@ -111,6 +111,7 @@ class Chaos:
             **result.figures(),
             **extra,
         }
+        scenario = f"{scenario}[{self.warehouse}]"
         record_figures(scenario, figures)
         with self.capsys.disabled():
             print("\n" + figures_line(scenario, figures), flush=True)
@@ -444,3 +445,89 @@ def test_outcomes_still_unknown_after_a_run_are_alerted_then_reconciled(
         task_states=states,
     )  # fmt: skip
     assert figures["payments_at_emulator"]["paid"] == mix["paying"]
+
+
+def test_lookups_behind_a_foreign_proxy_never_resend_then_settle(chaos: Chaos) -> None:
+    """The bad day, and every lookup answered by a proxy's HTML 404: dropped replies stay
+    unknown (nothing is resent on "could not ask"); once lookups work, reconciliation settles
+    them. Nothing is charged twice and nothing is taken for absent on a foreign reply."""
+    day = DAY + timedelta(days=24)
+    n = 400
+    with chaos.ledger() as led:
+        mix = seed_population(led, chaos.emulator.db_path, day, n, prefix="x", seed=5)
+    chaos.emulator.set_faults(foreign_404_html=True, drop_after_commit_rate=0.08)
+    states = chaos.daily(day, batch_size=200, max_concurrency=8)
+    unsettled = chaos.unsettled()
+    with chaos.ledger() as led:
+        taken_for_absent = ABANDONED in led.date_summary(day) or led.query(
+            "SELECT COUNT(*) FROM billing_charge_attempts WHERE error_code = %s",
+            ["foreign_reply"],
+        ) != [(0,)]
+    assert unsettled > 0 and not taken_for_absent
+    chaos.emulator.set_faults(foreign_404_html=False, **CHAOS_FAULTS)
+    chaos.settle([day])
+    figures = chaos.check(
+        "7_lookups_behind_a_foreign_proxy", subscriptions=n, card_mix=mix,
+        unsettled_after_run=unsettled, task_states=states,
+    )  # fmt: skip
+    assert figures["payments_at_emulator"]["paid"] == mix["paying"]
+
+
+def test_refunds_with_dropped_cancel_replies_refund_each_once(chaos: Chaos) -> None:
+    """Every cancel reply dropped after Iamport applied it (and the bad day's 5xx/429): each
+    refund task is tried until it settles from the cancel history. 0 double refunds."""
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import AirflowException
+    from iamport_billing.operators.cancel import CancelPaymentOperator
+
+    day = DAY + timedelta(days=26)
+    with chaos.ledger() as led:
+        seed_population(led, chaos.emulator.db_path, day, 60, prefix="r", seed=9)
+    chaos.daily(day, max_concurrency=8)
+    chaos.settle([day])
+    with chaos.ledger() as led:
+        paid = sorted(led.attempts_by_merchant_uid(
+            uid for uid, _ in emulator_paid_uids(chaos.emulator.db_path)
+        ).values(), key=lambda a: a.merchant_uid)[:20]  # fmt: skip
+    chaos.emulator.set_faults(drop_cancel_reply=True)
+    tries = 0
+    for i, attempt in enumerate(paid):
+        op = CancelPaymentOperator(
+            task_id="cancel", merchant_uid=attempt.merchant_uid, amount=1000, reason="chaos"
+        )
+        for try_number in range(1, 8):
+            ti = SimpleNamespace(dag_id="chaos_refund", run_id=f"r{i}", task_id="cancel",
+                                 map_index=-1, try_number=try_number)  # fmt: skip
+            tries += 1
+            try:
+                op.execute({"ti": ti})
+                break
+            except AirflowException:
+                chaos.emulator.set_faults(drop_cancel_reply=try_number % 2 == 0)
+        chaos.emulator.set_faults(drop_cancel_reply=True)
+    chaos.emulator.set_faults(drop_cancel_reply=False)
+    refunded = dict(emulator_paid_uids(chaos.emulator.db_path, field="cancel_amount"))
+    doubles = [a.merchant_uid for a in paid if refunded.get(a.merchant_uid) != 1000]
+    with chaos.ledger() as led:
+        ledger_refunds = {led.get_attempt(a.merchant_uid).cancel_amount for a in paid}
+    figures = chaos.check(
+        "8_refunds_with_dropped_cancel_replies", refunds=len(paid), refund_tries=tries,
+        double_refunds=len(doubles),
+    )  # fmt: skip
+    assert doubles == [] and figures["double_refunds"] == 0
+    assert ledger_refunds == {1000}
+
+
+def emulator_paid_uids(db_path: str | Path, field: str = "imp_uid") -> list[tuple[str, Any]]:
+    """(merchant_uid, field) of every payment the emulator holds that took money."""
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        return [
+            (r[0], r[1])
+            for r in conn.execute(
+                f"SELECT merchant_uid, {field} FROM payments WHERE status IN ('paid', 'cancelled')"
+            )
+        ]
+    finally:
+        conn.close()
