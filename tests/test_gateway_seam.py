@@ -156,3 +156,33 @@ def test_a_refused_request_is_alerted_and_never_dunned(world, monkeypatch):
     run_dag(load_dags().get_dag("iamport_billing_retry"), logical(DAY + timedelta(days=1)))
     assert ledger.get_attempt(merchant_uid_for("f1", DAY, 2)) is None
     assert payments(emulator) == []
+
+
+# 5. A token already expired when issued: detected, and not re-fetched on every call.
+def test_an_already_expired_token_does_not_cost_a_get_token_per_charge(world):
+    ledger, emulator, _ = world
+    subs = [(f"t{i}", f"cust-t{i}", 1000 + i) for i in range(20)]
+    add_subscriptions(ledger, subs, DAY)
+    register_cards(emulator, [(c, PAYING_CARD) for _, c, _ in subs])
+    faults(emulator, token_already_expired=True)
+    daily()
+    assert len([p for p in payments(emulator) if p[1] == PAID]) == 20
+    stats = requests.get(f"{emulator.url}/__emulator__/stats", timeout=5).json()
+    assert stats["requests"].get("POST /users/getToken", 0) <= 3
+
+
+# 7. A charge answered with a foreign 404 is asked about once, then settled, not resent.
+def test_a_charge_answered_by_a_foreign_404_is_settled_by_lookup_not_resent(world):
+    ledger, emulator, receiver = world
+    uid = one_paying(ledger, emulator)
+    faults(emulator, charge_foreign_404=True)
+    daily()
+    row = ledger.get_attempt(uid)
+    assert (row.status, row.decline_kind, row.error_code) == (FAILED, REFUSED, "foreign_reply")
+    assert "<" not in (row.error_message or "")
+    stats = requests.get(f"{emulator.url}/__emulator__/stats", timeout=5).json()
+    assert stats["requests"]["POST /subscribe/payments/again"] == 1
+    assert receiver.of_kind("refused_requests")
+    daily(DAY + timedelta(days=1))  # the next run does not send it again
+    stats = requests.get(f"{emulator.url}/__emulator__/stats", timeout=5).json()
+    assert stats["requests"]["POST /subscribe/payments/again"] == 1

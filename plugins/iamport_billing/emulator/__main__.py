@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="GET lookups answer 404 with an nginx HTML page",
     )  # fmt: skip
     hostile.add_argument(
+        "--charge-foreign-404", action="store_true",
+        help="charges answer 404 with an nginx HTML page, before anything is charged",
+    )  # fmt: skip
+    hostile.add_argument(
         "--findall-bare-list", action="store_true",
         help="findAll answers a bare list of payments instead of the paged object",
     )  # fmt: skip
@@ -116,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             token_extend_s=args.token_extend_s,
             foreign_404_json=args.foreign_404_json,
             foreign_404_html=args.foreign_404_html,
+            charge_foreign_404=args.charge_foreign_404,
             findall_bare_list=args.findall_bare_list,
             drop_cancel_reply=args.drop_cancel_reply,
             token_status=args.token_status or None,

@@ -194,6 +194,10 @@ class EmulatorApp(FastAPI):
                 reply = JSONResponse(FOREIGN_404_JSON, 404)
             await reply(scope, receive, send)
             return
+        if cfg.charge_foreign_404 and self._endpoint(scope) == "POST /subscribe/payments/again":
+            em.count("faults", "charge_foreign_404")
+            await HTMLResponse(html_error_page(404), 404)(scope, receive, send)
+            return
         state = scope.setdefault("state", {})
         dropped = False
 

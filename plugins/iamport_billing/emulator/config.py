@@ -50,6 +50,9 @@ SWITCH_FIELDS = (
     # with a proxy's JSON {"error": "not found"} / an nginx HTML page, before auth or the DB.
     "foreign_404_json",
     "foreign_404_html",
+    # POST /subscribe/payments/again answers 404 with an nginx HTML page before anything is
+    # charged (a wrong base path, a proxy in front of an unknown route).
+    "charge_foreign_404",
     # GET /payments/findAll answers the envelope with a bare list of payments as `response`
     # instead of the paged object {total, previous, next, list}.
     "findall_bare_list",
@@ -105,6 +108,7 @@ class EmulatorConfig:
     token_extend_s: int | None = None
     foreign_404_json: bool = False
     foreign_404_html: bool = False
+    charge_foreign_404: bool = False
     findall_bare_list: bool = False
     drop_cancel_reply: bool = False
     token_status: int | None = None
