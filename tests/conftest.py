@@ -179,6 +179,23 @@ def ledger(warehouse: str):
 
 
 @pytest.fixture
+def dag_world(airflow_db, ledger, emulator, monkeypatch: pytest.MonkeyPatch):
+    """What a DAG-level money test needs: the ledger (on each database), the emulator and a
+    webhook receiver for alerts; DAGs parse this environment (no task retries, short waits)."""
+    from chaos_support import AlertReceiver
+
+    receiver = AlertReceiver()
+    monkeypatch.setenv(conn_env("alert_webhook"), json.dumps(receiver.conn))
+    monkeypatch.setenv("IAMPORT_BILLING_ALERT_WEBHOOK_CONN_ID", "alert_webhook")
+    monkeypatch.setenv("IAMPORT_BILLING_UNKNOWN_SETTLE_SECONDS", "0.1")
+    monkeypatch.setenv("IAMPORT_BILLING_TASK_RETRIES", "0")
+    # dag.test() cannot finish a run with deadline alerts (see RELIABILITY.md).
+    monkeypatch.setattr("iamport_billing.alerts.deadline_alerts", lambda cfg, *, starts_at: [])
+    yield ledger, emulator, receiver
+    receiver.close()
+
+
+@pytest.fixture
 def emulator_config(tmp_path: Path):
     """Emulator settings; tests tweak them before the ``emulator`` fixture starts it."""
     from iamport_billing.emulator.config import EmulatorConfig

@@ -36,6 +36,31 @@ def add_subscriptions(
     )
 
 
+def faults(emulator: Any, **switches: Any) -> None:
+    """Set the emulator's fault and foreign/hostile switches at runtime."""
+    import requests
+
+    requests.post(
+        f"{emulator.url}/__emulator__/faults", json=switches, timeout=5
+    ).raise_for_status()
+
+
+def paid_at_gateway(emulator: Any) -> list[str]:
+    """merchant_uids the emulator holds as paid, sorted."""
+    return sorted(
+        p["merchant_uid"]
+        for p in emulator_payments(emulator.config.db_path)
+        if p["status"] == "paid"
+    )
+
+
+def run_daily(day: date, **params: Any) -> tuple[Any, dict[str, str]]:
+    """One iamport_billing_daily run for ``day`` through dag.test()."""
+    from chaos_support import load_dags, logical, run_dag
+
+    return run_dag(load_dags().get_dag("iamport_billing_daily"), logical(day), **params)
+
+
 def emulator_payments(db_path: Path | str) -> list[dict[str, Any]]:
     """Every payment the emulator ever accepted, straight from its SQLite file."""
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)

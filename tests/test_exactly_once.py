@@ -3,14 +3,11 @@ SQLite, PostgreSQL and MariaDB. One test per finding of the ledger review (issue
 
 from __future__ import annotations
 
-import json
 import threading
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
-import requests
-from chaos_support import AlertReceiver, load_dags, logical, run_dag
-from conftest import conn_env
+from chaos_support import load_dags, logical, run_dag
 from iamport_billing.gateways.iamport_v1 import IamportV1Gateway
 from iamport_billing.policy import merchant_uid_for
 from iamport_billing.states import (
@@ -29,8 +26,10 @@ from support import (
     PAYING_CARD,
     SOFT_DECLINE_CARD,
     add_subscriptions,
-    emulator_payments,
+    faults,
+    paid_at_gateway,
     register_cards,
+    run_daily,
 )
 
 pytestmark = pytest.mark.airflow
@@ -39,32 +38,12 @@ DAY = date(2026, 11, 26)
 
 
 @pytest.fixture
-def world(airflow_db, ledger, emulator, monkeypatch):
-    """Ledger, emulator and an alert webhook receiver; DAGs read this environment."""
-    receiver = AlertReceiver()
-    monkeypatch.setenv(conn_env("alert_webhook"), json.dumps(receiver.conn))
-    monkeypatch.setenv("IAMPORT_BILLING_ALERT_WEBHOOK_CONN_ID", "alert_webhook")
-    monkeypatch.setenv("IAMPORT_BILLING_UNKNOWN_SETTLE_SECONDS", "0.1")
-    monkeypatch.setenv("IAMPORT_BILLING_TASK_RETRIES", "0")
-    monkeypatch.setattr("iamport_billing.alerts.deadline_alerts", lambda cfg, *, starts_at: [])
-    yield ledger, emulator, receiver
-    receiver.close()
+def world(dag_world):
+    return dag_world
 
 
 def daily(day: date = DAY, **params):
-    return run_dag(load_dags().get_dag("iamport_billing_daily"), logical(day), **params)
-
-
-def faults(emulator, **switches) -> None:
-    requests.post(
-        f"{emulator.url}/__emulator__/faults", json=switches, timeout=5
-    ).raise_for_status()
-
-
-def paid_at_gateway(emulator) -> list[str]:
-    return sorted(
-        p["merchant_uid"] for p in emulator_payments(emulator.config.db_path) if p["status"] == PAID
-    )
+    return run_daily(day, **params)
 
 
 def crashed_pending_row(ledger, sub: str, *, attempt_no: int = 1, dag_id: str = "other"):

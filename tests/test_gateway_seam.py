@@ -10,11 +10,17 @@ from datetime import date, timedelta
 import pendulum
 import pytest
 import requests
-from chaos_support import AlertReceiver, load_dags, logical, run_dag
-from conftest import conn_env
+from chaos_support import load_dags, logical, run_dag
 from iamport_billing.policy import merchant_uid_for
 from iamport_billing.states import FAILED, PAID, PAYMENT_METHOD_REQUIRED, REFUSED, UNSETTLED
-from support import PAYING_CARD, add_subscriptions, emulator_payments, register_cards
+from support import (
+    PAYING_CARD,
+    add_subscriptions,
+    emulator_payments,
+    faults,
+    register_cards,
+    run_daily,
+)
 
 pytestmark = pytest.mark.airflow
 
@@ -22,27 +28,16 @@ DAY = date(2026, 11, 26)
 
 
 @pytest.fixture
-def world(airflow_db, ledger, emulator, monkeypatch):
-    receiver = AlertReceiver()
-    monkeypatch.setenv(conn_env("alert_webhook"), json.dumps(receiver.conn))
-    monkeypatch.setenv("IAMPORT_BILLING_ALERT_WEBHOOK_CONN_ID", "alert_webhook")
-    monkeypatch.setenv("IAMPORT_BILLING_UNKNOWN_SETTLE_SECONDS", "0.1")
+def world(dag_world, monkeypatch):
+    """Airflow retries on (a gateway that cannot be asked is retried), without waiting."""
     monkeypatch.setenv("IAMPORT_BILLING_PENDING_LEASE_SECONDS", "0")
     monkeypatch.setenv("IAMPORT_BILLING_TASK_RETRIES", "2")
     monkeypatch.setenv("IAMPORT_BILLING_TASK_RETRY_DELAY_SECONDS", "0")
-    monkeypatch.setattr("iamport_billing.alerts.deadline_alerts", lambda cfg, *, starts_at: [])
-    yield ledger, emulator, receiver
-    receiver.close()
-
-
-def faults(emulator, **switches) -> None:
-    requests.post(
-        f"{emulator.url}/__emulator__/faults", json=switches, timeout=5
-    ).raise_for_status()
+    return dag_world
 
 
 def daily(day: date = DAY, **params):
-    return run_dag(load_dags().get_dag("iamport_billing_daily"), logical(day), **params)
+    return run_daily(day, **params)
 
 
 def payments(emulator) -> list[tuple[str, str]]:

@@ -11,19 +11,20 @@ import time
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
-import requests
-from chaos_support import AlertReceiver, load_dags, logical, run_dag
+from chaos_support import load_dags, logical, run_dag
 from conftest import conn_env
 from iamport_billing.gateways.iamport_v1 import IamportV1Gateway
 from iamport_billing.policy import ChargeCandidate, merchant_uid_for
-from iamport_billing.states import FAILED, PAID, PAYMENT_METHOD_REQUIRED
+from iamport_billing.states import FAILED, PAYMENT_METHOD_REQUIRED
 from support import (
     HARD_DECLINE_CARD,
     PAYING_CARD,
     SOFT_DECLINE_CARD,
     add_subscriptions,
-    emulator_payments,
+    faults,
+    paid_at_gateway,
     register_cards,
+    run_daily,
 )
 
 DAY = date(2026, 11, 26)
@@ -35,18 +36,6 @@ def gw(hook):
     return IamportV1Gateway(hook)
 
 
-def faults(emulator, **switches) -> None:
-    requests.post(
-        f"{emulator.url}/__emulator__/faults", json=switches, timeout=5
-    ).raise_for_status()
-
-
-def paid_at_gateway(emulator) -> list[str]:
-    return sorted(
-        p["merchant_uid"] for p in emulator_payments(emulator.config.db_path) if p["status"] == PAID
-    )
-
-
 def age(ledger, merchant_uid: str, seconds: float = 3600) -> None:
     ledger.execute(
         "UPDATE billing_charge_attempts SET requested_at = %s WHERE merchant_uid = %s",
@@ -55,19 +44,12 @@ def age(ledger, merchant_uid: str, seconds: float = 3600) -> None:
 
 
 @pytest.fixture
-def world(airflow_db, ledger, emulator, monkeypatch):
-    receiver = AlertReceiver()
-    monkeypatch.setenv(conn_env("alert_webhook"), json.dumps(receiver.conn))
-    monkeypatch.setenv("IAMPORT_BILLING_ALERT_WEBHOOK_CONN_ID", "alert_webhook")
-    monkeypatch.setenv("IAMPORT_BILLING_UNKNOWN_SETTLE_SECONDS", "0.1")
-    monkeypatch.setenv("IAMPORT_BILLING_TASK_RETRIES", "0")
-    monkeypatch.setattr("iamport_billing.alerts.deadline_alerts", lambda cfg, *, starts_at: [])
-    yield ledger, emulator, receiver
-    receiver.close()
+def world(dag_world):
+    return dag_world
 
 
 def daily(day: date = DAY, **params):
-    return run_dag(load_dags().get_dag("iamport_billing_daily"), logical(day), **params)
+    return run_daily(day, **params)
 
 
 # -- 1. a put-back is silently undone by the next write-back ------------------------------------

@@ -704,7 +704,7 @@ def _ms(started: float) -> int:
 def resolve_unsettled(
     gateway: Gateway, ledger: Ledger, settings: ChargeSettings, run: Mapping[str, Any], *,
     logger: logging.Logger | None = None, limit: int = 10000, default_name: str = "정기결제",
-    subscriptions_table: str | None = None, max_overdue_days: int = 45,
+    subscriptions_table: str | None = None, max_overdue_days: int = 45, today: date | None = None,
 ) -> dict[str, int]:  # fmt: skip
     """Drive every pending/unknown row older than the lease, whichever DAG left it, to a final
     state: record what the gateway says happened; resend under the same merchant_uid the rows
@@ -719,7 +719,8 @@ def resolve_unsettled(
         if subscriptions_table is not None
         else None
     )
-    today = datetime.now(SEOUL).date()
+    # The run's own date, never the wall clock: a simulated or backfilled day judges by its date.
+    today = today or datetime.now(SEOUL).date()
 
     def owed(a: Attempt) -> bool:
         if (today - a.billing_date).days > max_overdue_days:

@@ -74,7 +74,7 @@ def reconcile(
     report = ReconcileReport(window=(since_ts, until_ts))
     report.resolved = resolve_unsettled(
         gateway, ledger, settings, run, logger=lg, subscriptions_table=subscriptions_table,
-        max_overdue_days=max_overdue_days,
+        max_overdue_days=max_overdue_days, today=until.astimezone(SEOUL).date(),
     )  # fmt: skip
 
     ours: dict[str, list[Payment]] = {}

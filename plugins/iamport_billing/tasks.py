@@ -61,6 +61,7 @@ def reconcile_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, int
                 default_name=cfg.limits.default_name,
                 subscriptions_table=cfg.subscriptions_table if cfg.write_back else None,
                 max_overdue_days=cfg.limits.max_overdue_days,
+                today=billing_date_from_context(context),
             )  # fmt: skip
         finally:
             gateway.close()

@@ -141,7 +141,7 @@ def create_app(ledger_factory: LedgerFactory = default_ledger) -> FastAPI:
         outcomes = q.outcomes_by_date([day])[day]
         return render(
             request, "date.html", day=day, outcomes=outcomes, runs=q.runs_for([day])[day],
-            reasons=q.top_reasons("billing_date = %s", [day.isoformat()], limit=10),
+            reasons=q.ledger.top_reasons(billing_date=day, limit=10),
             PAID=PAID, FAILED=FAILED, REJECTED=REJECTED,
         )  # fmt: skip
 

@@ -12,7 +12,7 @@ from datetime import date
 from typing import Any
 
 from iamport_billing.policy import to_date
-from iamport_billing.states import FAILED, PAID, REJECTED, UNSETTLED
+from iamport_billing.states import FAILED, PAID, UNSETTLED
 from iamport_billing.warehouse.ledger import (
     ATTEMPT_COLUMNS,
     ATTEMPTS,
@@ -155,17 +155,6 @@ class BillingQueries:
             found[to_date(day)].by_status[status] = {"count": int(count), "amount": int(amount)}
         return found
 
-    def top_reasons(self, where: str, params: Sequence[Any], limit: int = 5) -> list[tuple]:
-        """Decline reasons (fail_reason) and rejection reasons, most frequent first."""
-        rows = self.ledger.query(
-            f"SELECT COALESCE(fail_reason, error_message, error_code), COUNT(*) FROM {ATTEMPTS} "
-            f"WHERE {where} AND status IN (%s, %s) "
-            "GROUP BY COALESCE(fail_reason, error_message, error_code) "
-            f"ORDER BY COUNT(*) DESC LIMIT {int(limit)}",
-            [*params, FAILED, REJECTED],
-        )
-        return [(str(r[0]), int(r[1])) for r in rows]
-
     def runs_for(self, dates: Sequence[date]) -> dict[date, list[RunRow]]:
         """Per billing date: the runs that planned it or wrote attempts for it.
 
@@ -230,7 +219,7 @@ class BillingQueries:
                 billing_date=d,
                 outcomes=outcomes[d],
                 runs=runs[d],
-                top_reasons=self.top_reasons("billing_date = %s", [d.isoformat()], limit=3),
+                top_reasons=self.ledger.top_reasons(billing_date=d, limit=3),
             )
             for d in dates
         ]
