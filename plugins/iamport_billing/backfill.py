@@ -24,14 +24,17 @@ from iamport_billing.policy import (
     to_date,
 )
 from iamport_billing.states import (
+    ACTIVE,
     HARD,
+    PAST_DUE,
+    PAYMENT_METHOD_REQUIRED,
     SOFT,
 )
 from iamport_billing.warehouse.ledger import Ledger
 
 log = logging.getLogger(__name__)
 # A backfill may pick up subscriptions dunning gave up on; paid ones become active again.
-REACTIVATE_FROM = ("past_due", "payment_method_required")
+REACTIVATE_FROM = (PAST_DUE, PAYMENT_METHOD_REQUIRED)
 
 
 class BackfillRefused(ValueError):
@@ -92,9 +95,9 @@ def plan_backfill(
     rows = ledger.retryable_failures(
         decline_kinds=(SOFT, HARD) if hard else (SOFT,),
         subscription_statuses=(
-            "active",
-            "past_due",
-            *(("payment_method_required",) if hard else ()),
+            ACTIVE,
+            PAST_DUE,
+            *((PAYMENT_METHOD_REQUIRED,) if hard else ()),
         ),
         subscriptions_table=subscriptions_table,
         billing_from=request.from_date,
@@ -149,7 +152,7 @@ def run_backfill(
         return summary
     result = send_retries(gateway, ledger, plan, settings, run, logger=lg)
     ledger.set_subscription_status(
-        result["paid_subscriptions"], "active", only_from=REACTIVATE_FROM,
+        result["paid_subscriptions"], ACTIVE, only_from=REACTIVATE_FROM,
         subscriptions_table=subscriptions_table,
     )  # fmt: skip
     summary.update(result)

@@ -24,6 +24,7 @@ from iamport_billing.policy import (
     validate_row,
 )
 from iamport_billing.states import (
+    ACTIVE,
     PAID,
     SOFT,
 )
@@ -93,7 +94,7 @@ def due_retries(
     """Soft declines whose next_retry_date has come, below ``max_attempts``, still owed."""
     rows = ledger.retryable_failures(
         decline_kinds=(SOFT,),
-        subscription_statuses=("active",),
+        subscription_statuses=(ACTIVE,),
         subscriptions_table=subscriptions_table,
         retry_due_by=run_date,
         max_attempt_no=max_attempts,

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from iamport_billing import api_types as api
 from iamport_billing.api_types import Payment
 
 # ChargeResult kinds: what one charge request ended as, in the engine's words.
@@ -80,10 +81,10 @@ class Lookup:
         still in progress ('ready': money may yet move), else the latest failure."""
         if not self.payments:
             return None
-        settled = [p for p in self.payments if p.status in ("paid", "cancelled")]
+        settled = [p for p in self.payments if p.status in (api.PAID, api.CANCELLED)]
         if settled:
             return settled[0]
-        open_ = [p for p in self.payments if p.status != "failed"]
+        open_ = [p for p in self.payments if p.status != api.FAILED]
         return max(open_ or self.payments, key=lambda p: (p.started_at or 0, p.failed_at or 0))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+from iamport_billing import api_types as api
 from iamport_billing.api_types import Payment
 from iamport_billing.errors import (
     IamportAuthError,
@@ -138,9 +139,9 @@ class IamportV1Gateway:
 
 def result_of(payment: Payment) -> ChargeResult:
     """A payment record as a charge result: paid/cancelled, failed (declined), or unknown."""
-    if payment.status in ("paid", "cancelled"):
+    if payment.status in (api.PAID, api.CANCELLED):
         return ChargeResult(PAID, payment)
-    if payment.status == "failed":
+    if payment.status == api.FAILED:
         return ChargeResult(DECLINED, payment, reason=payment.fail_reason)
     return ChargeResult(
         UNKNOWN, payment, code=f"status_{payment.status or 'empty'}",

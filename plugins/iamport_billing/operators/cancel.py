@@ -29,6 +29,7 @@ from urllib.parse import quote
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from iamport_billing import api_types as api
 from iamport_billing.api_types import Payment, ShapeError
 from iamport_billing.errors import (
     IamportCancelOutcomeUnknown,
@@ -378,7 +379,7 @@ class CancelPaymentOperator(BaseOperator):
             raise AirflowException(
                 f"could not look {target} up at Iamport: {e}; nothing sent"
             ) from None
-        settled = [p for p in payments if p.is_paid or p.status == "cancelled"]
+        settled = [p for p in payments if p.is_paid or p.status == api.CANCELLED]
         if not settled:
             raise AirflowFailException(f"no paid payment for {target}: nothing to cancel")
         return settled[0]

@@ -54,7 +54,7 @@ DEFAULT_DUE_QUERY = f"""
 SELECT subscription_id, customer_uid, amount, currency, name,
        next_billing_date AS billing_date, buyer_name, buyer_email, buyer_tel
 FROM {SUBSCRIPTIONS}
-WHERE status = 'active' AND next_billing_date <= :billing_date
+WHERE status = '{ACTIVE}' AND next_billing_date <= :billing_date
 """
 
 

@@ -7,6 +7,7 @@ versions introduced to tables an older version created.
 
 from __future__ import annotations
 
+from iamport_billing.states import ACTIVE
 from iamport_billing.warehouse.dialects import Dialect
 
 SUBSCRIPTIONS = "billing_subscriptions"
@@ -120,7 +121,7 @@ def ddl(d: Dialect) -> list[str]:
             amount BIGINT,
             currency VARCHAR(10) DEFAULT 'KRW',
             name VARCHAR(200),
-            status VARCHAR(32) NOT NULL DEFAULT 'active',
+            status VARCHAR(32) NOT NULL DEFAULT '{ACTIVE}',
             next_billing_date {d.date_type},
             billing_anchor_day INTEGER,
             buyer_name VARCHAR(200),
