@@ -16,6 +16,7 @@ import pytest
 import requests
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from iamport_billing.charging import ChargeEngine
+from iamport_billing.errors import IamportCancelOutcomeUnknown
 from iamport_billing.gateways.iamport_v1 import IamportV1Gateway
 from iamport_billing.hooks.iamport import IamportHook
 from iamport_billing.operators.cancel import CancelPaymentOperator, refund_identity
@@ -168,7 +169,7 @@ def test_a_try_lost_before_iamport_is_sent_again_with_the_same_checksum(
         with pytest.raises(AirflowException, match="cancel history"):
             refund(try_of(try_number=1))
 
-    summary = refund(try_of(try_number=2))
+    summary = refund(try_of(try_number=2), resend_after_seconds=0)
 
     assert (summary["sent"], summary["cancel_amount"]) == (True, 3000)
     status, total, history = at_iamport(emulator)
@@ -178,6 +179,18 @@ def test_a_try_lost_before_iamport_is_sent_again_with_the_same_checksum(
     assert (row.status, row.checksum, row.send_count, row.try_number) == (
         REFUND_DONE, 10_000, 2, 2,
     )  # fmt: skip
+
+
+def test_a_try_lost_moments_ago_is_not_sent_again_yet(ledger, emulator, paid, monkeypatch):
+    with cancel_lost_before_iamport(monkeypatch, emulator):
+        with pytest.raises(AirflowException, match="cancel history"):
+            refund(try_of(try_number=1))
+
+    with pytest.raises(AirflowException, match="may still come"):
+        refund(try_of(try_number=2))  # its answer may still be on the way: wait
+
+    assert cancel_posts(emulator) == 1 and at_iamport(emulator)[1] == 0
+    assert refund_row(ledger, try_of()).send_count == 1
 
 
 def test_two_partial_refunds_in_two_runs_both_go_through(ledger, emulator, paid):
@@ -204,3 +217,50 @@ def test_a_rerun_asking_another_amount_is_not_the_same_refund(ledger, emulator, 
     _, total, history = at_iamport(emulator)
     assert (total, len(history)) == (3000, 1)
     assert in_ledger(ledger) == ("cancelled", 3000)
+
+
+def test_a_resend_refused_because_the_lost_send_landed_late_is_not_recorded_refused(
+    ledger, emulator, paid, monkeypatch
+):
+    """Try 1 writes the refund (3000 of 10000, checksum 10000) and POSTs it; the reply never
+    comes (read timeout) and the request is still on its way through Iamport/the PG. Try 2
+    (Airflow retry one minute later, or a second try started while try 1 still runs) looks
+    the payment up: no marker, balance still 10000 == checksum, so it claims the row and
+    POSTs again at once (a refund row has no lease, unlike a charge row). Try 1's cancel then
+    lands; Iamport refuses try 2's cancel (checksum 10000 != 7000). _send moves the row to
+    `refused` ("not refunded") and fails the task for good, though Iamport's cancel history
+    holds this very refund with its marker. A person reading "refused" re-triggers the refund
+    (the ledger still says 0 refunded, so the ledger check asks for checksum=7000): refunded
+    twice. Fix: do not resend an open refund within a lease of its last send, and when a
+    resend is refused, read the cancel history for the marker before calling it refused."""
+    real = IamportHook.cancel_payment
+    on_the_wire: dict = {}
+
+    def timed_out(self, **kwargs):
+        on_the_wire.update(kwargs)  # sent; Iamport has not processed it yet
+        raise IamportCancelOutcomeUnknown("ReadTimeoutError", imp_uid=kwargs.get("imp_uid"))
+
+    with monkeypatch.context() as m:
+        m.setattr(IamportHook, "cancel_payment", timed_out)
+        with pytest.raises(AirflowException, match="cancel history"):
+            refund(try_of(try_number=1))
+
+    def first_lands_then_resend(self, **kwargs):
+        real(self, **on_the_wire)  # try 1's request reaches Iamport now
+        return real(self, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(IamportHook, "cancel_payment", first_lands_then_resend)
+        try:
+            refund(try_of(try_number=2), resend_after_seconds=0)  # a retry after the wait
+        except AirflowException:
+            pass
+
+    status, total, history = at_iamport(emulator)
+    refund_id = refund_identity(try_of()).refund_id
+    assert total == 3000 and [a for a, _ in history] == [3000]  # refunded once, with our marker
+    assert f"[refund:{refund_id}]" in history[0][1]
+    row = Refunds(ledger).get(refund_id)
+    assert row.status == REFUND_DONE, (
+        f"Iamport holds refund {refund_id}, the refund log says {row.status!r}: {row.error_message}"
+    )

@@ -350,3 +350,46 @@ def test_a_case_sensitive_due_source_can_be_planned_on_any_ledger(ledger, tmp_pa
             billing_date=DAY, guardrails=Guardrails(), dry_run=False, run=RUN,
         )  # fmt: skip
     assert plan.count == 2
+
+
+# -- round 2: a period abandoned while the subscription was cancelled ------------------------
+@pytest.mark.airflow
+def test_a_period_abandoned_then_owed_again_is_billed_not_skipped_forever(dag_world):
+    """A daily charge task dies after its write-ahead, before the POST (x1-..-01 pending,
+    send_count 0). The customer cancels; the hourly reconcile asks Iamport (absent) and closes
+    the row `abandoned` (no longer owed). The customer comes back the same day: support sets
+    the subscription active again, still due on 11-26. Every later daily run plans x1 for
+    11-26, sees attempt 01 `abandoned` and counts it `already_settled`: x1 is never charged
+    and never advanced, silently, for ever; `subscriptions put-back` refuses too ("its latest
+    attempt ... is abandoned, not failed"). Fix: treat an abandoned attempt like no attempt
+    when its period is owed again (send attempt NN+1, or resend NN once the gateway confirms
+    it never saw it), or let put-back follow an abandoned attempt."""
+    ledger, emulator, _ = dag_world
+    add_subscriptions(ledger, [("x1", "cust-x1", 9900)], DAY)
+    register_cards(emulator, [("cust-x1", PAYING_CARD)])
+    uid = merchant_uid_for("x1", DAY, 1)
+    ledger.claim(
+        [{"merchant_uid": uid, "subscription_id": "x1", "billing_date": DAY, "attempt_no": 1,
+          "customer_uid": "cust-x1", "amount": 9900, "currency": "KRW",
+          "dag_id": "iamport_billing_daily", "run_id": "crashed", "name": "plan"}],
+        "crashed-claim",
+    )  # fmt: skip
+    ledger.execute(
+        "UPDATE billing_charge_attempts SET requested_at = %s WHERE merchant_uid = %s",
+        [ledger.stamp(datetime.now(UTC) - timedelta(hours=1)), uid],
+    )
+    ledger.execute(
+        "UPDATE billing_subscriptions SET status = 'cancelled' WHERE subscription_id = 'x1'"
+    )
+    run_dag(load_dags().get_dag("iamport_billing_reconcile"), logical(DAY, "11:25"))
+    assert ledger.get_attempt(uid).status == "abandoned"
+
+    ledger.execute(
+        "UPDATE billing_subscriptions SET status = 'active' WHERE subscription_id = 'x1'"
+    )
+    put_back = ledger.put_back("x1")  # what ops would try next
+    run_daily(DAY)  # the daily run of the same day, cleared and run again by ops
+
+    assert [u for u in paid_at_gateway(emulator) if u.startswith("x1-")], (
+        f"x1 owes 11-26 again and is active, but no run will ever charge it (put-back: {put_back})"
+    )

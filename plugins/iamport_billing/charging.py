@@ -320,14 +320,20 @@ class ChargeEngine:
                 continue
             attempt_no = 1
             latest = attempts[-1] if attempts else None
+            put_back_now = (
+                latest is not None
+                and latest.status == FAILED
+                and (c.subscription_id, c.billing_date, latest.attempt_no) in put_back
+            )
+            # An abandoned attempt never reached the gateway; a period owed again (it is due)
+            # gets its next attempt rather than being skipped for ever.
             if (
                 latest is not None
                 and new_attempts
-                and latest.status == FAILED
-                and (c.subscription_id, c.billing_date, latest.attempt_no) in put_back
+                and (put_back_now or latest.status == ABANDONED)
                 and latest.attempt_no < 99
             ):
-                attempt_no = latest.attempt_no + 1  # a person put it back: once more
+                attempt_no = latest.attempt_no + 1
             elif attempts or not new_attempts:
                 self.result.add("already_settled", c.amount)
                 continue

@@ -23,6 +23,7 @@ import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -50,7 +51,8 @@ from iamport_billing.warehouse.ledger import Ledger
 from iamport_billing.warehouse.refunds import Refund, Refunds
 
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,40}")
-_MARKER_RE = re.compile(r"\[refund:([A-Za-z0-9._:-]{1,64})\]")
+# Our cancels' reasons start with the marker; one quoted later in a person's reason is not ours.
+_MARKER_RE = re.compile(r"^\[refund:([A-Za-z0-9._:-]{1,64})\]")
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,8 @@ class CancelEntry:
 
     @property
     def refund_ids(self) -> set[str]:
-        return set(_MARKER_RE.findall(self.reason))
+        found = _MARKER_RE.match(self.reason or "")
+        return {found.group(1)} if found else set()
 
 
 def _cancel_history(data: dict[str, Any]) -> list[CancelEntry]:
@@ -184,6 +187,9 @@ class CancelPaymentOperator(BaseOperator):
         fails; pass the balance as ``checksum`` to refund anyway).
     :param request_id: the refund's key (1-40 of ``A-Za-z0-9._:-``); None derives it from the
         task instance. Needed outside Airflow.
+    :param resend_after_seconds: an open refund whose last send is younger than this is not
+        sent again even if the balance says it never applied: its answer may still be on its
+        way (longer than the connection's read timeout plus Iamport's processing).
     """
 
     template_fields: Sequence[str] = (
@@ -200,6 +206,7 @@ class CancelPaymentOperator(BaseOperator):
         amount: int | str | None = None,
         checksum: int | str | None = None,
         request_id: str | None = None,
+        resend_after_seconds: float = 120.0,
         iamport_conn_id: str = "iamport_default",
         warehouse_conn_id: str = "billing_warehouse",
         **kwargs: Any,
@@ -211,6 +218,7 @@ class CancelPaymentOperator(BaseOperator):
         self.reason = reason
         self.checksum = checksum
         self.request_id = request_id
+        self.resend_after_seconds = resend_after_seconds
         self.iamport_conn_id = iamport_conn_id
         self.warehouse_conn_id = warehouse_conn_id
 
@@ -300,11 +308,30 @@ class CancelPaymentOperator(BaseOperator):
             ) from None
         except IamportRequestRejected as e:
             message = f"Iamport refused refund {row.refund_id}: {e.api_message or e}"
+            if (row.send_count or 0) > 1:
+                # A resend refused (e.g. checksum): the first send may have landed late.
+                return self._settle_refused_resend(hook, ledger, refunds, row, message)
             refunds.move(row.refund_id, REFUND_REFUSED, error_message=message)
             raise AirflowFailException(message) from None
         after = int(payment.cancel_amount)
         refunds.move(row.refund_id, REFUND_DONE, cancel_amount_after=after)
         return self._done(ledger, row, payment, sent=True)
+
+    def _settle_refused_resend(
+        self, hook: IamportHook, ledger: Ledger, refunds: Refunds, row: Refund, message: str
+    ) -> dict[str, Any]:
+        """Iamport's cancel history decides: our marker there means done; otherwise the
+        refund stays open (unknown) for the next try, never recorded as refused."""
+        payment, history = self._lookup(hook, row.imp_uid)
+        after = applied_total(history, row.refund_id)
+        if after is not None:
+            refunds.move(row.refund_id, REFUND_DONE, cancel_amount_after=after)
+            return self._done(ledger, row, payment, sent=True)
+        refunds.move(row.refund_id, REFUND_UNKNOWN, error_message=message)
+        raise AirflowException(
+            f"{message}; an earlier send of it may still land: a retry settles it from "
+            "Iamport's cancel history"
+        )
 
     # -- a request seen before: settle it from the cancel history -------------------------------
 
@@ -330,6 +357,14 @@ class CancelPaymentOperator(BaseOperator):
                 "trigger a new refund if one is still due"
             )
         balance = int(payment.net_amount)
+        last_send = row.updated_at or row.requested_at
+        idle = (datetime.now(UTC) - last_send).total_seconds() if last_send else None
+        if balance == row.checksum and idle is not None and idle < self.resend_after_seconds:
+            raise AirflowException(
+                f"refund {row.refund_id} was sent {idle:.0f} s ago and is not in Iamport's "
+                "cancel history yet: its answer may still come. Nothing sent; a retry after "
+                f"{self.resend_after_seconds:.0f} s settles it"
+            )
         if balance == row.checksum:
             self.log.warning(
                 "refund %s never applied (no cancel carries its marker; the balance is still "
