@@ -60,6 +60,8 @@ def test_a_dropped_reply_is_not_resent_when_the_lookup_gets_a_foreign_answer(wor
     faults(emulator, drop_after_commit_rate=1.0, **{switch: True})
     _, states = daily()
     assert payments(emulator) == [(uid, PAID)]  # charged once, never twice
+    stats = requests.get(f"{emulator.url}/__emulator__/stats", timeout=5).json()
+    assert stats["requests"]["POST /subscribe/payments/again"] == 1  # and never resent
     assert ledger.get_attempt(uid).status in UNSETTLED
     assert states["charge[0]"] == "failed"
     faults(emulator, drop_after_commit_rate=0.0, **{switch: False})

@@ -218,8 +218,10 @@ def test_subscriptions_going_past_due_are_alerted_with_the_amount_owed(
         ledger.init_schema()
         subscribe(ledger, emulator, "soft1", SOFT_DECLINE_CARD, day, amount=7700)
         hook = IamportHook()
+        # The retry run that records the last soft decline is the one whose write-back alerts.
+        retry_run = {"dag_id": "iamport_billing_retry", "run_id": "r1", "task_id": "retry"}
         ChargeEngine(
-            IamportV1Gateway(hook), ledger, ChargeSettings(retry_schedule_days=()), RUN
+            IamportV1Gateway(hook), ledger, ChargeSettings(retry_schedule_days=()), retry_run
         ).charge_batch(
             [ChargeCandidate("soft1", "cust-soft1", 7700, day, name="plan")]
         )  # no retries configured: the first soft decline is the last

@@ -98,13 +98,19 @@ def test_a_put_back_attempt_asks_the_gateway_about_attempt_nn_first(world):
 
 
 # -- 3. reclaim ignores the lease: a resend while the owner's POST is in flight ----------------
-def test_reconcile_never_resends_a_row_whose_owner_is_posting_it(ledger, emulator, monkeypatch):
+@pytest.mark.parametrize(
+    "other", [{"dag_id": "reconcile"}, {"try_number": 2}], ids=["reconcile", "a_later_try"]
+)
+def test_reconcile_never_resends_a_row_whose_owner_is_posting_it(
+    ledger, emulator, monkeypatch, other
+):
     """Engine A claimed f1-..-01 in a chunk; the chunk took longer than the lease to reach it
     (slow gateway / low requests_per_second), so requested_at is old. Reconcile (B) reads the
     row, looks it up (not found), and meanwhile A's confirm_send succeeds and A POSTs. B's
     reclaim() compares only status and claim_token, not the lease A just renewed, so it wins
     and B POSTs the same merchant_uid while A's POST is in flight. Only the gateway's
-    duplicate check stands between this and a double charge."""
+    duplicate check stands between this and a double charge. A later try of the same task
+    skips the lease (the earlier try is taken for dead): only the send count guards it."""
     from iamport_billing.charging import (
         ChargeEngine,
         ChargeSettings,
@@ -151,7 +157,7 @@ def test_reconcile_never_resends_a_row_whose_owner_is_posting_it(ledger, emulato
     monkeypatch.setattr(hook_b, "charge_again", b_charge)
     monkeypatch.setattr(hook_b, "find_all_payments", b_lookup)
     try:
-        resolve_unsettled(gw(hook_b), ledger, settings, {**RUN, "dag_id": "reconcile"})
+        resolve_unsettled(gw(hook_b), ledger, settings, {**RUN, **other})
     finally:
         release.set()
         worker.join(30)

@@ -321,6 +321,7 @@ def run_report(ledger: Ledger, *, run: Mapping[str, Any], billing_date: date) ->
             {"subscription_id": s, "code": c, "reason": r}
             for s, c, r in ledger.refused_requests(run, limit=REJECTED_SHOWN)
         ],
+        "not_charged": ledger.planned_without_attempt(run),
         "guardrail": recorded[0] if recorded else None,
         "dry_run": recorded[1] if recorded else False,
     }
@@ -340,6 +341,8 @@ def format_report(report: Mapping[str, Any]) -> str:
         lines.append("  (no attempts recorded by this run)")
     unsettled = sum(v["count"] for v in report["unsettled"].values())
     lines.append(f"  unsettled (pending/unknown) up to this date: {unsettled}")
+    if report.get("not_charged"):
+        lines.append(f"  approved by the plan but never attempted: {report['not_charged']}")
     if report["top_reasons"]:
         lines.append("  top decline / rejection reasons:")
         lines.extend(f"    {r['count']:>6}  {r['reason']}" for r in report["top_reasons"])

@@ -144,6 +144,12 @@ def report_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, Any]:
             f"{report['by_status'][AMOUNT_MISMATCH]['count']} charges paid with another amount "
             "than requested: see the runbook (amount mismatch)"
         )
+    if report["not_charged"]:
+        raise AirflowException(
+            f"{report['not_charged']} charges this run's plan approved have no attempt (another "
+            "run had them in flight and did not send them, or a charge task did not run): "
+            "clear the charge tasks with Downstream, or let the next run charge them"
+        )
     unsettled = sum(v["count"] for v in report["unsettled"].values())
     if unsettled:
         raise AirflowException(

@@ -547,6 +547,17 @@ class Ledger(SqlSession):
                 [(run.get("dag_id"), run.get("run_id"), s, _iso(d), a) for s, d, a in chunk],
             )
 
+    def planned_without_attempt(self, run: Mapping[str, Any]) -> int:
+        """How many of a run's approved charges have no attempt at all (skipped while another
+        run had them in flight and then withdrew them, or never reached)."""
+        rows = self.query(
+            f"SELECT COUNT(*) FROM {PLAN_ITEMS} p WHERE p.dag_id = %s AND p.run_id = %s "
+            f"AND NOT EXISTS (SELECT 1 FROM {ATTEMPTS} a WHERE a.subscription_id = "
+            "p.subscription_id AND a.billing_date = p.billing_date AND a.status <> %s)",
+            [run["dag_id"], run["run_id"], REJECTED],
+        )
+        return int(rows[0][0])
+
     def planned_items(
         self, run: Mapping[str, Any], subscription_ids: Sequence[str]
     ) -> dict[str, tuple[date, int]]:
