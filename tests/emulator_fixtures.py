@@ -18,7 +18,9 @@ from urllib.parse import quote
 import jsonschema
 import requests
 
-SPEC_PATH = Path("/work/shared/iamport/v1.openapi.json")
+# PortOne's official spec, in the shared/ folder beside the checkout (CI lays it there too).
+_BESIDE = Path(__file__).resolve().parents[2] / "shared" / "iamport" / "v1.openapi.json"
+SPEC_PATH = _BESIDE if _BESIDE.exists() else Path("/work/shared/iamport/v1.openapi.json")
 NUMERIC_KEYWORDS = ("maxLength", "minLength", "maximum", "minimum", "maxItems", "minItems")
 
 
