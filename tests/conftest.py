@@ -155,7 +155,10 @@ WAREHOUSES = ["sqlite", "postgres", "mariadb"]
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Money tests run on every ledger database; a module that tests screens or messages
     narrows this with its own ``WAREHOUSES`` list."""
-    if "warehouse" in metafunc.fixturenames:
+    chosen = any(m.args and m.args[0] == "warehouse" for m in metafunc.definition.iter_markers(
+        "parametrize"
+    ))  # fmt: skip
+    if "warehouse" in metafunc.fixturenames and not chosen:
         metafunc.parametrize(
             "warehouse", getattr(metafunc.module, "WAREHOUSES", WAREHOUSES), indirect=True
         )

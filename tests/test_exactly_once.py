@@ -3,6 +3,7 @@ SQLite, PostgreSQL and MariaDB. One test per finding of the ledger review (issue
 
 from __future__ import annotations
 
+import json
 import threading
 from datetime import UTC, date, datetime, timedelta
 
@@ -278,3 +279,44 @@ def test_the_pending_state_is_never_left_behind_by_a_normal_run(world):
     daily()
     assert ledger.unsettled_summary() == {}
     assert PENDING not in ledger.date_summary(DAY)
+
+
+# The redesign: the due query may read a separate, read-only source; the ledger is the result.
+def test_a_read_only_source_feeds_the_ledger_on_another_connection(world, tmp_path, monkeypatch):
+    import sqlite3
+
+    ledger, emulator, _ = world
+    source = tmp_path / "source.db"
+    with sqlite3.connect(source) as conn:
+        conn.execute("CREATE TABLE plans (id TEXT, card TEXT, price INTEGER, due TEXT)")
+        conn.executemany(
+            "INSERT INTO plans VALUES (?, ?, ?, ?)",
+            [(f"w{i}", f"cust-w{i}", 1000 * (i + 1), DAY.isoformat()) for i in range(3)],
+        )
+    before = source.read_bytes()
+    register_cards(emulator, [(f"cust-w{i}", PAYING_CARD) for i in range(3)])
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_BILLING_SOURCE", json.dumps({"conn_type": "sqlite", "host": str(source)})
+    )
+    monkeypatch.setenv("IAMPORT_BILLING_SOURCE_CONN_ID", "billing_source")
+    monkeypatch.setenv("IAMPORT_BILLING_WRITE_BACK", "false")
+    monkeypatch.setenv(
+        "IAMPORT_BILLING_DUE_QUERY",
+        "SELECT id AS subscription_id, card AS customer_uid, price AS amount, 'KRW' AS currency, "
+        "'plan' AS name, due AS billing_date FROM plans WHERE due <= :billing_date",
+    )
+    _, states = daily()
+    assert states["report"] == "success", states
+    assert paid_at_gateway(emulator) == [merchant_uid_for(f"w{i}", DAY, 1) for i in range(3)]
+    assert {s: v["count"] for s, v in ledger.date_summary(DAY).items()} == {PAID: 3}
+    assert source.read_bytes() == before  # nothing written to the source
+
+
+def test_an_unsupported_ledger_database_fails_at_start_with_a_clear_message():
+    from types import SimpleNamespace
+
+    from iamport_billing.warehouse.dialects import UnsupportedDatabase
+
+    hook = SimpleNamespace(dialect_name="oracle", get_conn_id=lambda: "billing_warehouse")
+    with pytest.raises(UnsupportedDatabase, match="sqlite, postgresql or mysql"):
+        Ledger(hook)

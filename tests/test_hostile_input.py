@@ -185,26 +185,27 @@ def test_every_kind_of_bad_row_is_rejected_with_its_reason_and_never_sent(world,
         assert f"rejected {sub}: " in caplog.text and f"({code})" in caplog.text
 
 
-@pytest.mark.postgres
-def test_postgres_due_query_returning_text_nan_infinity_and_duplicates_is_rejected(
-    airflow_db, postgres_warehouse, emulator, monkeypatch
+@pytest.mark.parametrize("warehouse", ["postgres", "mariadb"], indirect=True)
+def test_typed_warehouse_due_query_returning_text_nan_infinity_and_duplicates_is_rejected(
+    airflow_db, warehouse, emulator, monkeypatch
 ):
-    """On PostgreSQL the amount column is typed, so garbage arrives through a due query."""
-    due = """
-    SELECT subscription_id, customer_uid, amount::text AS amount, currency, name,
-           next_billing_date::text AS billing_date, buyer_name, buyer_email, buyer_tel
+    """With a typed amount column, garbage arrives through a due query that returns text."""
+    extra = [
+        ("p-nan", "NaN", ":billing_date"), ("p-inf", "Infinity", ":billing_date"),
+        ("p-text", "12,000", ":billing_date"), ("p-bool", "true", ":billing_date"),
+        ("p-hex", "0x10", ":billing_date"), ("p-far", "1000", "'2999-12-31'"),
+        ("p-ok", "1000", ":billing_date"),
+    ]  # fmt: skip
+    rows = " UNION ALL ".join(
+        f"SELECT '{sub}', 'cust-{sub}', '{amount}', 'KRW', 'plan', {day}, NULL, NULL, NULL"
+        for sub, amount, day in extra
+    )
+    due = f"""
+    SELECT subscription_id, customer_uid, CAST(amount AS CHAR(20)) AS amount, currency, name,
+           CAST(next_billing_date AS CHAR(10)) AS billing_date, buyer_name, buyer_email,
+           buyer_tel
     FROM billing_subscriptions WHERE status = 'active' AND next_billing_date <= :billing_date
-    UNION ALL
-    SELECT * FROM (VALUES
-        ('p-nan', 'cust-p-nan', 'NaN', 'KRW', 'plan', :billing_date, NULL, NULL, NULL),
-        ('p-inf', 'cust-p-inf', 'Infinity', 'KRW', 'plan', :billing_date, NULL, NULL, NULL),
-        ('p-text', 'cust-p-text', '12,000', 'KRW', 'plan', :billing_date, NULL, NULL, NULL),
-        ('p-bool', 'cust-p-bool', 'true', 'KRW', 'plan', :billing_date, NULL, NULL, NULL),
-        ('p-hex', 'cust-p-hex', '0x10', 'KRW', 'plan', :billing_date, NULL, NULL, NULL),
-        ('p-far', 'cust-p-far', '1000', 'KRW', 'plan', '2999-12-31', NULL, NULL, NULL),
-        ('p-ok', 'cust-p-ok', '1000', 'KRW', 'plan', :billing_date, NULL, NULL, NULL)
-    ) AS extra(subscription_id, customer_uid, amount, currency, name, billing_date,
-               buyer_name, buyer_email, buyer_tel)
+    UNION ALL {rows}
     """
     monkeypatch.setenv("IAMPORT_BILLING_DUE_QUERY", due)
     monkeypatch.setattr("iamport_billing.alerts.deadline_alerts", lambda cfg, *, starts_at: [])

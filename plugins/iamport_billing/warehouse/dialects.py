@@ -61,8 +61,8 @@ class Dialect:
     def create_index(self, name: str, table: str, columns: str) -> list[str]:
         return [f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({columns})"]
 
-    def prepare(self, conn: Any) -> None:
-        """Session settings applied once per connection."""
+    def prepare(self, conn: Any, *, read_only: bool = False) -> None:
+        """Session settings applied once per connection (``read_only``: change no file)."""
 
     def is_duplicate_index(self, error: Exception) -> bool:
         return False
@@ -86,10 +86,11 @@ class SqliteDialect(Dialect):
     def as_date(self, column: str) -> str:
         return column
 
-    def prepare(self, conn: Any) -> None:
+    def prepare(self, conn: Any, *, read_only: bool = False) -> None:
         conn.execute("PRAGMA busy_timeout = 60000")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
+        if not read_only:  # WAL is a property of the file: a source is not ours to change
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
 
 
 class PostgresDialect(Dialect):
@@ -134,7 +135,7 @@ class MysqlDialect(Dialect):
         # MySQL 8 has no CREATE INDEX IF NOT EXISTS: a duplicate name is ignored by the caller.
         return [f"CREATE INDEX {name} ON {table} ({columns})"]
 
-    def prepare(self, conn: Any) -> None:
+    def prepare(self, conn: Any, *, read_only: bool = False) -> None:
         cur = conn.cursor()
         try:
             # Strict values (no silent truncation), UTC, and reads that see other commits.

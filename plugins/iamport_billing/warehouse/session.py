@@ -17,6 +17,8 @@ class SqlSession:
     """A lazily opened connection kept for the object's life (reconnecting per statement
     would dominate a batch task's CPU)."""
 
+    read_only = False  # a session that must not change the database it reads
+
     def __init__(self, hook: Any, dialect: Dialect):
         self.hook = hook
         self.dialect = dialect
@@ -32,7 +34,7 @@ class SqlSession:
     def conn(self) -> Any:
         if self._conn is None:
             conn = self.hook.get_conn()
-            self.dialect.prepare(conn)
+            self.dialect.prepare(conn, read_only=self.read_only)
             self._conn = conn
         return self._conn
 

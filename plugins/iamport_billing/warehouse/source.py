@@ -19,6 +19,8 @@ from iamport_billing.warehouse.session import SqlSession
 class DueSource(SqlSession):
     """Pages of due rows in subscription_id order."""
 
+    read_only = True
+
     def __init__(self, hook: Any):
         name = str(getattr(hook, "dialect_name", "") or "").lower()
         dialect = DIALECTS[name]() if name in DIALECTS else SourceDialect(hook)
