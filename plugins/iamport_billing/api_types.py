@@ -123,6 +123,36 @@ class Payment:
 
 
 @dataclass(frozen=True)
+class CancelEntry:
+    """One entry of a payment's ``cancel_history`` (PaymentCancelAnnotation)."""
+
+    amount: int | float
+    reason: str = ""
+
+    @classmethod
+    def parse_history(cls, data: Any) -> list[CancelEntry]:
+        """The ``cancel_history`` of a payment object; ShapeError when it is malformed."""
+        data = _require_dict(data, "payment")
+        items = data.get("cancel_history")
+        if items is None:
+            if data.get("cancel_amount"):
+                raise ShapeError("payment has a cancel_amount but no cancel_history")
+            return []
+        if not isinstance(items, list):
+            raise ShapeError("payment.cancel_history is not a list")
+        entries = []
+        for item in items:
+            amount = item.get("amount") if isinstance(item, dict) else None
+            if not _is_number(amount):
+                raise ShapeError("a cancel_history entry has no numeric amount")
+            reason = item.get("reason")
+            if reason is not None and not isinstance(reason, str):
+                raise ShapeError("a cancel_history entry's reason is not a string")
+            entries.append(cls(amount, reason or ""))
+        return entries
+
+
+@dataclass(frozen=True)
 class PaymentPage:
     total: int
     previous: int

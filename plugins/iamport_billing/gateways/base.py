@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from iamport_billing import api_types as api
-from iamport_billing.api_types import Payment
+from iamport_billing.api_types import CancelEntry, Payment
 
 # ChargeResult kinds: what one charge request ended as, in the engine's words.
 PAID = "paid"  # the gateway took money (see payment: it may be another amount)
@@ -43,6 +43,18 @@ class CredentialsRefused(GatewayError):
 
 class GatewayUnavailable(GatewayError):
     """The gateway could not be asked (down, proxy, wrong shape): it proves nothing."""
+
+
+class PaymentAbsent(GatewayError):
+    """The gateway's own word: it has no such payment."""
+
+
+class RefundOutcomeUnknown(GatewayError):
+    """A cancel was sent and no usable answer came back: it may have applied."""
+
+
+class RefundRefused(GatewayError):
+    """The gateway refused the cancel (e.g. the balance is not the checksum): not applied."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +114,16 @@ class Gateway(Protocol):
 
     def missing_billing_keys(self, customer_uids: Sequence[str]) -> list[str]:
         """customer_uids the gateway says have no billing key; raises GatewayUnavailable."""
+        ...
+
+    def payment(self, payment_id: str) -> tuple[Payment, list[CancelEntry]]:
+        """A payment by the gateway's id with its cancel history; raises PaymentAbsent or
+        GatewayUnavailable."""
+        ...
+
+    def cancel(self, payment_id: str, *, amount: int, reason: str, checksum: int) -> Payment:
+        """Refund ``amount`` once (never resent); raises RefundOutcomeUnknown, RefundRefused,
+        GatewayUnavailable (provably not sent) or CredentialsRefused."""
         ...
 
     def close(self) -> None: ...

@@ -9,11 +9,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from iamport_billing import api_types as api
-from iamport_billing.api_types import Payment
+from iamport_billing.api_types import CancelEntry, Payment
 from iamport_billing.errors import (
     IamportAuthError,
     IamportBillingKeyMissing,
+    IamportCancelOutcomeUnknown,
     IamportError,
+    IamportNotFound,
     IamportOutcomeUnknown,
     IamportRateLimited,
     IamportRequestRejected,
@@ -37,6 +39,9 @@ from iamport_billing.gateways.base import (
     CredentialsRefused,
     GatewayUnavailable,
     Lookup,
+    PaymentAbsent,
+    RefundOutcomeUnknown,
+    RefundRefused,
 )
 from iamport_billing.hooks.iamport import IamportHook
 
@@ -127,6 +132,30 @@ class IamportV1Gateway:
             yield from self.hook.list_payments("all", since, until)
         except IamportError as e:
             raise GatewayUnavailable(f"could not list payments: {_text(e)}") from None
+
+    def payment(self, payment_id: str) -> tuple[Payment, list[CancelEntry]]:
+        try:
+            return self.hook.get_payment_with_history(payment_id)
+        except IamportNotFound:
+            raise PaymentAbsent(f"Iamport has no payment {payment_id}") from None
+        except IamportAuthError as e:
+            raise CredentialsRefused(_text(e)) from None
+        except IamportError as e:
+            raise GatewayUnavailable(f"could not look {payment_id} up: {_text(e)}") from None
+
+    def cancel(self, payment_id: str, *, amount: int, reason: str, checksum: int) -> Payment:
+        try:
+            return self.hook.cancel_payment(
+                imp_uid=payment_id, amount=amount, reason=reason, checksum=checksum
+            )
+        except IamportCancelOutcomeUnknown as e:
+            raise RefundOutcomeUnknown(_text(e)) from None
+        except IamportRequestRejected as e:
+            raise RefundRefused(e.api_message or _text(e)) from None
+        except IamportAuthError as e:
+            raise CredentialsRefused(_text(e)) from None
+        except IamportError as e:  # the hook resends nothing: only "never sent" gets here
+            raise GatewayUnavailable(f"the cancel was not sent: {_text(e)}") from None
 
     def missing_billing_keys(self, customer_uids: Sequence[str]) -> list[str]:
         try:

@@ -33,6 +33,7 @@ from iamport_billing.api_types import (
     AccessToken,
     BillingKey,
     BillingKeyLookup,
+    CancelEntry,
     Payment,
     PaymentPage,
     ShapeError,
@@ -608,6 +609,18 @@ class IamportHook(BaseHook):
         )
         data = self._payload(status, body, what=what, absent_on_404=True)
         return self._parsed(Payment.parse, data, what=what, status=status, body=body)
+
+    def get_payment_with_history(self, imp_uid: str) -> tuple[Payment, list[CancelEntry]]:
+        """GET /payments/{imp_uid} with its ``cancel_history`` (what refunds settle from).
+        Raises as ``get_payment`` does, and IamportUnexpectedReply on a malformed history."""
+        what = "GET /payments/{imp_uid}"
+        status, body = self._call(
+            "GET", f"/payments/{quote(imp_uid, safe='')}", params=self._sandbox_params()
+        )
+        data = self._payload(status, body, what=what, absent_on_404=True)
+        payment = self._parsed(Payment.parse, data, what=what, status=status, body=body)
+        history = self._parsed(CancelEntry.parse_history, data, what=what, status=status, body=body)
+        return payment, history
 
     def find_payment(self, merchant_uid: str, status: str | None = None) -> Payment:
         """Latest payment of a merchant_uid (optionally with ``status``).

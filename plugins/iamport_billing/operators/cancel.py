@@ -25,21 +25,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from iamport_billing import api_types as api
-from iamport_billing.api_types import Payment, ShapeError
-from iamport_billing.errors import (
-    IamportCancelOutcomeUnknown,
-    IamportError,
-    IamportNotFound,
-    IamportRequestRejected,
-    IamportUnexpectedReply,
+from iamport_billing.api_types import CancelEntry, Payment
+from iamport_billing.gateways import gateway_for
+from iamport_billing.gateways.base import (
+    ABSENT,
+    UNREACHABLE,
+    CredentialsRefused,
+    Gateway,
+    GatewayUnavailable,
+    PaymentAbsent,
+    RefundOutcomeUnknown,
+    RefundRefused,
 )
-from iamport_billing.hooks.iamport import IamportHook, clean_excerpt
 from iamport_billing.policy import parse_amount
 from iamport_billing.states import (
     MONEY_MOVED,
@@ -100,60 +102,10 @@ def refund_marker(refund_id: str) -> str:
     return f"[refund:{refund_id}]"
 
 
-@dataclass(frozen=True)
-class CancelEntry:
-    """One entry of a payment's ``cancel_history`` (PaymentCancelAnnotation)."""
-
-    amount: int | float
-    reason: str
-
-    @property
-    def refund_ids(self) -> set[str]:
-        found = _MARKER_RE.match(self.reason or "")
-        return {found.group(1)} if found else set()
-
-
-def _cancel_history(data: dict[str, Any]) -> list[CancelEntry]:
-    items = data.get("cancel_history")
-    if items is None:
-        if data.get("cancel_amount"):
-            raise ShapeError("payment has a cancel_amount but no cancel_history")
-        return []
-    if not isinstance(items, list):
-        raise ShapeError("payment.cancel_history is not a list")
-    entries = []
-    for item in items:
-        amount = item.get("amount") if isinstance(item, dict) else None
-        if not isinstance(amount, (int, float)) or isinstance(amount, bool):
-            raise ShapeError("a cancel_history entry has no numeric amount")
-        reason = item.get("reason")
-        if reason is not None and not isinstance(reason, str):
-            raise ShapeError("a cancel_history entry's reason is not a string")
-        entries.append(CancelEntry(amount, reason or ""))
-    return entries
-
-
-def payment_with_history(hook: IamportHook, imp_uid: str) -> tuple[Payment, list[CancelEntry]]:
-    """``GET /payments/{imp_uid}`` with its cancel history (``Payment`` drops that list).
-
-    Raises like ``hook.get_payment``: IamportNotFound only on Iamport's own 404, else
-    IamportUnexpectedReply / IamportTransportError (could not ask) for anything that is not a
-    payment with a well-formed history.
-    """
-    # TODO(hook owner): give Payment a cancel_history; then this is hook.get_payment().
-    what = "GET /payments/{imp_uid}"
-    status, body = hook._call(
-        "GET", f"/payments/{quote(imp_uid, safe='')}", params=hook._sandbox_params()
-    )
-    data = hook._payload(status, body, what=what, absent_on_404=True)
-    try:
-        return Payment.parse(data), _cancel_history(data)
-    except ShapeError as e:
-        raise IamportUnexpectedReply(
-            f"{what}: the response has the wrong shape ({e})",
-            http_status=status,
-            body_excerpt=clean_excerpt(body),
-        ) from None
+def refund_id_in(entry: CancelEntry) -> str | None:
+    """The refund id our marker puts at the start of a cancel's reason (None: not ours)."""
+    found = _MARKER_RE.match(entry.reason or "")
+    return found.group(1) if found else None
 
 
 def applied_total(history: Sequence[CancelEntry], refund_id: str) -> int | None:
@@ -162,7 +114,7 @@ def applied_total(history: Sequence[CancelEntry], refund_id: str) -> int | None:
     total = 0
     for entry in history:
         total += int(entry.amount)
-        if refund_id in entry.refund_ids:
+        if refund_id_in(entry) == refund_id:
             return total
     return None
 
@@ -228,29 +180,34 @@ class CancelPaymentOperator(BaseOperator):
         amount = _opt_positive(self.amount, "cancel amount")
         checksum = _opt_positive(self.checksum, "checksum")
         who = refund_identity(context, self.request_id)
-        hook = IamportHook(self.iamport_conn_id)
+        gateway = gateway_for(self.iamport_conn_id)
         try:
             with Ledger.from_conn_id(self.warehouse_conn_id) as ledger:
                 ledger.init_schema()
                 refunds = Refunds(ledger)
                 known = refunds.get(who.refund_id)
                 if known is None:
-                    summary = self._new(hook, ledger, refunds, who, amount, checksum)
+                    summary = self._new(gateway, ledger, refunds, who, amount, checksum)
                 else:
                     self._same_request(known, amount)
-                    summary = self._settle(hook, ledger, refunds, known, who)
+                    summary = self._settle(gateway, ledger, refunds, known, who)
+        except CredentialsRefused as e:
+            raise AirflowFailException(
+                f"the gateway refused the credentials of connection {self.iamport_conn_id!r}: "
+                f"nothing sent. {e}"
+            ) from None
         finally:
-            hook.close()
+            gateway.close()
         self.log.info("refund %s: %s", who.refund_id, summary)
         return summary
 
     # -- a new request: look up, write ahead, send once -----------------------------------------
 
     def _new(
-        self, hook: IamportHook, ledger: Ledger, refunds: Refunds, who: RefundIdentity,
+        self, gateway: Gateway, ledger: Ledger, refunds: Refunds, who: RefundIdentity,
         amount: int | None, checksum: int | None,
     ) -> dict[str, Any]:  # fmt: skip
-        before = self._current(hook)
+        before = self._current(gateway)
         balance = int(before.net_amount)
         if balance <= 0:
             raise AirflowFailException(f"{before.imp_uid} has nothing left to refund")
@@ -284,10 +241,10 @@ class CancelPaymentOperator(BaseOperator):
                 f"refund {who.refund_id} was written by another try at the same moment: "
                 "nothing sent by this one; re-run to settle it"
             )
-        return self._send(hook, ledger, refunds, refunds.get(who.refund_id))
+        return self._send(gateway, ledger, refunds, refunds.get(who.refund_id))
 
     def _send(
-        self, hook: IamportHook, ledger: Ledger, refunds: Refunds, row: Refund | None
+        self, gateway: Gateway, ledger: Ledger, refunds: Refunds, row: Refund | None
     ) -> dict[str, Any]:
         assert row is not None  # written and committed just before
         self.log.info(
@@ -295,22 +252,25 @@ class CancelPaymentOperator(BaseOperator):
             row.refund_id, row.amount, row.imp_uid, row.checksum,
         )  # fmt: skip
         try:
-            payment = hook.cancel_payment(
-                imp_uid=row.imp_uid, amount=row.amount, reason=row.reason or "",
-                checksum=row.checksum,
-            )  # fmt: skip
-        except IamportCancelOutcomeUnknown as e:
+            payment = gateway.cancel(
+                row.imp_uid, amount=row.amount, reason=row.reason or "", checksum=row.checksum
+            )
+        except GatewayUnavailable as e:
+            raise AirflowException(
+                f"refund {row.refund_id}: {e}. It stays open; a retry settles it"
+            ) from None
+        except RefundOutcomeUnknown as e:
             refunds.move(row.refund_id, REFUND_UNKNOWN, error_message=str(e))
             raise AirflowException(
                 f"refund {row.refund_id}: the cancel was sent and no usable answer came back "
                 f"({e}). It is never resent blindly: a re-run of this task (or Airflow's "
                 "retry) settles it from Iamport's cancel history"
             ) from None
-        except IamportRequestRejected as e:
-            message = f"Iamport refused refund {row.refund_id}: {e.api_message or e}"
+        except RefundRefused as e:
+            message = f"Iamport refused refund {row.refund_id}: {e}"
             if (row.send_count or 0) > 1:
                 # A resend refused (e.g. checksum): the first send may have landed late.
-                return self._settle_refused_resend(hook, ledger, refunds, row, message)
+                return self._settle_refused_resend(gateway, ledger, refunds, row, message)
             refunds.move(row.refund_id, REFUND_REFUSED, error_message=message)
             raise AirflowFailException(message) from None
         after = int(payment.cancel_amount)
@@ -318,11 +278,11 @@ class CancelPaymentOperator(BaseOperator):
         return self._done(ledger, row, payment, sent=True)
 
     def _settle_refused_resend(
-        self, hook: IamportHook, ledger: Ledger, refunds: Refunds, row: Refund, message: str
+        self, gateway: Gateway, ledger: Ledger, refunds: Refunds, row: Refund, message: str
     ) -> dict[str, Any]:
         """Iamport's cancel history decides: our marker there means done; otherwise the
         refund stays open (unknown) for the next try, never recorded as refused."""
-        payment, history = self._lookup(hook, row.imp_uid)
+        payment, history = self._lookup(gateway, row.imp_uid)
         after = applied_total(history, row.refund_id)
         if after is not None:
             refunds.move(row.refund_id, REFUND_DONE, cancel_amount_after=after)
@@ -336,10 +296,10 @@ class CancelPaymentOperator(BaseOperator):
     # -- a request seen before: settle it from the cancel history -------------------------------
 
     def _settle(
-        self, hook: IamportHook, ledger: Ledger, refunds: Refunds, row: Refund,
+        self, gateway: Gateway, ledger: Ledger, refunds: Refunds, row: Refund,
         who: RefundIdentity,
     ) -> dict[str, Any]:  # fmt: skip
-        payment, history = self._lookup(hook, row.imp_uid)
+        payment, history = self._lookup(gateway, row.imp_uid)
         if row.status == REFUND_DONE:
             self.log.info("refund %s is already done: nothing sent", row.refund_id)
             return self._done(ledger, row, payment, sent=False)
@@ -375,7 +335,7 @@ class CancelPaymentOperator(BaseOperator):
                     f"refund {row.refund_id} was taken by another try meanwhile: nothing "
                     "sent by this one; re-run to settle it"
                 )
-            return self._send(hook, ledger, refunds, refunds.get(row.refund_id))
+            return self._send(gateway, ledger, refunds, refunds.get(row.refund_id))
         message = (
             f"refund {row.refund_id} ({row.amount} KRW of {row.imp_uid}) is not in Iamport's "
             f"cancel history, and the refundable balance is {balance} KRW, not the "
@@ -400,34 +360,35 @@ class CancelPaymentOperator(BaseOperator):
 
     # -- lookups and results --------------------------------------------------------------------
 
-    def _current(self, hook: IamportHook) -> Payment:
-        """The payment to cancel, as Iamport has it now (imp_uid wins, as in the API)."""
+    def _current(self, gateway: Gateway) -> Payment:
+        """The payment to cancel, as the gateway has it now (imp_uid wins, as in the API)."""
         target = _given(self.imp_uid) or _given(self.merchant_uid)
-        try:
-            if _given(self.imp_uid):
-                payments = [hook.get_payment(str(self.imp_uid))]
-            else:
-                payments = hook.find_all_payments(str(self.merchant_uid))
-        except IamportNotFound:
-            payments = []
-        except IamportError as e:
-            raise AirflowException(
-                f"could not look {target} up at Iamport: {e}; nothing sent"
-            ) from None
+        if _given(self.imp_uid):
+            try:
+                payments = [gateway.payment(str(self.imp_uid))[0]]
+            except PaymentAbsent:
+                payments = []
+            except GatewayUnavailable as e:
+                raise AirflowException(f"{e}; nothing sent") from None
+        else:
+            found = gateway.look_up(str(self.merchant_uid))
+            if found.kind == UNREACHABLE:
+                raise AirflowException(
+                    f"could not look {target} up at the gateway: {found.reason}; nothing sent"
+                )
+            payments = [] if found.kind == ABSENT else list(found.payments)
         settled = [p for p in payments if p.is_paid or p.status == api.CANCELLED]
         if not settled:
             raise AirflowFailException(f"no paid payment for {target}: nothing to cancel")
         return settled[0]
 
-    def _lookup(self, hook: IamportHook, imp_uid: str) -> tuple[Payment, list[CancelEntry]]:
+    def _lookup(self, gateway: Gateway, imp_uid: str) -> tuple[Payment, list[CancelEntry]]:
         try:
-            return payment_with_history(hook, imp_uid)
-        except IamportNotFound:
+            return gateway.payment(imp_uid)
+        except PaymentAbsent:
             raise AirflowFailException(f"Iamport has no payment {imp_uid}: nothing sent") from None
-        except IamportError as e:
-            raise AirflowException(
-                f"could not look {imp_uid} up at Iamport: {e}; nothing sent"
-            ) from None
+        except GatewayUnavailable as e:
+            raise AirflowException(f"{e}; nothing sent") from None
 
     def _ledger_agrees(self, ledger: Ledger, payment: Payment, balance: int) -> int:
         """Iamport's refundable balance, unless the ledger expects another one (a refund made
