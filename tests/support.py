@@ -36,6 +36,29 @@ def add_subscriptions(
     )
 
 
+def crashed_pending_row(
+    ledger: Ledger, sub: str, billing_date: date, *, attempt_no: int = 1,
+    dag_id: str = "iamport_billing_daily",
+) -> str:  # fmt: skip
+    """A write-ahead row (9,900 KRW) whose worker died before the POST, an hour ago."""
+    from datetime import UTC, datetime, timedelta
+
+    from iamport_billing.policy import merchant_uid_for
+
+    uid = merchant_uid_for(sub, billing_date, attempt_no)
+    ledger.claim(
+        [{"merchant_uid": uid, "subscription_id": sub, "billing_date": billing_date,
+          "attempt_no": attempt_no, "customer_uid": f"cust-{sub}", "amount": 9900,
+          "currency": "KRW", "dag_id": dag_id, "run_id": "crashed", "name": "plan"}],
+        "crashed-claim",
+    )  # fmt: skip
+    ledger.execute(
+        "UPDATE billing_charge_attempts SET requested_at = %s WHERE merchant_uid = %s",
+        [ledger.stamp(datetime.now(UTC) - timedelta(hours=1)), uid],
+    )
+    return uid
+
+
 def faults(emulator: Any, **switches: Any) -> None:
     """Set the emulator's fault and foreign/hostile switches at runtime."""
     import requests

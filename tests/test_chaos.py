@@ -495,7 +495,10 @@ def test_refunds_with_dropped_cancel_replies_refund_each_once(chaos: Chaos) -> N
     for i, attempt in enumerate(paid):
         # The emulator answers in time or never: a try may resend at once what never applied.
         op = CancelPaymentOperator(
-            task_id="cancel", merchant_uid=attempt.merchant_uid, amount=1000, reason="chaos",
+            task_id="cancel",
+            merchant_uid=attempt.merchant_uid,
+            amount=1000,
+            reason="chaos",
             resend_after_seconds=0,
         )
         for try_number in range(1, 8):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 
 import pytest
 from chaos_support import load_dags, logical, run_dag
@@ -27,6 +27,7 @@ from support import (
     PAYING_CARD,
     SOFT_DECLINE_CARD,
     add_subscriptions,
+    crashed_pending_row,
     faults,
     paid_at_gateway,
     register_cards,
@@ -47,28 +48,12 @@ def daily(day: date = DAY, **params):
     return run_daily(day, **params)
 
 
-def crashed_pending_row(ledger, sub: str, *, attempt_no: int = 1, dag_id: str = "other"):
-    """A write-ahead row whose worker died before the POST, an hour ago."""
-    uid = merchant_uid_for(sub, DAY, attempt_no)
-    ledger.claim(
-        [{"merchant_uid": uid, "subscription_id": sub, "billing_date": DAY,
-          "attempt_no": attempt_no, "customer_uid": f"cust-{sub}", "amount": 9900,
-          "currency": "KRW", "dag_id": dag_id, "run_id": "crashed", "name": "plan"}],
-        "crashed-claim",
-    )  # fmt: skip
-    ledger.execute(
-        "UPDATE billing_charge_attempts SET requested_at = %s WHERE merchant_uid = %s",
-        [ledger.stamp(datetime.now(UTC) - timedelta(hours=1)), uid],
-    )
-    return uid
-
-
 # 1. A row that must be resent is resent, on every database (PostgreSQL crashed on it).
 def test_a_pending_row_left_by_a_crash_is_resent_once(world):
     ledger, emulator, _ = world
     add_subscriptions(ledger, [("r1", "cust-r1", 9900)], DAY)
     register_cards(emulator, [("cust-r1", PAYING_CARD)])
-    uid = crashed_pending_row(ledger, "r1")
+    uid = crashed_pending_row(ledger, "r1", DAY)
     _, states = daily()
     assert states["reconcile"] == "success" and states["report"] == "success", states
     assert paid_at_gateway(emulator) == [uid]
@@ -204,7 +189,7 @@ def test_an_unsettled_row_of_a_past_due_subscription_is_settled_by_reconcile(wor
     ledger, emulator, _ = world
     add_subscriptions(ledger, [("p1", "cust-p1", 9900)], DAY, status=PAST_DUE)
     register_cards(emulator, [("cust-p1", PAYING_CARD)])
-    uid = crashed_pending_row(ledger, "p1", attempt_no=3, dag_id="iamport_billing_backfill")
+    uid = crashed_pending_row(ledger, "p1", DAY, attempt_no=3, dag_id="iamport_billing_backfill")
     _, states = run_dag(load_dags().get_dag("iamport_billing_reconcile"), logical(DAY))
     assert states["reconcile"] == "success", states
     assert ledger.get_attempt(uid).status == PAID

@@ -15,12 +15,13 @@ from chaos_support import load_dags, logical, run_dag
 from conftest import conn_env
 from iamport_billing.gateways.iamport_v1 import IamportV1Gateway
 from iamport_billing.policy import ChargeCandidate, merchant_uid_for
-from iamport_billing.states import FAILED, PAYMENT_METHOD_REQUIRED
+from iamport_billing.states import ABANDONED, FAILED, PAYMENT_METHOD_REQUIRED
 from support import (
     HARD_DECLINE_CARD,
     PAYING_CARD,
     SOFT_DECLINE_CARD,
     add_subscriptions,
+    crashed_pending_row,
     faults,
     paid_at_gateway,
     register_cards,
@@ -226,19 +227,13 @@ def test_reconcile_does_not_charge_a_subscription_cancelled_before_the_resend(wo
     ledger, emulator, _ = world
     add_subscriptions(ledger, [("x1", "cust-x1", 9900)], DAY)
     register_cards(emulator, [("cust-x1", PAYING_CARD)])
-    uid = merchant_uid_for("x1", DAY, 1)
-    ledger.claim(
-        [{"merchant_uid": uid, "subscription_id": "x1", "billing_date": DAY, "attempt_no": 1,
-          "customer_uid": "cust-x1", "amount": 9900, "currency": "KRW",
-          "dag_id": "iamport_billing_daily", "run_id": "crashed", "name": "plan"}],
-        "crashed-claim",
-    )  # fmt: skip
-    age(ledger, uid)
+    uid = crashed_pending_row(ledger, "x1", DAY)
     ledger.execute(
         "UPDATE billing_subscriptions SET status = 'cancelled' WHERE subscription_id = 'x1'"
     )
     run_dag(load_dags().get_dag("iamport_billing_reconcile"), logical(DAY, "11:25"))
     assert paid_at_gateway(emulator) == []
+    assert ledger.get_attempt(uid).status == ABANDONED
 
 
 # -- 5. MariaDB compares keys case-insensitively ------------------------------------------------
@@ -373,17 +368,7 @@ def test_a_period_abandoned_then_owed_again_is_billed_not_skipped_forever(dag_wo
     ledger, emulator, _ = dag_world
     add_subscriptions(ledger, [("x1", "cust-x1", 9900)], DAY)
     register_cards(emulator, [("cust-x1", PAYING_CARD)])
-    uid = merchant_uid_for("x1", DAY, 1)
-    ledger.claim(
-        [{"merchant_uid": uid, "subscription_id": "x1", "billing_date": DAY, "attempt_no": 1,
-          "customer_uid": "cust-x1", "amount": 9900, "currency": "KRW",
-          "dag_id": "iamport_billing_daily", "run_id": "crashed", "name": "plan"}],
-        "crashed-claim",
-    )  # fmt: skip
-    ledger.execute(
-        "UPDATE billing_charge_attempts SET requested_at = %s WHERE merchant_uid = %s",
-        [ledger.stamp(datetime.now(UTC) - timedelta(hours=1)), uid],
-    )
+    uid = crashed_pending_row(ledger, "x1", DAY)
     ledger.execute(
         "UPDATE billing_subscriptions SET status = 'cancelled' WHERE subscription_id = 'x1'"
     )
