@@ -62,11 +62,6 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-def to_datetime(value: Any) -> datetime | None:
-    """Timestamps come back as datetimes (PostgreSQL, MySQL: naive UTC) or ISO text (SQLite)."""
-    return to_timestamp(value)
-
-
 def _iso(value: date | None) -> str | None:
     return value.isoformat() if value is not None else None
 
@@ -120,7 +115,7 @@ class Attempt:
         values["billing_date"] = to_date(values["billing_date"])
         values["next_retry_date"] = to_date(values["next_retry_date"])
         for key in ("requested_at", "completed_at", "updated_at"):
-            values[key] = to_datetime(values[key])
+            values[key] = to_timestamp(values[key])
         return cls(**values)
 
 
@@ -682,7 +677,7 @@ class Ledger(SqlSession):
             return None
         row = rows[0]
         row["next_billing_date"] = to_date(row["next_billing_date"])
-        row["updated_at"] = to_datetime(row["updated_at"])
+        row["updated_at"] = to_timestamp(row["updated_at"])
         return row
 
     def put_back(
