@@ -37,8 +37,10 @@ from starlette.types import Message, Receive, Scope, Send
 
 from iamport_billing.emulator.config import (
     BEHAVIOR_HARD_DECLINE,
+    BEHAVIOR_SHORT_PAID,
     BEHAVIOR_SOFT_DECLINE,
     HARD_DECLINE_REASON,
+    SHORT_PAID_SHARE,
     SOFT_DECLINE_REASON,
     EmulatorConfig,
     card_digits,
@@ -507,13 +509,15 @@ def build_payment(
     *,
     ready: bool = False,
     amount_multiplier: float = 1.0,
+    now: int | None = None,
 ) -> dict[str, Any]:
     """The payment row for a charge; the billing key's card class decides paid or failed.
 
     ``ready`` leaves it in status 'ready' (neither paid nor failed); ``amount_multiplier``
-    records a paid charge with amount * N (the switches of the same names).
+    records a paid charge with amount * N (the switches of the same names); ``now`` is the
+    emulator's clock (machine time unless the clock is moved).
     """
-    now = int(time.time())
+    now = int(time.time()) if now is None else now
     behavior = customer["card_behavior"]
     declined = behavior in (BEHAVIOR_SOFT_DECLINE, BEHAVIOR_HARD_DECLINE)
     reason = SOFT_DECLINE_REASON if behavior == BEHAVIOR_SOFT_DECLINE else HARD_DECLINE_REASON
@@ -526,6 +530,8 @@ def build_payment(
         and k not in buyer
     }
     amount = charge["amount"]
+    if behavior == BEHAVIOR_SHORT_PAID:
+        amount_multiplier *= SHORT_PAID_SHARE
     if not declined and not ready and amount_multiplier != 1:
         amount = _num(amount * amount_multiplier)
     payment = {
@@ -576,6 +582,7 @@ def apply_cancel(
     checksum: int | float | None,
     reason: str | None,
     base_url: str,
+    now: int | None = None,
 ) -> dict[str, Any]:
     """Full (amount None/0) or partial cancel; status becomes ``cancelled`` either way."""
     if payment["status"] not in ("paid", "cancelled"):
@@ -591,7 +598,7 @@ def apply_cancel(
     cancel = amount or remaining
     if cancel > remaining:
         raise CancelRefused(f"취소요청금액({cancel})이 취소가능잔액({remaining})보다 큽니다.")
-    now = int(time.time())
+    now = int(time.time()) if now is None else now
     history = payment["cancel_history"]
     entry = {
         "pg_tid": f"{payment['pg_tid']}C{len(history) + 1}",
@@ -639,7 +646,7 @@ def create_app(config: EmulatorConfig, store: Store | None = None) -> EmulatorAp
                 em.count("faults", "bearer_refused")
                 raise ApiError(401, -1, MSG_UNAUTHORIZED)
             value = value[7:].strip()
-        if not value or not db.token_valid(value, time.time()):
+        if not value or not db.token_valid(value, config.now()):
             raise ApiError(401, -1, MSG_UNAUTHORIZED)
 
     auth = [Depends(authorized)]
@@ -661,7 +668,7 @@ def create_app(config: EmulatorConfig, store: Store | None = None) -> EmulatorAp
             and secrets.compare_digest(secret.encode(), config.imp_secret.encode())
         ):
             raise ApiError(401, -1, MSG_BAD_CREDENTIALS)
-        now = int(time.time())
+        now = int(config.now())
         token, expired_at, action = await run_in_threadpool(
             db.issue_token, key, now, config.token_ttl_s, config.extend_window_s,
             config.extend_by_s,
@@ -686,7 +693,7 @@ def create_app(config: EmulatorConfig, store: Store | None = None) -> EmulatorAp
         if not re.fullmatch(r"\d{4}-?\d{2}", expiry):
             raise ApiError(200, -1, "카드 유효기간(expiry)은 YYYY-MM 형식이어야 합니다.")
         fields = {name: _string(body, name) for name in CUSTOMER_FIELDS}
-        row = customer_row(customer_uid, card_number, int(time.time()), **fields)
+        row = customer_row(customer_uid, card_number, int(config.now()), **fields)
         await run_in_threadpool(db.save_customers, [row])
         saved = await run_in_threadpool(db.get_customer, customer_uid)
         return envelope(customer_json(saved or row))
@@ -733,7 +740,7 @@ def create_app(config: EmulatorConfig, store: Store | None = None) -> EmulatorAp
             charge["merchant_uid"],
             lambda customer, imp_uid: build_payment(
                 charge, customer, imp_uid, base, ready=config.charge_status_ready,
-                amount_multiplier=config.paid_amount_multiplier,
+                amount_multiplier=config.paid_amount_multiplier, now=int(config.now()),
             ),
         )  # fmt: skip
         em.count("charges", outcome)
@@ -786,7 +793,7 @@ def create_app(config: EmulatorConfig, store: Store | None = None) -> EmulatorAp
     async def payments_by_status(payment_status: str, request: Request) -> Response:
         _check_status(payment_status, ("all", *PAYMENT_STATUSES))
         page, limit, sorting = _paging(request)
-        until = _query_int(request, "to", int(time.time()), minimum=0)
+        until = _query_int(request, "to", int(config.now()), minimum=0)
         since = _query_int(request, "from", until - DEFAULT_WINDOW_S, minimum=0)
         if since > until or until - since > DEFAULT_WINDOW_S:
             raise ApiError(400, 1, "조회기간(from ~ to)은 최대 90일입니다.")
@@ -813,7 +820,7 @@ def create_app(config: EmulatorConfig, store: Store | None = None) -> EmulatorAp
                 db.cancel,
                 imp_uid,
                 merchant_uid,
-                lambda p: apply_cancel(p, amount, checksum, reason, base),
+                lambda p: apply_cancel(p, amount, checksum, reason, base, int(config.now())),
             )
         except CancelRefused as e:
             raise ApiError(200, 1, str(e)) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,6 +21,10 @@ REAL_EXTEND_BY_S = 300
 CARD_ALWAYS_PAID = "4242-4242-4242-4242"
 CARD_SOFT_DECLINE = "4000-0000-0000-0002"
 CARD_HARD_DECLINE = "4000-0000-0000-0069"
+# Approved, but recorded paid with 90% of the amount asked (a PG's partial approval): the
+# "paid with another amount" case, on one card instead of every charge.
+CARD_SHORT_PAID = "4000-0000-0000-0036"
+SHORT_PAID_SHARE = 0.9
 SOFT_DECLINE_REASON = "[잔액부족] 카드 잔액이 부족합니다 (insufficient funds)"
 HARD_DECLINE_REASON = "[분실도난] 분실 또는 도난 카드입니다 (lost or stolen card)"
 
@@ -27,6 +32,7 @@ HARD_DECLINE_REASON = "[분실도난] 분실 또는 도난 카드입니다 (lost
 BEHAVIOR_PAID = "paid"
 BEHAVIOR_SOFT_DECLINE = "soft_decline"
 BEHAVIOR_HARD_DECLINE = "hard_decline"
+BEHAVIOR_SHORT_PAID = "short_paid"
 
 
 def card_digits(card_number: str) -> str:
@@ -40,6 +46,8 @@ def card_behavior(card_number: str) -> str:
         return BEHAVIOR_SOFT_DECLINE
     if digits == card_digits(CARD_HARD_DECLINE):
         return BEHAVIOR_HARD_DECLINE
+    if digits == card_digits(CARD_SHORT_PAID):
+        return BEHAVIOR_SHORT_PAID
     return BEHAVIOR_PAID
 
 
@@ -81,6 +89,9 @@ FAULT_FIELDS = (
     "token_ttl_s",
     "token_extend_window_s",
     "token_extend_s",
+    # Seconds the emulator's clock runs ahead of the machine's: a simulation moves it to the
+    # simulated day (paid_at, getToken's now, token expiry, the status listing's default `to`).
+    "clock_offset_s",
     *SWITCH_FIELDS,
 )
 
@@ -116,6 +127,7 @@ class EmulatorConfig:
     token_already_expired: bool = False
     charge_status_ready: bool = False
     paid_amount_multiplier: float = 1.0
+    clock_offset_s: float = 0.0
     seed: int | None = None
     log_level: str = "warning"
 
@@ -143,6 +155,10 @@ class EmulatorConfig:
             0 < self.paid_amount_multiplier < 1e6 and math.isfinite(self.paid_amount_multiplier)
         ):
             raise ValueError("paid_amount_multiplier must be > 0")
+
+    def now(self) -> float:
+        """The emulator's clock: the machine's, moved by ``clock_offset_s``."""
+        return time.time() + self.clock_offset_s
 
     @property
     def extend_window_s(self) -> int:
