@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 
-.PHONY: setup demo test test-fast lint bench bench-full up clean
+.PHONY: setup demo test test-fast lint bench bench-full simulate up clean
 
 setup: $(STAMP)
 
@@ -35,8 +35,12 @@ bench: setup
 bench-full: setup
 	$(BIN)/python -m bench.run --full
 
+# A year of billing for 1,000 subscriptions, day by day through the real DAGs (scenarios/).
+simulate: setup
+	$(BIN)/iamport-billing simulate scenarios/default.yaml --out .simulate/report.json
+
 up: setup
 	$(BIN)/python -m iamport_billing.devserver
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache
+	rm -rf $(VENV) .demo .simulate .pytest_cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from datetime import date
@@ -59,6 +60,43 @@ def subscriptions_put_back(args: argparse.Namespace) -> int:
     return 1 if refused else 0
 
 
+def simulate(args: argparse.Namespace) -> int:
+    """Run the real DAGs over a simulated calendar; non-zero when an invariant is violated."""
+    from pathlib import Path
+
+    from iamport_billing.simulation import launch
+    from iamport_billing.simulation.scenario import ScenarioError, load_scenario
+
+    paths = [Path(p) for p in (args.compare or [args.scenario])]
+    try:
+        scenarios = [load_scenario(p) for p in paths]
+    except ScenarioError as e:
+        print(f"scenario refused: {e}", file=sys.stderr)
+        return 2
+    workdir = Path(args.workdir or launch.DEFAULT_WORKDIR)
+    reports = []
+    for i, (path, scenario) in enumerate(zip(paths, scenarios, strict=True)):
+        run_dir = workdir / (f"{i + 1}-{scenario.name}" if args.compare else scenario.name)
+        out = Path(args.out) if args.out and not args.compare else run_dir.with_suffix(".json")
+        print(f"simulating {scenario.name} ({path}) in {run_dir} ...", flush=True)
+        try:
+            report = launch.run_simulation(
+                path, scenario, workdir=run_dir, out=out, warehouse=args.warehouse,
+                months=args.months, seed=args.seed,
+            )  # fmt: skip
+        except launch.SimulationFailed as e:
+            print(str(e), file=sys.stderr)
+            return 3
+        print(launch.format_report(report, f"{scenario.name} (report: {out})"), flush=True)
+        reports.append(report)
+    if args.compare:
+        names = (scenarios[0].name, scenarios[1].name)
+        print(launch.format_comparison(reports[0], reports[1], names))
+        if args.out:
+            Path(args.out).write_text(json.dumps(dict(zip(names, reports, strict=True))))
+    return 1 if any(any(r["invariants"].values()) for r in reports) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iamport-billing", description=__doc__)
     groups = parser.add_subparsers(dest="group", required=True)
@@ -89,6 +127,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="the subscriptions table is read-only elsewhere: record the put-back only",
     )  # fmt: skip
     put_back.set_defaults(func=subscriptions_put_back)
+
+    sim = groups.add_parser(
+        "simulate", help="run the real DAGs over a simulated calendar against the emulator"
+    )
+    sim.add_argument(
+        "scenario",
+        nargs="?",
+        default="scenarios/default.yaml",
+        help="a scenario file (.yaml or .toml); see scenarios/",
+    )
+    sim.add_argument("--months", type=int, help="override the scenario's calendar length")
+    sim.add_argument("--seed", type=int, help="override the scenario's random seed")
+    sim.add_argument("--out", help="write the JSON report here")
+    sim.add_argument("--workdir", help="where runs live (default .simulate/)")
+    sim.add_argument(
+        "--warehouse",
+        help="the ledger's database as an Airflow connection URI "
+        "(default: SQLite in the run directory); it must hold no ledger yet",
+    )
+    sim.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A", "B"),
+        help="simulate two scenarios and put their figures side by side",
+    )
+    sim.set_defaults(func=simulate)
     return parser
 
 

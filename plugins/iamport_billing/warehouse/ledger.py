@@ -568,6 +568,17 @@ class Ledger(SqlSession):
                 found[str(sub)] = (to_date(day), int(amount))  # type: ignore[assignment]
         return found
 
+    def has_attempts(self) -> bool:
+        """Whether any attempt (of any status) was ever recorded."""
+        return bool(self.query(f"SELECT 1 FROM {ATTEMPTS} LIMIT 1"))
+
+    def planned_periods(self) -> set[tuple[str, date]]:
+        """Every (subscription, billing date) any run's plan ever approved (audits)."""
+        return {
+            (str(sub), to_date(day))  # type: ignore[misc]
+            for sub, day in self.query(f"SELECT subscription_id, billing_date FROM {PLAN_ITEMS}")
+        }
+
     # -- write-back -----------------------------------------------------------------------------
 
     def paid_not_advanced(
@@ -632,6 +643,17 @@ class Ledger(SqlSession):
             f"UPDATE {table} SET status = %s, updated_at = %s "
             f"WHERE subscription_id = %s AND status IN ({_marks(len(only_from))})",
             [(status, stamp, sub, *only_from) for sub in subscription_ids],
+        )
+
+    def set_subscription_amounts(
+        self, amounts: Sequence[tuple[str, int]], subscriptions_table: str = SUBSCRIPTIONS
+    ) -> None:
+        """A price change: (subscription, new amount), from the next plan on."""
+        table = checked_identifier(subscriptions_table)
+        stamp = self.stamp()
+        self.executemany(
+            f"UPDATE {table} SET amount = %s, updated_at = %s WHERE subscription_id = %s",
+            [(amount, stamp, sub) for sub, amount in amounts],
         )
 
     def add_subscriptions(self, rows: Sequence[Mapping[str, Any]]) -> None:

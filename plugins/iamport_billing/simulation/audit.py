@@ -1,0 +1,285 @@
+"""After a simulation: the invariants (each a count of violations, all must be 0) and the
+business figures, from the ledger, the subscriptions table and the gateway's own records.
+
+The gateway's payments are the truth for money; the world (who cancelled when, which anchor
+day) is the truth for what should have been charged.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from datetime import date, datetime, timedelta
+from statistics import mean, median
+from typing import Any
+
+from iamport_billing.charging import MISSING_BILLING_KEY
+from iamport_billing.policy import SEOUL, parse_merchant_uid
+from iamport_billing.simulation.scenario import Scenario
+from iamport_billing.simulation.world import World, expected_billing_dates
+from iamport_billing.states import (
+    ACTIVE,
+    AMOUNT_MISMATCH,
+    CANCELLED,
+    FAILED,
+    MONEY_MOVED,
+    PAID,
+    PAST_DUE,
+    PAYMENT_METHOD_REQUIRED,
+    SOFT,
+    SUB_CANCELLED,
+)
+from iamport_billing.warehouse.ledger import Attempt, Ledger
+
+EXAMPLES = 20
+GATEWAY_MONEY_MOVED = ("paid", "cancelled")
+# The gateway's status -> the ledger states that agree with it.
+AGREES = {"paid": (PAID, AMOUNT_MISMATCH), "cancelled": (CANCELLED,), "failed": (FAILED,)}
+ENDED = (PAST_DUE, PAYMENT_METHOD_REQUIRED, SUB_CANCELLED)
+
+
+class _Violations:
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = defaultdict(list)
+
+    def add(self, name: str, example: str, n: int = 1) -> None:
+        self.counts[name] += n
+        if len(self.examples[name]) < EXAMPLES:
+            self.examples[name].append(example)
+
+
+INVARIANTS = (
+    "at_most_one_charge_per_period",
+    "every_period_ends_paid_past_due_or_cancelled",
+    "no_unsettled_rows",
+    "ledger_equals_gateway",
+    "billing_dates_follow_anchor_rules",
+    "no_charge_after_cancellation",
+    "nothing_charged_outside_a_plan",
+)
+
+
+def audit(scenario: Scenario, world: World, ledger: Ledger, store: Any) -> dict[str, Any]:
+    end = scenario.calendar.end
+    members = world.members
+    payments = [p for p in store.all_payments() if parse_merchant_uid(p["merchant_uid"])]
+    periods = ledger.attempts_for(members)
+    rows = {a.merchant_uid: a for attempts in periods.values() for a in attempts}
+    states = ledger.subscription_states(list(members))
+    planned = ledger.planned_periods()
+    v = _Violations()
+
+    by_period: dict[tuple[str, date], list[dict[str, Any]]] = defaultdict(list)
+    for p in payments:
+        sub, day, _ = parse_merchant_uid(p["merchant_uid"])  # type: ignore[misc]
+        by_period[(sub, day)].append(p)
+    for (sub, day), ps in by_period.items():
+        moved = [p for p in ps if p["status"] in GATEWAY_MONEY_MOVED]
+        if len(moved) > 1:
+            v.add(
+                "at_most_one_charge_per_period",
+                f"{sub} {day}: {[p['merchant_uid'] for p in moved]}",
+                len(moved) - 1,
+            )
+
+    last_retry = max(scenario.settings.retry_schedule_days or (0,))
+    for (sub, day), attempts in periods.items():
+        if any(a.status in MONEY_MOVED for a in attempts):
+            continue
+        status = states.get(sub, (None, None))[0]
+        if status in ENDED or day + timedelta(days=last_retry + 1) >= end:
+            continue
+        v.add(
+            "every_period_ends_paid_past_due_or_cancelled",
+            f"{sub} {day}: {[(a.attempt_no, a.status) for a in attempts]}, subscription {status}",
+        )
+
+    for dag, figures in ledger.unsettled_summary().items():
+        v.add("no_unsettled_rows", f"{dag}: {figures}", int(figures.get("count", 0)))
+
+    _compare_money(payments, rows, v)
+    _check_dates(world, periods, states, end, v)
+
+    for p in payments:
+        sub, day, attempt_no = parse_merchant_uid(p["merchant_uid"])  # type: ignore[misc]
+        member = members.get(sub)
+        sent = _seoul(p["started_at"])
+        if member and member.cancelled_on and p["status"] in GATEWAY_MONEY_MOVED:
+            if sent and sent >= datetime.combine(member.cancelled_on, datetime.min.time(), SEOUL):
+                v.add(
+                    "no_charge_after_cancellation",
+                    f"{p['merchant_uid']} at {sent} (cancelled {member.cancelled_on})",
+                )
+        row = rows.get(p["merchant_uid"])
+        if attempt_no == 1 and (sub, day) not in planned:
+            v.add("nothing_charged_outside_a_plan", f"{p['merchant_uid']}: no plan approved it")
+        elif row is not None and row.error_code == "found_by_reconciliation":
+            v.add(
+                "nothing_charged_outside_a_plan",
+                f"{p['merchant_uid']}: the ledger learned of it only by reconciliation",
+            )
+
+    return {
+        "invariants": {name: v.counts.get(name, 0) for name in INVARIANTS},
+        "violations": {k: ex for k, ex in v.examples.items() if ex},
+        "figures": figures_of(world, periods, states, payments),
+    }
+
+
+def _compare_money(
+    payments: list[dict[str, Any]], rows: dict[str, Attempt], v: _Violations
+) -> None:
+    at_gateway = {p["merchant_uid"]: p for p in payments}
+    for uid, p in at_gateway.items():
+        row = rows.get(uid)
+        agrees = AGREES.get(p["status"], ())
+        if row is None:
+            v.add("ledger_equals_gateway", f"{uid}: {p['status']} at the gateway, no ledger row")
+        elif row.status not in agrees:
+            v.add("ledger_equals_gateway", f"{uid}: gateway {p['status']}, ledger {row.status}")
+        elif p["status"] in GATEWAY_MONEY_MOVED and _paid(row) != int(p["amount"]):
+            v.add(
+                "ledger_equals_gateway",
+                f"{uid}: gateway {int(p['amount'])} KRW, ledger {row.status} {_paid(row)} KRW",
+            )
+        elif row.status == CANCELLED and int(row.cancel_amount or 0) != int(p["cancel_amount"]):
+            v.add("ledger_equals_gateway", f"{uid}: refunds differ")
+    for uid, row in rows.items():
+        if row.status in MONEY_MOVED and uid not in at_gateway:
+            v.add("ledger_equals_gateway", f"{uid}: ledger {row.status}, unknown to the gateway")
+
+
+def _check_dates(
+    world: World,
+    periods: dict[tuple[str, date], list[Attempt]],
+    states: dict[str, tuple[str, date | None]],
+    end: date,
+    v: _Violations,
+) -> None:
+    """Billed on the anchor schedule, none skipped while the subscription was active."""
+    billed: dict[str, list[date]] = defaultdict(list)
+    for sub, day in periods:
+        billed[sub].append(day)
+    for sub, member in world.members.items():
+        if member.start > end:
+            continue
+        dates = sorted(billed.get(sub, []))
+        until = min(end, member.cancelled_on - timedelta(days=1)) if member.cancelled_on else end
+        expected = [d for d in expected_billing_dates(member, end) if d <= until]
+        if dates != expected[: len(dates)]:
+            v.add(
+                "billing_dates_follow_anchor_rules",
+                f"{sub} (anchor {member.anchor_day}, cancelled {member.cancelled_on}): "
+                f"billed {dates[:4]}..., the rules give {expected[:4]}...",
+            )
+        elif len(dates) < len(expected) and states.get(sub, ("",))[0] == ACTIVE:
+            if _held_for_a_person(periods[(sub, dates[-1])] if dates else []):
+                continue
+            v.add(
+                "billing_dates_follow_anchor_rules",
+                f"{sub}: active, but {expected[len(dates) :][:3]} never billed",
+            )
+
+
+def _held_for_a_person(attempts: list[Attempt]) -> bool:
+    """Paid with another amount: by design the subscription waits on its billing date until a
+    person settles the row (docs/operations.md), so later dates are not billed meanwhile."""
+    return any(a.status == AMOUNT_MISMATCH for a in attempts)
+
+
+def figures_of(
+    world: World,
+    periods: dict[tuple[str, date], list[Attempt]],
+    states: dict[str, tuple[str, date | None]],
+    payments: list[dict[str, Any]],
+) -> dict[str, Any]:
+    paid_at = {p["merchant_uid"]: _seoul(p["paid_at"]) for p in payments if p["paid_at"]}
+    collected = sum(
+        int(p["amount"]) - int(p["cancel_amount"] or 0)
+        for p in payments
+        if p["status"] in GATEWAY_MONEY_MOVED
+    )
+    first_tries = first_paid = 0
+    soft = recovered = 0
+    soft_krw = recovered_krw = 0
+    days_to_recover: list[int] = []
+    by_reason: dict[str, Counter[str]] = defaultdict(Counter)
+    by_retry_day: Counter[str] = Counter()
+    no_key = mismatched = 0
+    for (_, day), attempts in periods.items():
+        first = attempts[0]
+        if first.attempt_no == 1 and first.imp_uid:
+            first_tries += 1
+            first_paid += first.status in MONEY_MOVED
+        mismatched += any(a.status == AMOUNT_MISMATCH for a in attempts)
+        no_key += any(a.error_code == MISSING_BILLING_KEY for a in attempts)
+        if not (first.status == FAILED and first.decline_kind == SOFT):
+            continue
+        reason = first.fail_reason or "unknown"
+        soft += 1
+        soft_krw += int(first.amount or 0)
+        by_reason[reason]["declined"] += 1
+        paid = [a for a in attempts if a.status in MONEY_MOVED]
+        if paid:
+            recovered += 1
+            recovered_krw += _paid(paid[0])
+            by_reason[reason]["recovered"] += 1
+            when = paid_at.get(paid[0].merchant_uid)
+            if when is not None:
+                days = (when.date() - day).days
+                days_to_recover.append(days)
+                by_retry_day[f"day {days}"] += 1
+    statuses = Counter(status for status, _ in states.values())
+    latest: dict[str, date] = {}
+    for sub, day in periods:
+        latest[sub] = max(day, latest.get(sub, day))
+    held = sum(
+        1 for sub, day in latest.items()
+        if states.get(sub, ("",))[0] == ACTIVE and _held_for_a_person(periods[(sub, day)])
+    )  # fmt: skip
+    members = len(world.members)
+    churned = statuses[PAST_DUE] + statuses[PAYMENT_METHOD_REQUIRED]
+    return {
+        "subscriptions": members,
+        "signed_up": sum(m.signed_up for m in world.members.values()),
+        "cancelled": statuses[SUB_CANCELLED],
+        "periods": len(periods),
+        "charges_sent": len(payments),
+        "revenue_krw": collected,
+        "first_attempt_success": _ratio(first_paid, first_tries),
+        "soft_declined_periods": soft,
+        "recovered_periods": recovered,
+        "recovery_rate_count": _ratio(recovered, soft),
+        "recovery_rate_krw": _ratio(recovered_krw, soft_krw),
+        "days_to_recover_mean": round(mean(days_to_recover), 2) if days_to_recover else None,
+        "days_to_recover_median": median(days_to_recover) if days_to_recover else None,
+        "involuntary_churn": churned,
+        "involuntary_churn_rate": _ratio(churned, members),
+        "past_due": statuses[PAST_DUE],
+        "payment_method_required": statuses[PAYMENT_METHOD_REQUIRED],
+        "no_billing_key_attempts": no_key,
+        "amount_mismatch_periods": mismatched,
+        "held_for_a_person": held,
+        "by_decline_reason": {r: dict(c) for r, c in sorted(by_reason.items())},
+        "recovered_by_retry_day": dict(sorted(by_retry_day.items(), key=_day_order)),
+    }
+
+
+def _paid(row: Attempt) -> int:
+    """What the ledger says the gateway took: a paid row, the amount asked; a mismatch (or a
+    refunded row), the amount the gateway reported."""
+    if row.status == PAID or row.paid_amount is None:
+        return int(row.amount or 0)
+    return int(row.paid_amount)
+
+
+def _seoul(epoch: Any) -> datetime | None:
+    return datetime.fromtimestamp(int(epoch), SEOUL) if epoch else None
+
+
+def _ratio(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
+def _day_order(item: tuple[str, int]) -> int:
+    return int(item[0].split()[1])

@@ -1,0 +1,279 @@
+"""The simulation loop: the real DAGs, day by day, against the emulator on a moved clock.
+
+Run by ``iamport-billing simulate`` in a child process whose environment (Airflow home, the
+warehouse connection, the settings under test) is set before Airflow is imported. Each
+simulated day: the world's morning events, then ``iamport_billing_precheck`` at 09:00,
+``iamport_billing_daily`` at 10:00, a backfill at 12:00 when the scenario asks,
+``iamport_billing_retry`` at 14:00 and ``iamport_billing_reconcile`` at 23:25 (KST), each
+through ``dag.test()`` with the emulator's clock set to that moment. Nothing of the billing
+system is replaced; only time and the gateway are simulated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any, TextIO
+
+import requests
+from iamport_billing.emulator.config import CARD_ALWAYS_PAID, SWITCH_FIELDS, EmulatorConfig
+from iamport_billing.emulator.server import EmulatorProcess, start_emulator_process
+from iamport_billing.emulator.store import Store, customer_row
+from iamport_billing.policy import SEOUL
+from iamport_billing.simulation.audit import audit
+from iamport_billing.simulation.scenario import Scenario, load_scenario
+from iamport_billing.simulation.world import Event, World, build_world
+from iamport_billing.states import SUB_CANCELLED, SUBSCRIPTION_STATUSES
+from iamport_billing.warehouse.ledger import Ledger
+
+WAREHOUSE_CONN_ID = "billing_warehouse"
+RATES = ("error_rate", "drop_after_commit_rate", "rate_limit_rate", "latency_ms")
+FAULTS_OFF = {k: v for k, v in EmulatorConfig().faults().items() if k in (*RATES, *SWITCH_FIELDS)}
+
+
+@dataclass
+class Gateway:
+    """The emulator process, its database and its clock; down on outage days."""
+
+    config: EmulatorConfig
+    log_path: Path
+    process: EmulatorProcess | None = None
+    store: Store | None = None
+
+    def up(self) -> None:
+        if self.process is None:
+            self.process = start_emulator_process(self.config, log_path=self.log_path)
+            self.config.port = int(self.process.url.rsplit(":", 1)[1])
+
+    def down(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.config.port}"
+
+    def control(self, **faults: Any) -> None:
+        if self.process is not None:
+            requests.post(
+                f"{self.url}/__emulator__/faults", json=faults, timeout=10
+            ).raise_for_status()
+
+    def at(self, moment: datetime) -> None:
+        """Move the emulator's clock to ``moment`` (it then runs on at the machine's pace)."""
+        self.control(clock_offset_s=moment.timestamp() - time.time())
+
+    def billing_keys(self) -> Store:
+        if self.store is None:
+            self.store = Store(self.config.db_path)
+        return self.store
+
+
+@dataclass
+class Simulation:
+    scenario: Scenario
+    world: World
+    gateway: Gateway
+    dags: Any
+    progress: TextIO
+    failed_runs: list[dict[str, Any]] = field(default_factory=list)
+    put_backs_refused: list[str] = field(default_factory=list)
+    seconds_by_dag: dict[str, list[Any]] = field(default_factory=dict)
+
+    def run(self) -> dict[str, Any]:
+        cal = self.scenario.calendar
+        started = time.monotonic()
+        self.seed()
+        days = (cal.end - cal.start).days + 1
+        for n in range(days):
+            day = cal.start + timedelta(days=n)
+            self.morning(day)
+            self.day(day)
+            self.report_progress(n + 1, days, day, started)
+        # The last unknowns: once the (wall-clock) lease has passed, one more reconcile.
+        time.sleep(self.scenario.settings.pending_lease_seconds)
+        self.gateway.up()
+        self.run_dag("iamport_billing_reconcile", _at(cal.end + timedelta(days=1), "00:25"))
+        with Ledger.from_conn_id(WAREHOUSE_CONN_ID) as ledger:
+            result = audit(self.scenario, self.world, ledger, self.gateway.billing_keys())
+        result["runs"] = {
+            "dag_runs": sum(n for n, _ in self.seconds_by_dag.values()),
+            "seconds_by_dag": {
+                d: {"runs": n, "seconds": round(t, 1), "mean": round(t / n, 3)}
+                for d, (n, t) in self.seconds_by_dag.items()
+            },
+            "failed": self.failed_runs[:200],
+            "failed_count": len(self.failed_runs),
+            "put_backs_refused": self.put_backs_refused[:200],
+        }
+        result["wall_seconds"] = round(time.monotonic() - started, 1)
+        return result
+
+    def seed(self) -> None:
+        members = self.world.initial
+        with Ledger.from_conn_id(WAREHOUSE_CONN_ID) as ledger:
+            ledger.init_schema()
+            if ledger.has_attempts():
+                raise SystemExit("the warehouse already holds a ledger: simulate on an empty one")
+            ledger.add_subscriptions([m.row() for m in members])
+        now = int(time.time())
+        self.gateway.billing_keys().save_customers(
+            customer_row(m.customer_uid, CARD_ALWAYS_PAID, now) for m in members
+        )
+
+    def morning(self, day: date) -> None:
+        """08:00: what customers, card companies and ops did since yesterday."""
+        events = self.world.on(day)
+        if events:
+            with Ledger.from_conn_id(WAREHOUSE_CONN_ID) as ledger:
+                for event in events:
+                    self.apply(event, ledger)
+        incidents = [i for i in self.scenario.incidents if i.covers(day)]
+        if any(i.outage for i in incidents):
+            self.gateway.down()
+            return
+        self.gateway.up()
+        faults = dict(FAULTS_OFF)
+        for i in incidents:
+            for name in RATES:
+                faults[name] = max(faults[name], getattr(i, name))
+            faults.update(i.switches)
+        self.gateway.control(**faults)
+
+    def apply(self, event: Event, ledger: Ledger) -> None:
+        keys = self.gateway.billing_keys()
+        now = int(time.time())
+        if event.kind == "signup":
+            member = self.world.members[event.subscription_id]
+            ledger.add_subscriptions([member.row()])
+            keys.save_customers([customer_row(member.customer_uid, CARD_ALWAYS_PAID, now)])
+        elif event.kind == "cancel":
+            ledger.set_subscription_status(
+                [event.subscription_id], SUB_CANCELLED, only_from=SUBSCRIPTION_STATUSES
+            )
+        elif event.kind == "reprice":
+            changed = [m for m in self.world.members.values() if m.amount == event.amount]
+            for m in changed:
+                m.amount = event.new_amount
+            ledger.set_subscription_amounts([(m.subscription_id, m.amount) for m in changed])
+        elif event.kind == "card":
+            keys.save_customers([customer_row(event.customer_uid, event.card, now)])
+        elif event.kind == "delete_key":
+            keys.delete_customer(event.customer_uid)
+        elif event.kind == "put_back":
+            why_not = ledger.put_back(event.subscription_id)
+            if why_not:
+                self.put_backs_refused.append(f"{event.subscription_id}: {why_not}")
+
+    def day(self, day: date) -> None:
+        s = self.scenario.settings
+        charge = {"max_concurrency": s.max_concurrency}
+        self.run_dag("iamport_billing_precheck", _at(day, "09:00"))
+        self.run_dag(
+            "iamport_billing_daily",
+            _at(day, "10:00"),
+            batch_size=s.batch_size,
+            max_count=s.max_count,
+            max_total_amount=s.max_total_amount,
+            **charge,
+        )
+        for b in (b for b in self.scenario.backfills if b.on == day):
+            self.run_dag(
+                "iamport_billing_backfill",
+                _at(day, "12:00"),
+                dry_run=False,
+                from_date=b.start.isoformat(),
+                to_date=b.end.isoformat(),
+                **charge,
+            )
+        self.run_dag("iamport_billing_retry", _at(day, "14:00"), **charge)
+        self.run_dag("iamport_billing_reconcile", _at(day, "23:25"))
+
+    def run_dag(self, dag_id: str, moment: datetime, **conf: Any) -> None:
+        if self.gateway.process is not None:
+            self.gateway.at(moment)
+        started = time.monotonic()
+        dag_run = self.dags.get_dag(dag_id).test(logical_date=moment, run_conf=conf or None)
+        runs, seconds = self.seconds_by_dag.get(dag_id, (0, 0.0))
+        self.seconds_by_dag[dag_id] = [runs + 1, seconds + time.monotonic() - started]
+        if dag_run.state != "success":
+            failed = sorted(
+                ti.task_id for ti in dag_run.get_task_instances() if ti.state == "failed"
+            )
+            self.failed_runs.append(
+                {"dag_id": dag_id, "at": moment.isoformat(), "failed_tasks": failed}
+            )
+
+    def report_progress(self, done: int, days: int, day: date, started: float) -> None:
+        if done % 7 and done != days:
+            return
+        elapsed = time.monotonic() - started
+        eta = elapsed / done * (days - done)
+        print(
+            f"day {done}/{days} ({day}): {elapsed:.0f} s elapsed, about {eta:.0f} s to go, "
+            f"{len(self.failed_runs)} failed DAG runs so far",
+            file=self.progress,
+            flush=True,
+        )
+
+
+def _at(day: date, hhmm: str) -> datetime:
+    hour, minute = (int(x) for x in hhmm.split(":"))
+    return datetime(day.year, day.month, day.day, hour, minute, tzinfo=SEOUL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m iamport_billing.simulation.runner")
+    parser.add_argument("scenario")
+    parser.add_argument("--months", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--workdir", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+    scenario = load_scenario(args.scenario)
+    if args.months:
+        scenario = scenario.with_months(args.months)
+    if args.seed is not None:
+        scenario = scenario.with_seed(args.seed)
+
+    # Airflow's and the tasks' logs go to a file; the terminal gets the progress lines.
+    progress = os.fdopen(os.dup(1), "w")
+    log = open(args.workdir / "simulation.log", "a")  # noqa: SIM115 - lives as long as the run
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+
+    gateway = Gateway(
+        EmulatorConfig(db_path=str(args.workdir / "emulator.db"), seed=scenario.seed),
+        args.workdir / "emulator.log",
+    )
+    gateway.up()
+    os.environ["AIRFLOW_CONN_IAMPORT_DEFAULT"] = json.dumps(
+        {
+            "conn_type": "iamport",
+            "host": gateway.url,
+            "login": gateway.config.imp_key,
+            "password": gateway.config.imp_secret,
+            "extra": {"read_timeout": 10, "connect_timeout": 2},
+        }
+    )
+    from iamport_billing.simulation.airflow_runs import load_dags
+
+    try:
+        sim = Simulation(scenario, build_world(scenario), gateway, load_dags(), progress)
+        result = sim.run()
+    finally:
+        gateway.down()
+    result["scenario"] = scenario.as_dict()
+    args.out.write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

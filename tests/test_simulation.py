@@ -1,0 +1,110 @@
+"""``iamport-billing simulate``: the real DAGs over a simulated quarter, and scenario checks.
+
+The quarter runs through the CLI (a child process with its own Airflow home), so this is what
+a user runs; the 12-month scenario runs in .ci/run on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from iamport_billing.cli import main as cli
+
+REPO = Path(__file__).resolve().parent.parent
+SIMULATE = [sys.executable, "-m", "iamport_billing.cli", "simulate"]
+
+
+@pytest.fixture(scope="module")
+def quarter(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict, str]:
+    work = tmp_path_factory.mktemp("simulate")
+    out = work / "report.json"
+    done = subprocess.run(
+        [*SIMULATE, str(REPO / "scenarios" / "three-months.yaml"), "--workdir", str(work),
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=REPO, check=False,
+    )  # fmt: skip
+    return done.returncode, json.loads(out.read_text()) if out.exists() else {}, done.stdout
+
+
+def test_a_simulated_quarter_violates_no_invariant(quarter: tuple[int, dict, str]) -> None:
+    code, report, stdout = quarter
+    assert report, stdout
+    assert report["invariants"] == dict.fromkeys(report["invariants"], 0), report["violations"]
+    assert len(report["invariants"]) == 7
+    assert code == 0
+
+
+def test_a_simulated_quarter_sees_every_behaviour_it_was_given(
+    quarter: tuple[int, dict, str],
+) -> None:
+    figures = quarter[1]["figures"]
+    assert figures["subscriptions"] == 300 + 3 * 15
+    assert figures["recovered_periods"] > 0  # soft declines paid by dunning
+    assert figures["soft_declined_periods"] > figures["recovered_periods"]  # k > 7: past_due
+    assert figures["past_due"] > 0 and figures["payment_method_required"] > 0
+    assert figures["amount_mismatch_periods"] > 0
+    assert figures["cancelled"] > 0
+    assert 0.8 < figures["first_attempt_success"] < 1
+    assert figures["revenue_krw"] > 300 * 9900 * 3 * 0.8
+
+
+def test_the_outage_day_fails_its_runs_and_the_backfill_charges_them(
+    quarter: tuple[int, dict, str],
+) -> None:
+    runs = quarter[1]["runs"]
+    failed_days = {r["at"][:10] for r in runs["failed"] if r["dag_id"] == "iamport_billing_daily"}
+    assert "2027-01-28" in failed_days
+    assert runs["seconds_by_dag"]["iamport_billing_backfill"]["runs"] == 1
+
+
+def test_the_report_prints_invariants_and_figures(quarter: tuple[int, dict, str]) -> None:
+    stdout = quarter[2]
+    assert "OK   at_most_one_charge_per_period" in stdout
+    assert "recovery_rate_krw" in stdout
+    assert "day 90/90" in stdout  # progress while it runs
+
+
+@pytest.mark.parametrize(
+    ("scenario", "message"),
+    [
+        ("population: {subscriptons: 10}", "population: unknown key(s) ['subscriptons']"),
+        ("population: {plans: [{amount: 9900, share: 0.5}]}", "shares add up to 0.5, not 1"),
+        ("cards: {soft_decline: {share: 0.7}, hard_decline: {share: 0.4}}", "over 1"),
+        ("incidents: [{on: 2031-01-01, outage: true}]", "outside the calendar"),
+        ("incidents: [{on: 2027-01-05}]", "names no trouble"),
+        ("incidents: [{on: 2027-01-05, token_status: 99}]", "token_status"),
+        ("settings: {retry_schedule_days: [3, 1]}", "must rise"),
+        ("calendar: {months: 0}", "calendar.months: 0 is out of range"),
+        ("backfills: [{on: 2027-01-03, from: 2027-01-05}]", "from <= to < on"),
+        ("population: [1, 2]", "population: expected a mapping"),
+    ],
+)
+def test_a_wrong_scenario_is_refused_with_the_key_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], scenario: str, message: str
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(scenario + "\n")
+    assert cli(["simulate", str(path), "--workdir", str(tmp_path / "w")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()  # refused before anything ran
+
+
+def test_a_toml_scenario_reads_like_the_yaml_one(tmp_path: Path) -> None:
+    from iamport_billing.simulation.scenario import load_scenario
+
+    toml = tmp_path / "s.toml"
+    toml.write_text(
+        'name = "s"\n[calendar]\nstart = 2027-03-01\nmonths = 2\n'
+        "[[incidents]]\non = 2027-03-02\noutage = true\n"
+    )
+    yaml_file = tmp_path / "s.yaml"
+    yaml_file.write_text(
+        "name: s\ncalendar: {start: 2027-03-01, months: 2}\n"
+        "incidents: [{on: 2027-03-02, outage: true}]\n"
+    )
+    assert load_scenario(toml) == load_scenario(yaml_file)
+    assert load_scenario(toml).calendar.end.isoformat() == "2027-04-30"
