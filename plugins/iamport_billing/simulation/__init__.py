@@ -1,0 +1,1 @@
+"""Simulated time for the whole billing system: ``iamport-billing simulate``."""
