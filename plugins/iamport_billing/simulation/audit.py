@@ -56,10 +56,14 @@ INVARIANTS = (
     "billing_dates_follow_anchor_rules",
     "no_charge_after_cancellation",
     "nothing_charged_outside_a_plan",
+    "no_resend_of_a_charge_the_gateway_has",
 )
 
 
-def audit(scenario: Scenario, world: World, ledger: Ledger, store: Any) -> dict[str, Any]:
+def audit(
+    scenario: Scenario, world: World, ledger: Ledger, store: Any, *, resends: int = 0
+) -> dict[str, Any]:
+    """``resends``: charges the gateway refused because it already had the merchant_uid."""
     end = scenario.calendar.end
     members = world.members
     payments = [p for p in store.all_payments() if parse_merchant_uid(p["merchant_uid"])]
@@ -119,6 +123,11 @@ def audit(scenario: Scenario, world: World, ledger: Ledger, store: Any) -> dict[
                 f"{p['merchant_uid']}: the ledger learned of it only by reconciliation",
             )
 
+    if resends:
+        # Only a lookup's word that a charge is absent may lead to a resend; Iamport refusing
+        # the uid as already used means a charge it had was sent again.
+        v.add("no_resend_of_a_charge_the_gateway_has",
+              f"{resends} charges refused as an already used merchant_uid", resends)  # fmt: skip
     return {
         "invariants": {name: v.counts.get(name, 0) for name in INVARIANTS},
         "violations": {k: ex for k, ex in v.examples.items() if ex},

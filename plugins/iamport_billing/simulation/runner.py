@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import requests
+
 from iamport_billing.emulator.config import CARD_ALWAYS_PAID, SWITCH_FIELDS, EmulatorConfig
 from iamport_billing.emulator.server import EmulatorProcess, start_emulator_process
 from iamport_billing.emulator.store import Store, customer_row
@@ -45,6 +46,7 @@ class Gateway:
     log_path: Path
     process: EmulatorProcess | None = None
     store: Store | None = None
+    resends: int = 0
 
     def up(self) -> None:
         if self.process is None:
@@ -53,6 +55,7 @@ class Gateway:
 
     def down(self) -> None:
         if self.process is not None:
+            self.add_up_resends()
             self.process.stop()
             self.process = None
 
@@ -65,6 +68,11 @@ class Gateway:
             requests.post(
                 f"{self.url}/__emulator__/faults", json=faults, timeout=10
             ).raise_for_status()
+
+    def add_up_resends(self) -> None:
+        """Charges the gateway refused as a merchant_uid it already had, over its lifetimes."""
+        stats = requests.get(f"{self.url}/__emulator__/stats", timeout=10).json()
+        self.resends += int((stats.get("charges") or {}).get("duplicate", 0))
 
     def at(self, moment: datetime) -> None:
         """Move the emulator's clock to ``moment`` (it then runs on at the machine's pace)."""
@@ -101,8 +109,12 @@ class Simulation:
         time.sleep(self.scenario.settings.pending_lease_seconds)
         self.gateway.up()
         self.run_dag("iamport_billing_reconcile", _at(cal.end + timedelta(days=1), "00:25"))
+        self.gateway.down()
         with Ledger.from_conn_id(WAREHOUSE_CONN_ID) as ledger:
-            result = audit(self.scenario, self.world, ledger, self.gateway.billing_keys())
+            result = audit(
+                self.scenario, self.world, ledger, self.gateway.billing_keys(),
+                resends=self.gateway.resends,
+            )  # fmt: skip
         result["runs"] = {
             "dag_runs": sum(n for n, _ in self.seconds_by_dag.values()),
             "seconds_by_dag": {

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from iamport_billing.emulator.config import SWITCH_FIELDS, EmulatorConfig
 from iamport_billing.policy import add_month_anchored
 

@@ -136,7 +136,13 @@ def _join(world: World, rng: random.Random, sub: str, anchor: int, first: date) 
     if member.behaviour:
         dates = list(_billing_dates(first, anchor, cal.end))
         # Strike early enough that dunning (and a recovery) can finish inside the calendar.
-        room = [d for d in dates if d + timedelta(days=member.days + 10) <= cal.end]
+        # Not the first billing date: the card is registered at sign-up that morning, and a
+        # deleted billing key must exist two days before.
+        room = [
+            d for d in dates[1:]
+            if d + timedelta(days=member.days + 10) <= cal.end
+            and d - timedelta(days=2) >= cal.start
+        ]  # fmt: skip
         if room:
             member.event_day = rng.choice(room)
             _schedule(world, member)
@@ -150,14 +156,17 @@ def _schedule(world: World, m: Member) -> None:
     assert day is not None
     if m.behaviour == "soft_decline":
         world.add(day, Event("card", m.subscription_id, uid, CARD_SOFT_DECLINE))
-        world.add(day + timedelta(days=k), Event("card", m.subscription_id, uid, CARD_ALWAYS_PAID))
+        world.add(
+            day + timedelta(days=max(k, 1)), Event("card", m.subscription_id, uid, CARD_ALWAYS_PAID)
+        )
     elif m.behaviour == "hard_decline":
         world.add(day, Event("card", m.subscription_id, uid, CARD_HARD_DECLINE))
     elif m.behaviour == "card_replaced":
         world.add(day, Event("card", m.subscription_id, uid, CARD_HARD_DECLINE))
         later = day + timedelta(days=max(k, 1))
         world.add(later, Event("card", m.subscription_id, uid, CARD_ALWAYS_PAID))
-        world.add(later, Event("put_back", m.subscription_id))
+        # Ops put it back the day after the customer registered the new card.
+        world.add(later + timedelta(days=1), Event("put_back", m.subscription_id))
     elif m.behaviour == "billing_key_deleted":
         world.add(day - timedelta(days=2), Event("delete_key", m.subscription_id, uid))
     elif m.behaviour == "amount_mismatch":
