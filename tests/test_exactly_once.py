@@ -28,6 +28,7 @@ from support import (
     SOFT_DECLINE_CARD,
     add_subscriptions,
     crashed_pending_row,
+    emulator_payments,
     faults,
     paid_at_gateway,
     register_cards,
@@ -146,6 +147,25 @@ def test_a_subscription_put_back_after_a_hard_decline_is_charged_once_more(world
     assert paid_at_gateway(emulator) == [merchant_uid_for("h1", DAY, 2)]
     state = ledger.subscription_state("h1")
     assert (state["status"], state["next_billing_date"]) == (ACTIVE, date(2026, 12, 26))
+
+
+# Found by the simulation: a put-back after a price change charged the period the new price.
+def test_a_put_back_charges_the_periods_amount_not_a_later_price(world):
+    from iamport_billing.cli import main as cli
+
+    ledger, emulator, _ = world
+    add_subscriptions(ledger, [("r1", "cust-r1", 9900)], DAY)
+    register_cards(emulator, [("cust-r1", HARD_DECLINE_CARD)])
+    daily()
+    ledger.set_subscription_amounts([("r1", 10900)])  # the plan's price rises
+    register_cards(emulator, [("cust-r1", PAYING_CARD)])
+    assert cli(["subscriptions", "put-back", "r1"]) == 0
+    daily(DAY + timedelta(days=1))
+    paid = [p for p in emulator_payments(emulator.config.db_path) if p["status"] == "paid"]
+    assert [(p["merchant_uid"], p["amount"]) for p in paid] == [
+        (merchant_uid_for("r1", DAY, 2), 9900)
+    ]
+    assert ledger.get_attempt(merchant_uid_for("r1", DAY, 2)).status == PAID
 
 
 # 4. Paid with another amount: kept apart, alerted, subscription not advanced.
