@@ -21,6 +21,7 @@ from iamport_billing.states import (
     AMOUNT_MISMATCH,
     CANCELLED,
     FAILED,
+    HARD,
     MONEY_MOVED,
     PAID,
     PAST_DUE,
@@ -64,65 +65,21 @@ def audit(
     scenario: Scenario, world: World, ledger: Ledger, store: Any, *, resends: int = 0
 ) -> dict[str, Any]:
     """``resends``: charges the gateway refused because it already had the merchant_uid."""
-    end = scenario.calendar.end
     members = world.members
-    payments = [p for p in store.all_payments() if parse_merchant_uid(p["merchant_uid"])]
+    every_payment = store.all_payments()
+    payments = [p for p in every_payment if parse_merchant_uid(p["merchant_uid"])]
     periods = ledger.attempts_for(members)
     rows = {a.merchant_uid: a for attempts in periods.values() for a in attempts}
     states = ledger.subscription_states(list(members))
-    planned = ledger.planned_periods()
     v = _Violations()
 
-    by_period: dict[tuple[str, date], list[dict[str, Any]]] = defaultdict(list)
-    for p in payments:
-        sub, day, _ = parse_merchant_uid(p["merchant_uid"])  # type: ignore[misc]
-        by_period[(sub, day)].append(p)
-    for (sub, day), ps in by_period.items():
-        moved = [p for p in ps if p["status"] in GATEWAY_MONEY_MOVED]
-        if len(moved) > 1:
-            v.add(
-                "at_most_one_charge_per_period",
-                f"{sub} {day}: {[p['merchant_uid'] for p in moved]}",
-                len(moved) - 1,
-            )
-
-    last_retry = max(scenario.settings.retry_schedule_days or (0,))
-    for (sub, day), attempts in periods.items():
-        if any(a.status in MONEY_MOVED for a in attempts):
-            continue
-        status = states.get(sub, (None, None))[0]
-        if status in ENDED or day + timedelta(days=last_retry + 1) >= end:
-            continue
-        v.add(
-            "every_period_ends_paid_past_due_or_cancelled",
-            f"{sub} {day}: {[(a.attempt_no, a.status) for a in attempts]}, subscription {status}",
-        )
-
+    _one_charge_per_period(payments, v)
+    _periods_end(scenario, periods, states, v)
     for dag, figures in ledger.unsettled_summary().items():
         v.add("no_unsettled_rows", f"{dag}: {figures}", int(figures.get("count", 0)))
-
     _compare_money(payments, rows, v)
-    _check_dates(world, periods, states, end, v)
-
-    for p in payments:
-        sub, day, attempt_no = parse_merchant_uid(p["merchant_uid"])  # type: ignore[misc]
-        member = members.get(sub)
-        sent = _seoul(p["started_at"])
-        if member and member.cancelled_on and p["status"] in GATEWAY_MONEY_MOVED:
-            if sent and sent >= datetime.combine(member.cancelled_on, datetime.min.time(), SEOUL):
-                v.add(
-                    "no_charge_after_cancellation",
-                    f"{p['merchant_uid']} at {sent} (cancelled {member.cancelled_on})",
-                )
-        row = rows.get(p["merchant_uid"])
-        if attempt_no == 1 and (sub, day) not in planned:
-            v.add("nothing_charged_outside_a_plan", f"{p['merchant_uid']}: no plan approved it")
-        elif row is not None and row.error_code == "found_by_reconciliation":
-            v.add(
-                "nothing_charged_outside_a_plan",
-                f"{p['merchant_uid']}: the ledger learned of it only by reconciliation",
-            )
-
+    _check_dates(world, periods, states, scenario.calendar.end, v)
+    _charged_as_planned(world, every_payment, rows, periods, ledger.planned_periods(), v)
     if resends:
         # Only a lookup's word that a charge is absent may lead to a resend; Iamport refusing
         # the uid as already used means a charge it had was sent again.
@@ -133,6 +90,86 @@ def audit(
         "violations": {k: ex for k, ex in v.examples.items() if ex},
         "figures": figures_of(world, periods, states, payments),
     }
+
+
+def _one_charge_per_period(payments: list[dict[str, Any]], v: _Violations) -> None:
+    by_period: dict[tuple[str, date], list[dict[str, Any]]] = defaultdict(list)
+    for p in payments:
+        sub, day, _ = parse_merchant_uid(p["merchant_uid"])  # type: ignore[misc]
+        by_period[(sub, day)].append(p)
+    for (sub, day), ps in by_period.items():
+        moved = [p for p in ps if p["status"] in GATEWAY_MONEY_MOVED]
+        if len(moved) > 1:
+            v.add("at_most_one_charge_per_period",
+                  f"{sub} {day}: {[p['merchant_uid'] for p in moved]}", len(moved) - 1)  # fmt: skip
+
+
+def _periods_end(
+    scenario: Scenario, periods: dict[tuple[str, date], list[Attempt]],
+    states: dict[str, tuple[str, date | None]], v: _Violations,
+) -> None:  # fmt: skip
+    """Only a subscription's latest period may be unpaid, and then its status must be earned:
+    past_due after the last soft retry, payment_method_required after a hard decline (or a
+    missing billing key), cancelled, or dunning still running when the calendar ends."""
+    s = scenario.settings
+    max_attempts = s.max_attempts or len(s.retry_schedule_days) + 1
+    last_retry = max(s.retry_schedule_days or (0,))
+    latest: dict[str, date] = {}
+    for sub, day in periods:
+        latest[sub] = max(day, latest.get(sub, day))
+    for (sub, day), attempts in periods.items():
+        if any(a.status in MONEY_MOVED for a in attempts):
+            continue
+        status = states.get(sub, ("", None))[0]
+        last = attempts[-1]
+        earned = {
+            PAST_DUE: last.decline_kind == SOFT and last.attempt_no >= max_attempts,
+            PAYMENT_METHOD_REQUIRED: last.decline_kind == HARD,
+            SUB_CANCELLED: True,
+            ACTIVE: day + timedelta(days=last_retry + 1) >= scenario.calendar.end,
+        }.get(status, False)
+        if latest[sub] == day and earned:
+            continue
+        v.add("every_period_ends_paid_past_due_or_cancelled",
+              f"{sub} {day}: {[(a.attempt_no, a.status, a.decline_kind) for a in attempts]}, "
+              f"subscription {status}")  # fmt: skip
+
+
+def _charged_as_planned(
+    world: World, every_payment: list[dict[str, Any]], rows: dict[str, Attempt],
+    periods: dict[tuple[str, date], list[Attempt]],
+    planned: dict[tuple[str, date], set[int]], v: _Violations,
+) -> None:  # fmt: skip
+    """Every charge was ours, for its member's customer, after its billing date and before a
+    cancellation, and its first attempt for an amount a plan approved."""
+    name = "nothing_charged_outside_a_plan"
+    for p in every_payment:
+        uid = p["merchant_uid"]
+        parsed = parse_merchant_uid(uid)
+        member = world.members.get(parsed[0]) if parsed else None
+        if parsed is None or member is None:
+            v.add(name, f"{uid}: not a merchant_uid of a simulated subscription")
+            continue
+        sub, day, attempt_no = parsed
+        sent = _seoul(p["started_at"])
+        moved = p["status"] in GATEWAY_MONEY_MOVED
+        if p["customer_uid"] != member.customer_uid:
+            v.add(name, f"{uid}: charged billing key {p['customer_uid']}")
+        if sent is not None and sent.date() < day:
+            v.add("billing_dates_follow_anchor_rules", f"{uid}: sent on {sent.date()}")
+        if moved and member.cancelled_on and sent and sent >= _midnight(member.cancelled_on):
+            v.add("no_charge_after_cancellation",
+                  f"{uid} at {sent} (cancelled {member.cancelled_on})")  # fmt: skip
+        row = rows.get(uid)
+        first = periods.get((sub, day), [row])[0]
+        if attempt_no == 1 and (sub, day) not in planned:
+            v.add(name, f"{uid}: no plan approved it")
+        elif first is not None and first.amount not in planned.get((sub, day), {first.amount}):
+            v.add(name, f"{uid}: asked {first.amount}, plans said {planned[(sub, day)]}")
+        elif row is not None and first is not None and row.amount != first.amount:
+            v.add(name, f"{uid}: asked {row.amount}, the period's first attempt {first.amount}")
+        elif row is not None and row.error_code == "found_by_reconciliation":
+            v.add(name, f"{uid}: the ledger learned of it only by reconciliation")
 
 
 def _compare_money(
@@ -165,7 +202,8 @@ def _check_dates(
     end: date,
     v: _Violations,
 ) -> None:
-    """Billed on the anchor schedule, none skipped while the subscription was active."""
+    """Billed on exactly the anchor schedule's dates up to a cancellation; fewer only when the
+    subscription stopped on an unpaid period, a mismatch, or a missing billing key."""
     billed: dict[str, list[date]] = defaultdict(list)
     for sub, day in periods:
         billed[sub].append(day)
@@ -176,18 +214,22 @@ def _check_dates(
         until = min(end, member.cancelled_on - timedelta(days=1)) if member.cancelled_on else end
         expected = [d for d in expected_billing_dates(member, end) if d <= until]
         if dates != expected[: len(dates)]:
-            v.add(
-                "billing_dates_follow_anchor_rules",
-                f"{sub} (anchor {member.anchor_day}, cancelled {member.cancelled_on}): "
-                f"billed {dates[:4]}..., the rules give {expected[:4]}...",
-            )
-        elif len(dates) < len(expected) and states.get(sub, ("",))[0] == ACTIVE:
-            if _held_for_a_person(periods[(sub, dates[-1])] if dates else []):
-                continue
-            v.add(
-                "billing_dates_follow_anchor_rules",
-                f"{sub}: active, but {expected[len(dates) :][:3]} never billed",
-            )
+            v.add("billing_dates_follow_anchor_rules",
+                  f"{sub} (anchor {member.anchor_day}, cancelled {member.cancelled_on}): "
+                  f"billed {dates[:4]}..., the rules give {expected[:4]}...")  # fmt: skip
+            continue
+        if len(dates) == len(expected):
+            continue
+        status, next_date = states.get(sub, ("", None))
+        latest = periods[(sub, dates[-1])] if dates else []
+        if latest and not any(a.status in MONEY_MOVED for a in latest):
+            continue  # stopped on an unpaid period: _periods_end judges it
+        if _held_for_a_person(latest):
+            continue
+        if status == PAYMENT_METHOD_REQUIRED and next_date == expected[len(dates)]:
+            continue  # the pre-check found no billing key before this date was charged
+        v.add("billing_dates_follow_anchor_rules",
+              f"{sub} ({status}): {expected[len(dates) :][:3]} never billed")  # fmt: skip
 
 
 def _held_for_a_person(attempts: list[Attempt]) -> bool:
@@ -280,6 +322,10 @@ def _paid(row: Attempt) -> int:
     if row.status == PAID or row.paid_amount is None:
         return int(row.amount or 0)
     return int(row.paid_amount)
+
+
+def _midnight(day: date) -> datetime:
+    return datetime.combine(day, datetime.min.time(), SEOUL)
 
 
 def _seoul(epoch: Any) -> datetime | None:

@@ -572,12 +572,14 @@ class Ledger(SqlSession):
         """Whether any attempt (of any status) was ever recorded."""
         return bool(self.query(f"SELECT 1 FROM {ATTEMPTS} LIMIT 1"))
 
-    def planned_periods(self) -> set[tuple[str, date]]:
-        """Every (subscription, billing date) any run's plan ever approved (audits)."""
-        return {
-            (str(sub), to_date(day))  # type: ignore[misc]
-            for sub, day in self.query(f"SELECT subscription_id, billing_date FROM {PLAN_ITEMS}")
-        }
+    def planned_periods(self) -> dict[tuple[str, date], set[int]]:
+        """(subscription, billing date) -> every amount any run's plan approved for it."""
+        found: dict[tuple[str, date], set[int]] = {}
+        for sub, day, amount in self.query(
+            f"SELECT subscription_id, billing_date, amount FROM {PLAN_ITEMS}"
+        ):
+            found.setdefault((str(sub), to_date(day)), set()).add(int(amount))  # type: ignore[arg-type]
+        return found
 
     # -- write-back -----------------------------------------------------------------------------
 
