@@ -168,6 +168,21 @@ def test_a_put_back_charges_the_periods_amount_not_a_later_price(world):
     assert ledger.get_attempt(merchant_uid_for("r1", DAY, 2)).status == PAID
 
 
+def test_a_put_back_period_counts_at_its_own_amount_for_the_guardrails(world):
+    from iamport_billing.cli import main as cli
+
+    ledger, emulator, _ = world
+    add_subscriptions(ledger, [("r2", "cust-r2", 10900)], DAY)
+    register_cards(emulator, [("cust-r2", HARD_DECLINE_CARD)])
+    daily()
+    ledger.set_subscription_amounts([("r2", 9900)])  # the price falls under the limit
+    register_cards(emulator, [("cust-r2", PAYING_CARD)])
+    assert cli(["subscriptions", "put-back", "r2"]) == 0
+    _, states = daily(DAY + timedelta(days=1), max_total_amount=10_000)
+    assert states["plan"] == "failed"  # 10,900 is what this period would charge
+    assert paid_at_gateway(emulator) == []
+
+
 # 4. Paid with another amount: kept apart, alerted, subscription not advanced.
 def test_paid_with_another_amount_is_a_mismatch_that_needs_a_person(world):
     ledger, emulator, receiver = world

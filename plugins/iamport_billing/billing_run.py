@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import date
 from typing import Any
 
@@ -79,6 +79,42 @@ def validated(
         yield from _close_group(group, run_date, limits)
 
 
+def at_period_amounts(
+    ledger: Ledger, items: Iterable[ChargeCandidate | RejectedRow], chunk: int = 500
+) -> Iterator[ChargeCandidate | RejectedRow]:
+    """A period's amount is fixed by its first attempt: a due row for a billing date that was
+    already attempted (a put-back after a new card, an abandoned attempt) is planned, totalled
+    and charged at that amount and currency, whatever the subscription costs now."""
+    buffer: list[ChargeCandidate | RejectedRow] = []
+
+    def flush() -> Iterator[ChargeCandidate | RejectedRow]:
+        candidates = [i for i in buffer if isinstance(i, ChargeCandidate)]
+        firsts = ledger.attempts_for(c.subscription_id for c in candidates) if candidates else {}
+        for item in buffer:
+            first = (
+                firsts.get((item.subscription_id, item.billing_date), [None])[0]
+                if isinstance(item, ChargeCandidate) else None
+            )  # fmt: skip
+            if first is None or first.amount is None or (first.amount, first.currency) == (
+                item.amount, item.currency,  # type: ignore[union-attr]
+            ):  # fmt: skip
+                yield item
+                continue
+            log.warning(
+                "%s: billing date %s was first charged %s %s; asked again at that, not at "
+                "today's %s", item.subscription_id, item.billing_date, f"{first.amount:,}",
+                first.currency, f"{item.amount:,}",  # type: ignore[union-attr]
+            )  # fmt: skip
+            yield replace(item, amount=first.amount, currency=first.currency or item.currency)  # type: ignore[arg-type, union-attr]
+
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= chunk:
+            yield from flush()
+            buffer.clear()
+    yield from flush()
+
+
 def _close_group(
     group: list[Mapping[str, Any]], run_date: date, limits: ValidationLimits
 ) -> Iterator[ChargeCandidate | RejectedRow]:
@@ -137,11 +173,8 @@ def plan_run(
     approved: list[tuple[str, date, int]] = []
     batch_count, batch_after, last_sub = 0, None, None
 
-    for item in validated(
-        (source or ledger.due_source()).iter_due(due_query, billing_date),
-        run_date=billing_date,
-        limits=limits,
-    ):
+    due = (source or ledger.due_source()).iter_due(due_query, billing_date)
+    for item in at_period_amounts(ledger, validated(due, run_date=billing_date, limits=limits)):
         if isinstance(item, RejectedRow):
             totals.rejected += 1
             pending_rejects.append(item)
@@ -250,7 +283,7 @@ def candidates_in_batch(
         rows = (r for r in rows if r.get("subscription_id") is not None)
     candidates = [
         c
-        for c in validated(rows, run_date=billing_date, limits=limits)
+        for c in at_period_amounts(ledger, validated(rows, run_date=billing_date, limits=limits))
         if isinstance(c, ChargeCandidate)
     ]
     approved = ledger.planned_items(run, [c.subscription_id for c in candidates])

@@ -334,7 +334,6 @@ class ChargeEngine:
                 and latest.attempt_no < 99
             ):
                 attempt_no = latest.attempt_no + 1
-                c = self._at_period_amount(c, attempts[0], attempt_no)
             elif attempts or not new_attempts:
                 self.result.add("already_settled", c.amount)
                 continue
@@ -343,20 +342,6 @@ class ChargeEngine:
             )
             to_claim.append(PlannedCharge(c, attempt_no, uid))
         return to_claim, to_resolve
-
-    def _at_period_amount(
-        self, c: ChargeCandidate, first: Attempt, attempt_no: int
-    ) -> ChargeCandidate:
-        """A period's amount is fixed by its first attempt: a later attempt (after a put-back,
-        or for an abandoned one) asks the same, whatever the subscription costs now."""
-        if first.amount is None or first.amount == c.amount:
-            return c
-        self.log.warning(
-            "%s: billing date %s was first charged %s KRW; attempt %d asks that again, not "
-            "today's %s KRW", c.subscription_id, c.billing_date, f"{first.amount:,}",
-            attempt_no, f"{c.amount:,}",
-        )  # fmt: skip
-        return replace(c, amount=first.amount)
 
     def _left_by_dead_try(self, a: Attempt) -> bool:
         """An earlier try of this very task instance is over when this try runs: no lease."""
