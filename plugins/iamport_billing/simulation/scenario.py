@@ -70,6 +70,9 @@ class Population:
     plans: tuple[Plan, ...] = (Plan(9900, 0.6), Plan(29000, 0.3), Plan(99000, 0.1))
     # Share of subscriptions anchored on 29, 30 and 31 (each); the rest spread over 1..28.
     month_end_anchor_share: float = 0.05
+    # Share of subscription rows without billing_anchor_day (a table that never filled it):
+    # their anchor is the day of their first billing date, and must hold all the same.
+    anchorless_share: float = 0.0
     signups_per_month: int = 0
     cancellations_per_month: int = 0
     price_changes: tuple[PriceChange, ...] = ()
@@ -254,6 +257,7 @@ def _population(data: Any, calendar: Calendar) -> Population:
             "population.month_end_anchor_share",
             maximum=1 / 3,
         ),
+        anchorless_share=_share(d.get("anchorless_share", 0), "population.anchorless_share"),
         signups_per_month=_int(d.get("signups_per_month", 0), "population.signups_per_month"),
         cancellations_per_month=_int(
             d.get("cancellations_per_month", 0), "population.cancellations_per_month"

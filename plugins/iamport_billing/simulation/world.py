@@ -47,6 +47,7 @@ class Member:
     days: int = 0  # k: recovery / replacement delay
     cancelled_on: date | None = None
     signed_up: bool = False  # joined during the calendar (a sign-up event adds it)
+    anchor_recorded: bool = True  # False: the row's billing_anchor_day is NULL
 
     def row(self) -> dict[str, Any]:
         return {
@@ -55,7 +56,7 @@ class Member:
             "amount": self.amount,
             "name": f"Plan {self.amount:,} KRW",
             "next_billing_date": self.start,
-            "billing_anchor_day": self.anchor_day,
+            "billing_anchor_day": self.anchor_day if self.anchor_recorded else None,
         }
 
 
@@ -124,6 +125,7 @@ def _join(world: World, rng: random.Random, sub: str, anchor: int, first: date) 
     pop, cal = world.scenario.population, world.scenario.calendar
     amount = rng.choices([p.amount for p in pop.plans], [p.share for p in pop.plans])[0]
     member = Member(sub, f"cust-{sub}", amount, anchor, first)
+    member.anchor_recorded = rng.random() >= pop.anchorless_share
     world.members[sub] = member
     roll, acc = rng.random(), 0.0
     for name in BEHAVIOURS:
