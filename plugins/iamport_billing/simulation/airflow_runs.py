@@ -3,12 +3,16 @@
 ``dag.test()`` re-parses the whole DAGs folder and re-serializes every DAG into the metadata
 database on each call (so sibling DAGs stay current, apache/airflow#64884). A simulation runs
 the same unchanged DAG files thousands of times: it parses and syncs them once, then skips
-the re-sync. The runs themselves (scheduling loop, task execution through the in-process
-execution API, XComs, the tasks' code) are untouched.
+the re-sync. Params are validated against their JSON schemas on every resolve (about 25 times
+per task) by ``jsonschema.validate``, which re-checks the schema itself each time; the
+simulation keeps one validator per schema. The runs themselves (scheduling loop, task
+execution through the in-process execution API, XComs, the tasks' code, every Param check)
+are untouched.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,7 @@ def load_dags(dags_folder: str | Path | None = None) -> Any:
         )
         dagbag_module.sync_bag_to_db(parsed, bundle.name, bundle.version)
     _sync_once(dagbag_module)
+    _one_validator_per_schema()
     return bag
 
 
@@ -45,3 +50,25 @@ def _sync_once(dagbag_module: Any) -> None:
 
     dagbag_module.BundleDagBag = _Synced
     dagbag_module.sync_bag_to_db = lambda *args, **kwargs: None
+
+
+def _one_validator_per_schema() -> None:
+    """``jsonschema.validate`` with the schema checked and its validator built once."""
+    import jsonschema
+    from jsonschema.exceptions import best_match
+    from jsonschema.validators import validator_for
+
+    validators: dict[tuple[str, Any], Any] = {}
+
+    def validate(instance: Any, schema: Any, cls: Any = None, *args: Any, **kwargs: Any) -> None:
+        key = (json.dumps(schema, sort_keys=True, default=repr), cls)
+        validator = validators.get(key)
+        if validator is None:
+            klass = cls or validator_for(schema)
+            klass.check_schema(schema)
+            validator = validators[key] = klass(schema, *args, **kwargs)
+        error = best_match(validator.iter_errors(instance))
+        if error is not None:
+            raise error
+
+    jsonschema.validate = validate
