@@ -108,3 +108,29 @@ def test_a_toml_scenario_reads_like_the_yaml_one(tmp_path: Path) -> None:
     )
     assert load_scenario(toml) == load_scenario(yaml_file)
     assert load_scenario(toml).calendar.end.isoformat() == "2027-04-30"
+
+
+def test_compare_puts_two_retry_schedules_side_by_side(tmp_path: Path) -> None:
+    body = (
+        "calendar: {{start: 2027-03-01, months: 1}}\n"
+        "population: {{subscriptions: 12}}\n"
+        "cards: {{soft_decline: {{share: 0.5, days: [2, 3]}}}}\n"
+        "settings: {{retry_schedule_days: {days}}}\n"
+    )
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("name: retry-1-3-5-7\n" + body.format(days="[1, 3, 5, 7]"))
+    b.write_text("name: retry-2-4-8\n" + body.format(days="[2, 4, 8]"))
+    out = tmp_path / "both.json"
+    done = subprocess.run(
+        [*SIMULATE, "--compare", str(a), str(b), "--workdir", str(tmp_path / "w"),
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=REPO, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    reports = json.loads(out.read_text())
+    assert sorted(reports) == ["retry-1-3-5-7", "retry-2-4-8"]
+    header = next(line for line in done.stdout.splitlines() if "retry-1-3-5-7" in line
+                  and "retry-2-4-8" in line)  # fmt: skip
+    assert header.split() == ["retry-1-3-5-7", "retry-2-4-8"]
+    recovered = reports["retry-2-4-8"]["figures"]["recovered_by_retry_day"]
+    assert recovered and set(recovered) <= {"day 2", "day 4", "day 8"}  # its own days only

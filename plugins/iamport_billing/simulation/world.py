@@ -103,8 +103,7 @@ def build_world(scenario: Scenario) -> World:
         days = [d for d in _days(month, add_month_anchored(month, cal.start.day)) if d <= cal.end]
         for j in range(pop.signups_per_month):
             day = rng.choice(days)
-            member = _join(world, rng, f"new{month:%Y%m}{j:05d}", day.day, day)
-            member.signed_up = True
+            member = _join(world, rng, f"new{month:%Y%m}{j:05d}", day.day, day, signed_up=True)
             world.add(day, Event("signup", member.subscription_id))
         for _ in range(pop.cancellations_per_month):
             day = rng.choice(days)
@@ -121,10 +120,13 @@ def build_world(scenario: Scenario) -> World:
     return world
 
 
-def _join(world: World, rng: random.Random, sub: str, anchor: int, first: date) -> Member:
+def _join(
+    world: World, rng: random.Random, sub: str, anchor: int, first: date, *,
+    signed_up: bool = False,
+) -> Member:  # fmt: skip
     pop, cal = world.scenario.population, world.scenario.calendar
     amount = rng.choices([p.amount for p in pop.plans], [p.share for p in pop.plans])[0]
-    member = Member(sub, f"cust-{sub}", amount, anchor, first)
+    member = Member(sub, f"cust-{sub}", amount, anchor, first, signed_up=signed_up)
     member.anchor_recorded = rng.random() >= pop.anchorless_share
     world.members[sub] = member
     roll, acc = rng.random(), 0.0
@@ -138,10 +140,10 @@ def _join(world: World, rng: random.Random, sub: str, anchor: int, first: date) 
     if member.behaviour:
         dates = list(_billing_dates(first, anchor, cal.end))
         # Strike early enough that dunning (and a recovery) can finish inside the calendar.
-        # Not the first billing date: the card is registered at sign-up that morning, and a
-        # deleted billing key must exist two days before.
+        # Not a sign-up's first billing date (its card is registered that morning), and a
+        # billing key deleted two days before must exist by then.
         room = [
-            d for d in dates[1:]
+            d for d in (dates[1:] if signed_up else dates)
             if d + timedelta(days=member.days + 10) <= cal.end
             and d - timedelta(days=2) >= cal.start
         ]  # fmt: skip
