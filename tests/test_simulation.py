@@ -111,6 +111,7 @@ def test_a_toml_scenario_reads_like_the_yaml_one(tmp_path: Path) -> None:
 
 
 def test_compare_puts_two_retry_schedules_side_by_side(tmp_path: Path) -> None:
+    """Relative paths, from another directory, as a user types them."""
     body = (
         "calendar: {{start: 2027-03-01, months: 1}}\n"
         "population: {{subscriptions: 12}}\n"
@@ -122,9 +123,8 @@ def test_compare_puts_two_retry_schedules_side_by_side(tmp_path: Path) -> None:
     b.write_text("name: retry-2-4-8\n" + body.format(days="[2, 4, 8]"))
     out = tmp_path / "both.json"
     done = subprocess.run(
-        [*SIMULATE, "--compare", str(a), str(b), "--workdir", str(tmp_path / "w"),
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=REPO, check=False,
+        [*SIMULATE, "--compare", "a.yaml", "b.yaml", "--workdir", "w", "--out", "both.json"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     reports = json.loads(out.read_text())

@@ -37,6 +37,8 @@ def run_simulation(
     dags_folder: Path | None = None,
 ) -> dict[str, Any]:
     """Run one simulation to the end; returns the report (also written to ``out``)."""
+    # Airflow refuses a relative SQLite path, and the child runs elsewhere: absolute paths.
+    workdir, out, scenario_path = workdir.resolve(), out.resolve(), scenario_path.resolve()
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
@@ -106,6 +108,7 @@ def _environment(
 
 def _migrated_template(root: Path) -> Path:
     """An empty migrated Airflow metadata database, made once per ``root`` and copied."""
+    root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     template = root / "airflow-template.db"
     with open(root / ".template.lock", "w") as lock:
@@ -120,7 +123,13 @@ def _migrated_template(root: Path) -> Path:
                 "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             }
             airflow = str(Path(sys.executable).parent / "airflow")
-            subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True)
+            done = subprocess.run(
+                [airflow, "db", "migrate"], env=env, capture_output=True, text=True, check=False
+            )
+            if done.returncode:
+                raise SimulationFailed(
+                    f"airflow db migrate failed for {partial}: {done.stderr[-2000:]}"
+                )
             shutil.move(partial / "airflow.db", template)
             shutil.rmtree(partial)
     return template
