@@ -74,7 +74,7 @@ def audit(
     v = _Violations()
 
     _one_charge_per_period(payments, v)
-    _periods_end(scenario, periods, states, v)
+    _periods_end(scenario, world, periods, states, v)
     for dag, figures in ledger.unsettled_summary().items():
         v.add("no_unsettled_rows", f"{dag}: {figures}", int(figures.get("count", 0)))
     _compare_money(payments, rows, v)
@@ -105,7 +105,8 @@ def _one_charge_per_period(payments: list[dict[str, Any]], v: _Violations) -> No
 
 
 def _periods_end(
-    scenario: Scenario, periods: dict[tuple[str, date], list[Attempt]],
+    scenario: Scenario,
+    world: World, periods: dict[tuple[str, date], list[Attempt]],
     states: dict[str, tuple[str, date | None]], v: _Violations,
 ) -> None:  # fmt: skip
     """Only a subscription's latest period may be unpaid, and then its status must be earned:
@@ -122,9 +123,14 @@ def _periods_end(
             continue
         status = states.get(sub, ("", None))[0]
         last = attempts[-1]
+        # The world says why a card stopped paying; a status nothing in it explains is a bug.
+        behaviour = world.members[sub].behaviour if sub in world.members else None
         earned = {
-            PAST_DUE: last.decline_kind == SOFT and last.attempt_no >= max_attempts,
-            PAYMENT_METHOD_REQUIRED: last.decline_kind == HARD,
+            PAST_DUE: last.decline_kind == SOFT
+            and last.attempt_no >= max_attempts
+            and behaviour == "soft_decline",
+            PAYMENT_METHOD_REQUIRED: last.decline_kind == HARD
+            and behaviour in ("hard_decline", "card_replaced", "billing_key_deleted"),
             SUB_CANCELLED: True,
             ACTIVE: day + timedelta(days=last_retry + 1) >= scenario.calendar.end,
         }.get(status, False)
@@ -226,8 +232,12 @@ def _check_dates(
             continue  # stopped on an unpaid period: _periods_end judges it
         if _held_for_a_person(latest):
             continue
-        if status == PAYMENT_METHOD_REQUIRED and next_date == expected[len(dates)]:
-            continue  # the pre-check found no billing key before this date was charged
+        if (
+            status == PAYMENT_METHOD_REQUIRED
+            and next_date == expected[len(dates)]
+            and member.behaviour == "billing_key_deleted"
+        ):
+            continue  # the pre-check found the deleted billing key before this date
         v.add("billing_dates_follow_anchor_rules",
               f"{sub} ({status}): {expected[len(dates) :][:3]} never billed")  # fmt: skip
 
