@@ -73,6 +73,8 @@ class Population:
     # Share of subscription rows without billing_anchor_day (a table that never filled it):
     # their anchor is the day of their first billing date, and must hold all the same.
     anchorless_share: float = 0.0
+    # Share of rows whose buyer_name is over the API's 16 characters (it must be trimmed).
+    long_buyer_name_share: float = 0.0
     signups_per_month: int = 0
     cancellations_per_month: int = 0
     price_changes: tuple[PriceChange, ...] = ()
@@ -258,6 +260,9 @@ def _population(data: Any, calendar: Calendar) -> Population:
             maximum=1 / 3,
         ),
         anchorless_share=_share(d.get("anchorless_share", 0), "population.anchorless_share"),
+        long_buyer_name_share=_share(
+            d.get("long_buyer_name_share", 0), "population.long_buyer_name_share"
+        ),
         signups_per_month=_int(d.get("signups_per_month", 0), "population.signups_per_month"),
         cancellations_per_month=_int(
             d.get("cancellations_per_month", 0), "population.cancellations_per_month"

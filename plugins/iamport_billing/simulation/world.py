@@ -48,6 +48,7 @@ class Member:
     cancelled_on: date | None = None
     signed_up: bool = False  # joined during the calendar (a sign-up event adds it)
     anchor_recorded: bool = True  # False: the row's billing_anchor_day is NULL
+    buyer_name: str = "홍길동"
 
     def row(self) -> dict[str, Any]:
         return {
@@ -57,6 +58,7 @@ class Member:
             "name": f"Plan {self.amount:,} KRW",
             "next_billing_date": self.start,
             "billing_anchor_day": self.anchor_day if self.anchor_recorded else None,
+            "buyer_name": self.buyer_name,
         }
 
 
@@ -128,6 +130,8 @@ def _join(
     amount = rng.choices([p.amount for p in pop.plans], [p.share for p in pop.plans])[0]
     member = Member(sub, f"cust-{sub}", amount, anchor, first, signed_up=signed_up)
     member.anchor_recorded = rng.random() >= pop.anchorless_share
+    if rng.random() < pop.long_buyer_name_share:
+        member.buyer_name = "주식회사 한국정기결제서비스 대표이사 홍길동"  # 26 characters
     world.members[sub] = member
     roll, acc = rng.random(), 0.0
     for name in BEHAVIOURS:
