@@ -35,6 +35,13 @@ with DAG(
         "requests_per_second": Param(None, type=["null", "number"], minimum=0),
         "max_count": Param(None, type=["null", "integer"], minimum=0),
         "max_total_amount": Param(None, type=["null", "integer"], minimum=0),
+        "max_total_multiple_of_previous": Param(
+            None,
+            type=["null", "number"],
+            minimum=0,
+            description="Fail the plan above N x the previous run's total (default: config; "
+            "0: not for this run, e.g. after a person checked a month-end or catch-up day)",
+        ),
         "max_rejected_share": Param(
             None,
             type=["null", "number"],

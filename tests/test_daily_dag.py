@@ -161,6 +161,24 @@ def test_total_amount_guardrail(daily_dag, ledger, emulator):
     assert emulator_payments(emulator.config.db_path) == []
 
 
+def test_a_tripped_multiple_of_the_previous_run_is_passed_by_the_runs_param(
+    daily_dag, ledger, emulator
+):
+    from datetime import timedelta
+
+    big = [(f"b{i}", f"cust-b{i}", 600_000) for i in range(12)]
+    register_cards(emulator, [(c, PAYING_CARD) for _, c, _ in big])
+    add_subscriptions(ledger, big[:2], DAY)  # 1,200,000 KRW
+    add_subscriptions(ledger, big[2:], DAY + timedelta(days=1))  # 6,000,000 KRW: over 3x
+    run_dag(daily_dag, DAY)
+    _, tripped = run_dag(daily_dag, DAY + timedelta(days=1))
+    assert tripped["plan"] == "failed"
+    assert len(emulator_payments(emulator.config.db_path)) == 2
+    _, states = run_dag(daily_dag, DAY + timedelta(days=1), max_total_multiple_of_previous=0)
+    assert states["plan"] == "success"
+    assert len(emulator_payments(emulator.config.db_path)) == 12
+
+
 def test_dry_run_charges_nothing(daily_dag, ledger, emulator):
     seed(ledger, emulator, n_paying=5)
     dr, states = run_dag(daily_dag, DAY, dry_run=True)

@@ -37,6 +37,13 @@ def _opt_int(value: Any) -> int | None:
     return None if value in (None, "", "None") else int(value)
 
 
+def _multiple(param: Any, default: float | None) -> float | None:
+    """The run's param over the deployment's setting; 0 turns the check off for this run."""
+    if param in (None, "", "None"):
+        return default
+    return float(param) or None
+
+
 def charge_settings(cfg: BillingConfig, params: dict[str, Any] | None = None) -> ChargeSettings:
     params = params or {}
     rps = params.get("requests_per_second")
@@ -75,7 +82,9 @@ def plan_step(cfg: BillingConfig, context: dict[str, Any]) -> list[dict[str, Any
     guardrails = Guardrails(
         max_count=_opt_int(params.get("max_count")),
         max_total_amount=_opt_int(params.get("max_total_amount")),
-        max_total_multiple_of_previous=cfg.max_total_multiple_of_previous,
+        max_total_multiple_of_previous=_multiple(
+            params.get("max_total_multiple_of_previous"), cfg.max_total_multiple_of_previous
+        ),
         max_rejected_share=(
             cfg.max_rejected_share
             if params.get("max_rejected_share") in (None, "", "None")
