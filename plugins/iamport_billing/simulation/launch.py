@@ -164,7 +164,8 @@ SHOWN_FIGURES = (
 def format_report(report: dict[str, Any], title: str) -> str:
     lines = [
         f"== {title}: {report['wall_seconds']} s wall, "
-        f"{report['runs']['dag_runs']} DAG runs ({report['runs']['failed_count']} failed)",
+        f"{report['runs']['dag_runs']} DAG runs ({report['runs']['failed_count']} failed), "
+        f"{len(report['runs'].get('guardrail_approvals', []))} guardrail approvals",
         "invariants (violations, must be 0):",
     ]
     for name, count in report["invariants"].items():

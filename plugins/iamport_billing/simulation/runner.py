@@ -94,6 +94,7 @@ class Simulation:
     failed_runs: list[dict[str, Any]] = field(default_factory=list)
     put_backs_refused: list[str] = field(default_factory=list)
     seconds_by_dag: dict[str, list[Any]] = field(default_factory=dict)
+    approvals: list[str] = field(default_factory=list)
 
     def run(self) -> dict[str, Any]:
         cal = self.scenario.calendar
@@ -124,6 +125,7 @@ class Simulation:
             "failed": self.failed_runs[:200],
             "failed_count": len(self.failed_runs),
             "put_backs_refused": self.put_backs_refused[:200],
+            "guardrail_approvals": self.approvals,
         }
         result["wall_seconds"] = round(time.monotonic() - started, 1)
         return result
@@ -188,14 +190,15 @@ class Simulation:
         s = self.scenario.settings
         charge = {"max_concurrency": s.max_concurrency}
         self.run_dag("iamport_billing_precheck", _at(day, "09:00"))
-        self.run_dag(
-            "iamport_billing_daily",
-            _at(day, "10:00"),
-            batch_size=s.batch_size,
-            max_count=s.max_count,
-            max_total_amount=s.max_total_amount,
-            **charge,
-        )
+        daily = {"batch_size": s.batch_size, "max_count": s.max_count,
+                 "max_total_amount": s.max_total_amount, **charge}  # fmt: skip
+        run = self.run_dag("iamport_billing_daily", _at(day, "10:00"), **daily)
+        if s.approve_tripped_multiple and self.tripped_multiple(run):
+            # 11:00: a person checked the plan (a month end, a catch-up day) and triggers the
+            # run again with the multiple off for it, as the runbook says.
+            self.approvals.append(day.isoformat())
+            self.run_dag("iamport_billing_daily", _at(day, "10:00"), **daily,
+                         max_total_multiple_of_previous=0)  # fmt: skip
         for b in (b for b in self.scenario.backfills if b.on == day):
             self.run_dag(
                 "iamport_billing_backfill",
@@ -208,7 +211,13 @@ class Simulation:
         self.run_dag("iamport_billing_retry", _at(day, "14:00"), **charge)
         self.run_dag("iamport_billing_reconcile", _at(day, "23:25"))
 
-    def run_dag(self, dag_id: str, moment: datetime, **conf: Any) -> None:
+    def tripped_multiple(self, dag_run: Any) -> bool:
+        """The run's plan stopped at the multiple-of-the-previous-run guardrail."""
+        with Ledger.from_conn_id(WAREHOUSE_CONN_ID) as ledger:
+            record = ledger.run_record({"dag_id": dag_run.dag_id, "run_id": dag_run.run_id})
+        return bool(record and record[0] and "x the previous run" in record[0])
+
+    def run_dag(self, dag_id: str, moment: datetime, **conf: Any) -> Any:
         if self.gateway.process is not None:
             self.gateway.at(moment)
         started = time.monotonic()
@@ -222,6 +231,7 @@ class Simulation:
             self.failed_runs.append(
                 {"dag_id": dag_id, "at": moment.isoformat(), "failed_tasks": failed}
             )
+        return dag_run
 
     def report_progress(self, done: int, days: int, day: date, started: float) -> None:
         if done % 7 and done != days:

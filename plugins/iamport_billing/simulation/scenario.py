@@ -135,6 +135,9 @@ class Settings:
     max_count: int | None = None
     max_total_amount: int | None = None
     max_total_multiple_of_previous: float | None = 3.0
+    # A person approves a plan stopped by the multiple-of-previous guardrail the same day
+    # (re-run with the multiple off); false: nobody does, and the backlog grows.
+    approve_tripped_multiple: bool = True
     # Wall-clock leases: a simulated day takes about a second, so leases shrink to match.
     pending_lease_seconds: float = 3.0
     unknown_settle_seconds: float = 0.2
@@ -366,6 +369,9 @@ def _settings(data: Any) -> Settings:
             d.get("max_concurrency", 8), "settings.max_concurrency", minimum=1, maximum=256
         ),
         batch_size=_int(d.get("batch_size", 500), "settings.batch_size", minimum=1, maximum=5000),
+        approve_tripped_multiple=_bool(
+            d.get("approve_tripped_multiple", True), "settings.approve_tripped_multiple"
+        ),
         pending_lease_seconds=_number(
             d.get("pending_lease_seconds", 3.0), "settings.pending_lease_seconds", minimum=1
         ),
