@@ -38,7 +38,6 @@ CANCEL_GRACE_DAYS = 2
 GATEWAY_MONEY_MOVED = ("paid", "cancelled")
 # The gateway's status -> the ledger states that agree with it.
 AGREES = {"paid": (PAID, AMOUNT_MISMATCH), "cancelled": (CANCELLED,), "failed": (FAILED,)}
-ENDED = (PAST_DUE, PAYMENT_METHOD_REQUIRED, SUB_CANCELLED)
 
 
 class _Violations:
@@ -122,9 +121,7 @@ def _periods_end(
     s = scenario.settings
     max_attempts = s.max_attempts or len(s.retry_schedule_days) + 1
     last_retry = max(s.retry_schedule_days or (0,))
-    latest: dict[str, date] = {}
-    for sub, day in periods:
-        latest[sub] = max(day, latest.get(sub, day))
+    latest = _latest_periods(periods)
     for (sub, day), attempts in periods.items():
         if any(a.status in MONEY_MOVED for a in attempts):
             continue
@@ -261,6 +258,14 @@ def _check_dates(
               f"{sub} ({status}): {expected[len(dates) :][:3]} never billed")  # fmt: skip
 
 
+def _latest_periods(periods: dict[tuple[str, date], list[Attempt]]) -> dict[str, date]:
+    """Each subscription's latest billed date."""
+    latest: dict[str, date] = {}
+    for sub, day in periods:
+        latest[sub] = max(day, latest.get(sub, day))
+    return latest
+
+
 def _held_for_a_person(attempts: list[Attempt]) -> bool:
     """Paid with another amount: by design the subscription waits on its billing date until a
     person settles the row (docs/operations.md), so later dates are not billed meanwhile."""
@@ -284,14 +289,14 @@ def figures_of(
     soft_krw = recovered_krw = 0
     days_to_recover: list[int] = []
     by_reason: dict[str, Counter[str]] = defaultdict(Counter)
-    by_retry_day: Counter[str] = Counter()
+    by_retry_day: Counter[int] = Counter()
     no_key = mismatched = 0
     for (_, day), attempts in periods.items():
         first = attempts[0]
         if first.attempt_no == 1 and first.imp_uid:
             first_tries += 1
             first_paid += first.status in MONEY_MOVED
-        mismatched += any(a.status == AMOUNT_MISMATCH for a in attempts)
+        mismatched += _held_for_a_person(attempts)
         no_key += any(a.error_code == MISSING_BILLING_KEY for a in attempts)
         if not (first.status == FAILED and first.decline_kind == SOFT):
             continue
@@ -308,13 +313,10 @@ def figures_of(
             if when is not None:
                 days = (when.date() - day).days
                 days_to_recover.append(days)
-                by_retry_day[f"day {days}"] += 1
+                by_retry_day[days] += 1
     statuses = Counter(status for status, _ in states.values())
-    latest: dict[str, date] = {}
-    for sub, day in periods:
-        latest[sub] = max(day, latest.get(sub, day))
     held = sum(
-        1 for sub, day in latest.items()
+        1 for sub, day in _latest_periods(periods).items()
         if states.get(sub, ("",))[0] == ACTIVE and _held_for_a_person(periods[(sub, day)])
     )  # fmt: skip
     members = len(world.members)
@@ -341,7 +343,7 @@ def figures_of(
         "amount_mismatch_periods": mismatched,
         "held_for_a_person": held,
         "by_decline_reason": {r: dict(c) for r, c in sorted(by_reason.items())},
-        "recovered_by_retry_day": dict(sorted(by_retry_day.items(), key=_day_order)),
+        "recovered_by_retry_day": {f"day {d}": n for d, n in sorted(by_retry_day.items())},
     }
 
 
@@ -363,7 +365,3 @@ def _seoul(epoch: Any) -> datetime | None:
 
 def _ratio(part: int, whole: int) -> float | None:
     return round(part / whole, 4) if whole else None
-
-
-def _day_order(item: tuple[str, int]) -> int:
-    return int(item[0].split()[1])

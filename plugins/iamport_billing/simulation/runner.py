@@ -39,7 +39,7 @@ FAULTS_OFF = {k: v for k, v in EmulatorConfig().faults().items() if k in (*RATES
 
 
 @dataclass
-class Gateway:
+class EmulatorUnderTest:
     """The emulator process, its database and its clock; down on outage days."""
 
     config: EmulatorConfig
@@ -88,7 +88,7 @@ class Gateway:
 class Simulation:
     scenario: Scenario
     world: World
-    gateway: Gateway
+    gateway: EmulatorUnderTest
     dags: Any
     progress: TextIO
     failed_runs: list[dict[str, Any]] = field(default_factory=list)
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
 
-    gateway = Gateway(
+    gateway = EmulatorUnderTest(
         EmulatorConfig(db_path=str(args.workdir / "emulator.db"), seed=scenario.seed),
         args.workdir / "emulator.log",
     )
