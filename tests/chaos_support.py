@@ -15,7 +15,6 @@ import os
 import random
 import shutil
 import sqlite3
-import subprocess
 import sys
 import threading
 from collections import Counter
@@ -302,25 +301,10 @@ def figures_line(scenario: str, figures: Mapping[str, Any]) -> str:
 
 def migrated_home(home: Path) -> Path:
     """An Airflow home with an empty migrated SQLite metadata DB (migrated once, then copied)."""
-    TEMPLATE_DIR.mkdir(parents=True, exist_ok=True)
-    template = TEMPLATE_DIR / "airflow.db"
-    with open(TEMPLATE_DIR / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (TEMPLATE_DIR / ".migrated").exists():
-            template.unlink(missing_ok=True)
-            env = {
-                **os.environ,
-                "AIRFLOW_HOME": str(TEMPLATE_DIR),
-                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{template}",
-                "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            }
-            subprocess.run(
-                [str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
-                env=env, check=True, capture_output=True,
-            )  # fmt: skip
-            (TEMPLATE_DIR / ".migrated").touch()
+    from iamport_billing.simulation.launch import migrated_airflow_db
+
     home.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(template, home / "airflow.db")
+    shutil.copyfile(migrated_airflow_db(TEMPLATE_DIR), home / "airflow.db")
     return home
 
 

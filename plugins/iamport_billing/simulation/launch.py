@@ -44,7 +44,7 @@ def run_simulation(
     workdir.mkdir(parents=True)
     home = workdir / "airflow"
     home.mkdir()
-    shutil.copyfile(_migrated_template(workdir.parent), home / "airflow.db")
+    shutil.copyfile(migrated_airflow_db(workdir.parent), home / "airflow.db")
     env = _environment(scenario, home, workdir, warehouse, dags_folder or REPO / "dags")
     cmd = [
         sys.executable,
@@ -106,7 +106,7 @@ def _environment(
     return env
 
 
-def _migrated_template(root: Path) -> Path:
+def migrated_airflow_db(root: Path) -> Path:
     """An empty migrated Airflow metadata database, made once per ``root`` and copied."""
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
