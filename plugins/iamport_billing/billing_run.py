@@ -89,10 +89,13 @@ def at_period_amounts(
 
     def flush() -> Iterator[ChargeCandidate | RejectedRow]:
         candidates = [i for i in buffer if isinstance(i, ChargeCandidate)]
-        firsts = ledger.attempts_for(c.subscription_id for c in candidates) if candidates else {}
+        firsts = (
+            ledger.first_attempts((c.subscription_id, c.billing_date) for c in candidates)
+            if candidates else {}
+        )  # fmt: skip
         for item in buffer:
             first = (
-                firsts.get((item.subscription_id, item.billing_date), [None])[0]
+                firsts.get((item.subscription_id, item.billing_date))
                 if isinstance(item, ChargeCandidate) else None
             )  # fmt: skip
             if first is None or first.amount is None or (first.amount, first.currency) == (

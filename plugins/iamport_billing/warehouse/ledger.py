@@ -211,6 +211,27 @@ class Ledger(SqlSession):
             attempts.sort(key=lambda a: a.attempt_no)
         return found
 
+    def first_attempts(
+        self, periods: Iterable[tuple[str, date]]
+    ) -> dict[tuple[str, date], Attempt]:
+        """The first non-rejected attempt of each (subscription, billing date) that has one;
+        only those billing dates are read, not the subscriptions' whole history."""
+        wanted = set(periods)
+        ids = sorted({sub for sub, _ in wanted})
+        days = sorted({_iso(day) for _, day in wanted})
+        found: dict[tuple[str, date], Attempt] = {}
+        for chunk in _chunks(ids):
+            for a in self._select_attempts(
+                f"subscription_id IN ({_marks(len(chunk))}) "
+                f"AND billing_date IN ({_marks(len(days))}) AND status <> %s",
+                [*chunk, *days, REJECTED],
+                "ORDER BY attempt_no",
+            ):
+                key = (a.subscription_id or "", a.billing_date)
+                if key in wanted:
+                    found.setdefault(key, a)
+        return found
+
     def get_attempt(self, merchant_uid: str) -> Attempt | None:
         rows = self._select_attempts("merchant_uid = %s", [merchant_uid])
         return rows[0] if rows else None
