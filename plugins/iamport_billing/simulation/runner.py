@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -26,15 +28,20 @@ import requests
 from iamport_billing.emulator.config import CARD_ALWAYS_PAID, SWITCH_FIELDS, EmulatorConfig
 from iamport_billing.emulator.server import EmulatorProcess, start_emulator_process
 from iamport_billing.emulator.store import Store, customer_row
-from iamport_billing.policy import SEOUL
-from iamport_billing.simulation.audit import audit
+from iamport_billing.policy import SEOUL, Guardrails
+from iamport_billing.simulation.audit import Violations, audit
 from iamport_billing.simulation.scenario import Scenario, load_scenario
 from iamport_billing.simulation.world import Event, World, build_world
-from iamport_billing.states import SUB_CANCELLED, SUBSCRIPTION_STATUSES
+from iamport_billing.states import REJECTED, SUB_CANCELLED, SUBSCRIPTION_STATUSES, UNKNOWN
 from iamport_billing.warehouse.ledger import Ledger
 
 WAREHOUSE_CONN_ID = "billing_warehouse"
 RATES = ("error_rate", "drop_after_commit_rate", "rate_limit_rate", "latency_ms")
+TOKENS_GIVEN = "tokens given"  # getToken answered with a token
+# Charges the emulator handled, plus requests of any kind answered by an injected 5xx: the
+# most charges whose outcome a client could not know (a refused token or auth moves nothing).
+MAY_HAVE_CHARGED = "may have charged"
+RAN = ("success", "failed")
 FAULTS_OFF = {k: v for k, v in EmulatorConfig().faults().items() if k in (*RATES, *SWITCH_FIELDS)}
 
 
@@ -69,6 +76,18 @@ class EmulatorUnderTest:
                 f"{self.url}/__emulator__/faults", json=faults, timeout=10
             ).raise_for_status()
 
+    def received(self) -> Counter[str]:
+        """Requests received by endpoint, and tokens given, in this process's lifetime."""
+        if self.process is None:
+            return Counter()
+        stats = requests.get(f"{self.url}/__emulator__/stats", timeout=10).json()
+        received = Counter(stats.get("requests") or {})
+        received[TOKENS_GIVEN] = sum((stats.get("tokens") or {}).values())
+        received[MAY_HAVE_CHARGED] = sum((stats.get("charges") or {}).values()) + int(
+            (stats.get("faults") or {}).get("error", 0)
+        )
+        return received
+
     def add_up_resends(self) -> None:
         """Charges the gateway refused as a merchant_uid it already had, over its lifetimes."""
         stats = requests.get(f"{self.url}/__emulator__/stats", timeout=10).json()
@@ -95,6 +114,8 @@ class Simulation:
     put_backs_refused: list[str] = field(default_factory=list)
     seconds_by_dag: dict[str, list[Any]] = field(default_factory=dict)
     approvals: list[str] = field(default_factory=list)
+    watched: Violations = field(default_factory=Violations)
+    broken: list[str] = field(default_factory=list)
 
     def run(self) -> dict[str, Any]:
         cal = self.scenario.calendar
@@ -114,7 +135,7 @@ class Simulation:
         with Ledger.from_conn_id(WAREHOUSE_CONN_ID) as ledger:
             result = audit(
                 self.scenario, self.world, ledger, self.gateway.billing_keys(),
-                resends=self.gateway.resends,
+                resends=self.gateway.resends, watched=self.watched,
             )  # fmt: skip
         result["runs"] = {
             "dag_runs": sum(n for n, _ in self.seconds_by_dag.values()),
@@ -150,6 +171,7 @@ class Simulation:
                 for event in events:
                     self.apply(event, ledger)
         incidents = [i for i in self.scenario.incidents if i.covers(day)]
+        self.break_amounts(day, max((i.broken_amount_share for i in incidents), default=0.0))
         if any(i.outage for i in incidents):
             self.gateway.down()
             return
@@ -160,6 +182,19 @@ class Simulation:
                 faults[name] = max(faults[name], getattr(i, name))
             faults.update(i.switches)
         self.gateway.control(**faults)
+
+    def break_amounts(self, day: date, share: float) -> None:
+        """An upstream job zeroes ``share`` of the amounts this morning; yesterday's are mended."""
+        if not (share or self.broken):
+            return
+        members = self.world.members
+        with Ledger.from_conn_id(WAREHOUSE_CONN_ID) as ledger:
+            if self.broken:
+                ledger.set_subscription_amounts([(s, members[s].amount) for s in self.broken])
+            rng = random.Random(f"{self.scenario.seed}-{day}")
+            self.broken = [s for s in sorted(members) if share and rng.random() < share]
+            if self.broken:
+                ledger.set_subscription_amounts([(s, 0) for s in self.broken])
 
     def apply(self, event: Event, ledger: Ledger) -> None:
         keys = self.gateway.billing_keys()
@@ -221,7 +256,9 @@ class Simulation:
         if self.gateway.process is not None:
             self.gateway.at(moment)
         started = time.monotonic()
+        before = self.gateway.received()
         dag_run = self.dags.get_dag(dag_id).test(logical_date=moment, run_conf=conf or None)
+        self.watch(dag_run, self.gateway.received() - before)
         runs, seconds = self.seconds_by_dag.get(dag_id, (0, 0.0))
         self.seconds_by_dag[dag_id] = [runs + 1, seconds + time.monotonic() - started]
         if dag_run.state != "success":
@@ -232,6 +269,46 @@ class Simulation:
                 {"dag_id": dag_id, "at": moment.isoformat(), "failed_tasks": failed}
             )
         return dag_run
+
+    def watch(self, dag_run: Any, received: Counter[str]) -> None:
+        """What a run must never do, checked as it ends: its end state may not show it."""
+        tis = dag_run.get_task_instances()
+        failed = {_task_id(ti) for ti in tis if ti.state == "failed"}
+        at = f"{dag_run.dag_id} {dag_run.logical_date.astimezone(SEOUL):%Y-%m-%d %H:%M}"
+        with Ledger.from_conn_id(WAREHOUSE_CONN_ID) as ledger:
+            left = [
+                a for a in ledger.unsettled_attempts()
+                if (a.dag_id, a.run_id) == (dag_run.dag_id, dag_run.run_id)
+            ]  # fmt: skip
+            by_status = ledger.run_summary({"dag_id": dag_run.dag_id, "run_id": dag_run.run_id})
+        rejected = by_status.get(REJECTED, {}).get("count", 0)
+        sent = sum(v.get("count", 0) for k, v in by_status.items() if k != REJECTED)
+        seen, guard = rejected + sent, Guardrails()
+        if (
+            sent
+            and rejected > guard.max_rejected_share * seen
+            and seen >= guard.min_rows_for_rejected_share
+        ):
+            # Most due rows broken means the data is, not the customers: charge nobody.
+            example = f"{at}: {sent} charged, {rejected} of {seen} rejected"
+            self.watched.add("nothing_charged_from_mostly_broken_rows", example, sent)
+        for a in left:
+            if a.task_id not in failed:
+                self.watched.add(
+                    "every_unsettled_charge_fails_its_task",
+                    f"{at}: {a.merchant_uid} {a.status}, task {a.task_id} succeeded",
+                )
+        unknown = sum(a.status == UNKNOWN for a in left)
+        charges = received[MAY_HAVE_CHARGED]
+        if unknown > charges:
+            self.watched.add("no_unknown_without_a_charge_request",
+                            f"{at}: {unknown} unknown, {charges} charges handled or lost to a 5xx",
+                            unknown - charges)  # fmt: skip
+        tokens, ran = received[TOKENS_GIVEN], sum(ti.state in RAN for ti in tis)
+        if tokens > ran:
+            self.watched.add(
+                "one_token_per_task", f"{at}: {tokens} tokens fetched by {ran} tasks", tokens - ran
+            )
 
     def report_progress(self, done: int, days: int, day: date, started: float) -> None:
         if done % 7 and done != days:
@@ -244,6 +321,13 @@ class Simulation:
             file=self.progress,
             flush=True,
         )
+
+
+def _task_id(ti: Any) -> str:
+    """As the ledger writes it (``run_info``): mapped tasks with their index."""
+    return (
+        ti.task_id if ti.map_index is None or ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]"
+    )
 
 
 def _at(day: date, hhmm: str) -> datetime:

@@ -100,8 +100,8 @@ class Cards:
 
 @dataclass(frozen=True)
 class Incident:
-    """Gateway trouble from ``start`` to ``end`` (inclusive): an outage (unreachable all day)
-    or any of the emulator's fault rates and latency."""
+    """Trouble from ``start`` to ``end`` (inclusive): an outage (the gateway unreachable all
+    day), any of the emulator's fault rates and latency, or broken rows in the warehouse."""
 
     start: date
     end: date
@@ -110,6 +110,9 @@ class Incident:
     drop_after_commit_rate: float = 0.0
     rate_limit_rate: float = 0.0
     latency_ms: float = 0.0
+    # This share of the subscriptions table's amounts is broken (0) by an upstream job on these
+    # mornings and mended the morning after.
+    broken_amount_share: float = 0.0
     # The emulator's foreign/hostile switches for these days, e.g. foreign_404_json: true.
     switches: tuple[tuple[str, Any], ...] = ()
 
@@ -324,10 +327,13 @@ def _incident(data: Any, where: str, calendar: Calendar) -> Incident:
         ),
         rate_limit_rate=_share(d.get("rate_limit_rate", 0), f"{where}.rate_limit_rate"),
         latency_ms=_number(d.get("latency_ms", 0), f"{where}.latency_ms", maximum=60_000),
+        broken_amount_share=_share(d.get("broken_amount_share", 0), f"{where}.broken_amount_share"),
         switches=tuple(sorted(switches.items())),
     )
     if incident == Incident(start, end):
-        raise ScenarioError(f"{where}: names no trouble (outage, a rate, latency_ms, a switch)")
+        raise ScenarioError(
+            f"{where}: names no trouble (outage, a rate, latency_ms, broken_amount_share, a switch)"
+        )
     return incident
 
 
