@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="GET lookups answer 404 with an nginx HTML page",
     )  # fmt: skip
     hostile.add_argument(
+        "--foreign-404-payment-lookups", action="store_true",
+        help="only GET /payments/... lookups answer the proxy's JSON 404 (billing keys do not)",
+    )  # fmt: skip
+    hostile.add_argument(
         "--charge-foreign-404", action="store_true",
         help="charges answer 404 with an nginx HTML page, before anything is charged",
     )  # fmt: skip
@@ -120,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
             token_extend_s=args.token_extend_s,
             foreign_404_json=args.foreign_404_json,
             foreign_404_html=args.foreign_404_html,
+            foreign_404_payment_lookups=args.foreign_404_payment_lookups,
             charge_foreign_404=args.charge_foreign_404,
             findall_bare_list=args.findall_bare_list,
             drop_cancel_reply=args.drop_cancel_reply,

@@ -187,7 +187,10 @@ class EmulatorApp(FastAPI):
             em.count("faults", "error")
             await self._server_error(em.rng)(scope, receive, send)
             return
-        if (cfg.foreign_404_json or cfg.foreign_404_html) and self._is_lookup(scope):
+        payments_only = cfg.foreign_404_payment_lookups and path.startswith("/payments/")
+        if (cfg.foreign_404_json or cfg.foreign_404_html or payments_only) and self._is_lookup(
+            scope
+        ):
             # A proxy (or a misrouted gateway) answering for Iamport: nothing reached it.
             em.count("faults", "foreign_404")
             if cfg.foreign_404_html:

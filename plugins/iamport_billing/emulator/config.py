@@ -58,6 +58,9 @@ SWITCH_FIELDS = (
     # with a proxy's JSON {"error": "not found"} / an nginx HTML page, before auth or the DB.
     "foreign_404_json",
     "foreign_404_html",
+    # Only the payment lookups (GET /payments/...) answer the proxy's JSON 404; billing keys
+    # (GET /subscribe/customers...) still reach Iamport: a proxy misrouting one path prefix.
+    "foreign_404_payment_lookups",
     # POST /subscribe/payments/again answers 404 with an nginx HTML page before anything is
     # charged (a wrong base path, a proxy in front of an unknown route).
     "charge_foreign_404",
@@ -119,6 +122,7 @@ class EmulatorConfig:
     token_extend_s: int | None = None
     foreign_404_json: bool = False
     foreign_404_html: bool = False
+    foreign_404_payment_lookups: bool = False
     charge_foreign_404: bool = False
     findall_bare_list: bool = False
     drop_cancel_reply: bool = False
