@@ -1,7 +1,9 @@
 """Refund one charge, in full or in part, by hand. Wiring only; see operators/cancel.py.
 
 Trigger with config, e.g. ``{"merchant_uid": "sub-1-20261126-01", "amount": 3000,
-"reason": "customer asked"}``; leave ``amount`` null for a full refund.
+"reason": "customer asked", "request_id": "ticket-4711"}``; leave ``amount`` null for a full
+refund. With ``request_id``, triggering it again (a double click, a re-run after a failure)
+settles the first refund instead of making a second one.
 
 Retries are safe: the refund is written ahead (keyed by this task instance), sent once, and a
 retry settles it from Iamport's cancel history instead of sending it again. ``checksum`` is for
@@ -33,6 +35,14 @@ with DAG(
         "imp_uid": Param(None, type=["null", "string"]),
         "amount": Param(None, type=["null", "integer"], minimum=1, description="null: full"),
         "reason": Param("refund", type="string", minLength=1),
+        "request_id": Param(
+            None,
+            type=["null", "string"],
+            # "None" would render as no key at all: every run its own refund.
+            pattern="^(?!None$)[A-Za-z0-9._:-]{1,40}$",
+            description="Your key for this refund (e.g. the ticket): a later run with the same "
+            "key settles it from the cancel history instead of refunding again",
+        ),
         "checksum": Param(
             None,
             type=["null", "integer"],
@@ -42,7 +52,7 @@ with DAG(
     },
     default_args={
         # A retry settles a lost answer from the cancel history; it never resends blindly.
-        "retries": 3,
+        "retries": cfg.task_retries,
         "retry_delay": timedelta(minutes=1),
         "on_failure_callback": alerts.TaskFailureAlert(cfg),
     },
@@ -56,4 +66,5 @@ with DAG(
         amount="{{ params.amount }}",
         reason="{{ params.reason }}",
         checksum="{{ params.checksum }}",
+        request_id="{{ params.request_id }}",
     )

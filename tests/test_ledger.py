@@ -158,6 +158,14 @@ def test_a_partly_refunded_payment_still_advances_its_subscription(ledger):
     assert ledger.paid_not_advanced() == [("s1", DAY, DAY.day)]
 
 
+def test_a_refunded_total_read_before_a_later_refund_never_lowers_the_ledgers(ledger):
+    ledger.claim([attempt_row()], "tok")
+    ledger.record_outcomes([Outcome("s1-20261126-01", PAID, imp_uid="imp_1")], "tok")
+    assert ledger.record_cancellation("s1-20261126-01", imp_uid="imp_1", cancel_amount=500)
+    assert not ledger.record_cancellation("s1-20261126-01", imp_uid="imp_1", cancel_amount=300)
+    assert ledger.get_attempt("s1-20261126-01").cancel_amount == 500
+
+
 def test_write_back_joins_a_custom_table_with_integer_ids(ledger):
     ledger.execute(
         "CREATE TABLE custom_subs (subscription_id INTEGER PRIMARY KEY, status TEXT, "

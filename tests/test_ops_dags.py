@@ -88,6 +88,31 @@ def test_refund_dag_retry_settles_a_dropped_cancel_reply_without_resending(
     assert (intent.status, intent.cancel_amount_after, intent.send_count) == (REFUND_DONE, 3000, 1)
 
 
+def test_a_second_refund_run_with_the_same_request_id_settles_the_first_without_resending(
+    airflow_db, ledger, emulator
+):
+    subscribe(ledger, emulator, "r3", PAYING_CARD, DAY, amount=10_000)
+    uid = charge(ledger, "r3")
+    faults = f"{emulator.url}/__emulator__/faults"
+    requests.post(faults, json={"drop_cancel_reply": True}, timeout=5).raise_for_status()
+    refund = dag("iamport_billing_refund")
+    refund.task_dict["cancel"].retries = 0
+    conf = {"merchant_uid": uid, "amount": 3000, "reason": "ticket", "request_id": "ticket-4711"}
+
+    first = refund.test(run_conf=conf)
+    second = refund.test(run_conf=conf)
+
+    assert (states(first), states(second)) == ({"cancel": "failed"}, {"cancel": "success"})
+    assert first.run_id != second.run_id
+    (payment,) = emulator_payments(emulator.config.db_path)
+    cancels = [int(h["amount"]) for h in json.loads(payment["cancel_history"])]
+    assert (int(payment["cancel_amount"]), cancels) == (3000, [3000])
+    stats = requests.get(f"{emulator.url}/__emulator__/stats", timeout=5).json()
+    assert stats["requests"]["POST /payments/cancel"] == 1
+    row = ledger.get_attempt(uid)
+    assert (row.status, row.cancel_amount) == ("cancelled", 3000)
+
+
 def test_reconcile_dag_settles_pending_rows_and_records_missing_payments(
     airflow_db, ledger, emulator, monkeypatch
 ):
@@ -106,3 +131,74 @@ def test_reconcile_dag_settles_pending_rows_and_records_missing_payments(
     for uid, imp_uid in paid.items():
         row = ledger.get_attempt(uid)
         assert (row.status, row.imp_uid) == ("paid", imp_uid)
+
+
+def test_a_refund_request_id_that_would_render_as_no_key_is_refused(airflow_db):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    conf = {"merchant_uid": "x-20261126-01", "reason": "r", "request_id": "None"}
+    with pytest.raises(ParamValidationError):
+        dag("iamport_billing_refund").test(run_conf=conf)
+
+
+def lost_refund(ledger, emulator, sub: str) -> str:
+    """A 3,000 KRW refund of a 10,000 charge, committed by the gateway, whose answer was lost
+    and whose task failed for good (no retries left)."""
+    subscribe(ledger, emulator, sub, PAYING_CARD, DAY, amount=10_000)
+    uid = charge(ledger, sub)
+    control = f"{emulator.url}/__emulator__/faults"
+    requests.post(control, json={"drop_cancel_reply": True}, timeout=5).raise_for_status()
+    refund = dag("iamport_billing_refund")
+    refund.task_dict["cancel"].retries = 0
+    dr = refund.test(run_conf={"merchant_uid": uid, "amount": 3000, "reason": "customer asked"})
+    assert states(dr) == {"cancel": "failed"}
+    requests.post(control, json={"drop_cancel_reply": False}, timeout=5).raise_for_status()
+    return uid
+
+
+def reconcile_days_later(monkeypatch) -> dict[str, str]:
+    """The reconcile DAG three days on: the charge is outside its listing window."""
+    monkeypatch.setenv("IAMPORT_BILLING_PENDING_LEASE_SECONDS", "0")
+    dr = dag("iamport_billing_reconcile").test(logical_date=pendulum.now("UTC").add(days=3))
+    return states(dr)
+
+
+def cancels_sent(emulator) -> int:
+    stats = requests.get(f"{emulator.url}/__emulator__/stats", timeout=5).json()
+    return stats["requests"].get("POST /payments/cancel", 0)
+
+
+def test_reconcile_records_a_refund_whose_task_ran_out_of_retries(
+    airflow_db, ledger, emulator, monkeypatch
+):
+    uid = lost_refund(ledger, emulator, "r4")
+    assert ledger.get_attempt(uid).cancel_amount in (None, 0)  # the answer was lost
+
+    assert reconcile_days_later(monkeypatch) == {"reconcile": "success"}
+
+    row = ledger.get_attempt(uid)
+    assert (row.status, row.cancel_amount) == ("cancelled", 3000)
+    (payment,) = emulator_payments(emulator.config.db_path)
+    assert int(payment["cancel_amount"]) == 3000
+    assert cancels_sent(emulator) == 1
+
+
+def test_reconcile_never_sends_a_refund_the_cancel_history_lacks(
+    airflow_db, ledger, emulator, monkeypatch
+):
+    subscribe(ledger, emulator, "r5", PAYING_CARD, DAY, amount=10_000)
+    uid = charge(ledger, "r5")
+    (payment,) = emulator_payments(emulator.config.db_path)
+    # A refund task that wrote its intent and died before its cancel left.
+    Refunds(ledger).write_intent(
+        {"refund_id": "ticket-5", "merchant_uid": uid, "imp_uid": payment["imp_uid"],
+         "amount_requested": 3000, "amount": 3000, "checksum": 10_000,
+         "reason": "[refund:ticket-5] customer asked", "claim_token": "died"}
+    )  # fmt: skip
+
+    assert reconcile_days_later(monkeypatch) == {"reconcile": "success"}
+
+    assert cancels_sent(emulator) == 0  # left open for its task: nothing sent
+    assert Refunds(ledger).get("ticket-5").status == "pending"
+    row = ledger.get_attempt(uid)
+    assert (row.status, row.cancel_amount or 0) == ("paid", 0)

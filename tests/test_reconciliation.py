@@ -5,10 +5,14 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
 
+import requests
 from iamport_billing.charging import ChargeEngine
 from iamport_billing.gateways.iamport_v1 import IamportV1Gateway
 from iamport_billing.policy import ChargeCandidate
 from iamport_billing.reconciliation import reconcile
+from iamport_billing.refunding import refund_marker
+from iamport_billing.states import REFUND_DONE, REFUND_PENDING
+from iamport_billing.warehouse.refunds import Refunds
 from ops_support import RUN, SETTINGS, subscribe
 from support import PAYING_CARD, SOFT_DECLINE_CARD, emulator_payments
 
@@ -130,3 +134,73 @@ def test_reconcile_twice_changes_nothing_more(hook, ledger, emulator):
     run_reconcile(hook, ledger)
     again = run_reconcile(hook, ledger)
     assert (again.recorded_missing, again.fixed, again.needs_person) == ([], [], [])
+
+
+def reconcile_days_later(hook, ledger):
+    """Three days on, the charge is outside the listing window: only the sweeps see it."""
+    return reconcile(
+        IamportV1Gateway(hook), ledger, SETTINGS, until=datetime.now(UTC) + timedelta(days=3),
+        window=WINDOW, run=RUN,
+    )  # fmt: skip
+
+
+def refund_intent(ledger, merchant_uid: str, refund_id: str, amount: int, checksum: int) -> None:
+    """A refund task wrote its intent (and maybe sent it), then died."""
+    imp_uid = ledger.get_attempt(merchant_uid).imp_uid
+    Refunds(ledger).write_intent(
+        {"refund_id": refund_id, "merchant_uid": merchant_uid, "imp_uid": imp_uid,
+         "amount_requested": amount, "amount": amount, "checksum": checksum,
+         "reason": f"{refund_marker(refund_id)} customer asked", "claim_token": "died"}
+    )  # fmt: skip
+
+
+def test_a_refund_its_task_recorded_done_but_not_in_the_ledger_is_recorded(hook, ledger, emulator):
+    subscribe(ledger, emulator, "d1", PAYING_CARD, DAY)
+    charge(hook, ledger, "d1")
+    refund_intent(ledger, "d1-20261126-01", "t-d1", 3000, 9900)
+    hook.cancel_payment(merchant_uid="d1-20261126-01", amount=3000, reason="[refund:t-d1] asked")
+    Refunds(ledger).move("t-d1", REFUND_DONE, cancel_amount_after=3000)  # then it died
+    sent = cancels_sent(emulator)
+
+    reconcile_days_later(hook, ledger)
+
+    assert row(ledger, "d1-20261126-01") == ("cancelled", 9900, 3000, True)
+    assert cancels_sent(emulator) == sent
+
+
+def test_an_open_refund_missing_from_the_cancel_history_is_for_a_person(hook, ledger, emulator):
+    subscribe(ledger, emulator, "o1", PAYING_CARD, DAY)
+    charge(hook, ledger, "o1")
+    refund_intent(ledger, "o1-20261126-01", "t-o1", 3000, 9900)  # never left
+    an_hour_ago = ledger.stamp(datetime.now(UTC) - timedelta(hours=1))
+    ledger.execute("UPDATE billing_refunds SET updated_at = %s", [an_hour_ago])
+
+    report = reconcile_days_later(hook, ledger)
+
+    assert [(i["merchant_uid"], i["refund_id"]) for i in report.needs_person] == [
+        ("o1-20261126-01", "t-o1")
+    ]
+    assert (report.refunds, cancels_sent(emulator)) == ({"not_applied": 1}, 0)
+    assert Refunds(ledger).get("t-o1").status == REFUND_PENDING
+    assert row(ledger, "o1-20261126-01") == ("paid", 9900, 0, True)
+
+
+def test_a_ledger_refunded_above_iamport_is_flagged_not_lowered(hook, ledger, emulator):
+    subscribe(ledger, emulator, "h1", PAYING_CARD, DAY)
+    charge(hook, ledger, "h1")
+    hook.cancel_payment(merchant_uid="h1-20261126-01", amount=3000, reason="console refund")
+    ledger.execute(
+        "UPDATE billing_charge_attempts SET status = 'cancelled', cancel_amount = 5000 "
+        "WHERE subscription_id = 'h1'"
+    )
+
+    report = run_reconcile(hook, ledger)
+
+    assert report.fixed == []
+    assert [i["merchant_uid"] for i in report.needs_person] == ["h1-20261126-01"]
+    assert row(ledger, "h1-20261126-01") == ("cancelled", 9900, 5000, True)
+
+
+def cancels_sent(emulator) -> int:
+    stats = requests.get(f"{emulator.url}/__emulator__/stats", timeout=5).json()
+    return stats["requests"].get("POST /payments/cancel", 0)

@@ -1,6 +1,7 @@
 """Hourly reconciliation of the ledger against Iamport, the source of truth for money.
 
-1. pending/unknown rows older than the lease are looked up (``charging.resolve_unsettled``);
+1. pending/unknown rows older than the lease are looked up (``charging.resolve_unsettled``),
+   and open refunds the cancel history proves are recorded (``refunding.settle_open_refunds``);
 2. Iamport's payments in the window (``GET /payments/status/all``) whose merchant_uid is ours
    but has no ledger row are recorded;
 3. rows whose status or amount disagrees with Iamport are fixed when Iamport's answer settles
@@ -26,8 +27,9 @@ from iamport_billing.charging import (
 )
 from iamport_billing.gateways.base import FOUND, Gateway, Lookup
 from iamport_billing.policy import SEOUL, parse_merchant_uid
+from iamport_billing.refunding import settle_open_refunds
 from iamport_billing.states import CANCELLED, FAILED, MONEY_MOVED, PAID, UNSETTLED
-from iamport_billing.warehouse.ledger import Attempt, Ledger
+from iamport_billing.warehouse.ledger import Attempt, Ledger, lease_cutoff
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class ReconcileReport:
     window: tuple[int, int]
     scanned: int = 0
     resolved: dict[str, int] = field(default_factory=dict)
+    refunds: dict[str, int] = field(default_factory=dict)
     recorded_missing: list[str] = field(default_factory=list)
     fixed: list[dict[str, Any]] = field(default_factory=list)
     needs_person: list[dict[str, Any]] = field(default_factory=list)
@@ -76,6 +79,10 @@ def reconcile(
         gateway, ledger, settings, run, logger=lg, subscriptions_table=subscriptions_table,
         max_overdue_days=max_overdue_days, today=until.astimezone(SEOUL).date(),
     )  # fmt: skip
+    report.refunds, stuck = settle_open_refunds(
+        gateway, ledger, idle_since=lease_cutoff(settings.pending_lease_seconds), logger=lg
+    )
+    report.needs_person.extend(stuck)
 
     ours: dict[str, list[Payment]] = {}
     # A listing the gateway could not give fails the run (GatewayUnavailable): never "0 scanned".
@@ -100,9 +107,10 @@ def reconcile(
         )  # fmt: skip
     report.still_unsettled = ledger.unsettled_summary()
     lg.info(
-        "reconciliation: %d payments scanned, resolved %s, %d recorded, %d fixed, "
+        "reconciliation: %d payments scanned, resolved %s, refunds %s, %d recorded, %d fixed, "
         "%d need a person, %d still unsettled",
-        report.scanned, report.resolved or "none", len(report.recorded_missing),
+        report.scanned, report.resolved or "none", report.refunds or "none",
+        len(report.recorded_missing),
         len(report.fixed), len(report.needs_person), report.unsettled_count,
     )  # fmt: skip
     for item in report.needs_person:
@@ -172,12 +180,17 @@ def _compare(
     elif payment.status == CANCELLED and (
         row.status != CANCELLED or (row.cancel_amount or 0) != int(payment.cancel_amount)
     ):
-        ledger.record_cancellation(
-            row.merchant_uid, imp_uid=payment.imp_uid, cancel_amount=int(payment.cancel_amount)
-        )
-        report.fixed.append({**item, "fix": f"recorded cancel of {int(payment.cancel_amount)}"})
-        lg.warning("fixed %s", report.fixed[-1])
-        return
+        refunded = int(payment.cancel_amount)
+        if ledger.record_cancellation(row.merchant_uid, imp_uid=payment.imp_uid,
+                                      cancel_amount=refunded):  # fmt: skip
+            report.fixed.append({**item, "fix": f"recorded cancel of {refunded}"})
+            lg.warning("fixed %s", report.fixed[-1])
+            return
+        flagged = {
+            **item,
+            "problem": f"the ledger's refunded total {row.cancel_amount} is above Iamport's "
+            f"{refunded} (refunds only add up)",
+        }
     elif payment.is_paid and row.status != PAID:
         outcome = outcome_from_payment(
             payment, row.amount, row.billing_date, row.attempt_no, settings

@@ -43,6 +43,7 @@ from iamport_billing.gateways.base import (
     RefundRefused,
 )
 from iamport_billing.policy import parse_amount
+from iamport_billing.refunding import applied_total, refund_marker
 from iamport_billing.states import (
     MONEY_MOVED,
     REFUND_DONE,
@@ -53,8 +54,6 @@ from iamport_billing.warehouse.ledger import Ledger
 from iamport_billing.warehouse.refunds import Refund, Refunds
 
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,40}")
-# Our cancels' reasons start with the marker; one quoted later in a person's reason is not ours.
-_MARKER_RE = re.compile(r"^\[refund:([A-Za-z0-9._:-]{1,64})\]")
 
 
 @dataclass(frozen=True)
@@ -95,28 +94,6 @@ def refund_identity(context: Any, request_id: Any = None) -> RefundIdentity:
         )
     key = "\x1f".join(str(meta[k]) for k in ("dag_id", "run_id", "task_id", "map_index"))
     return RefundIdentity("af-" + hashlib.sha256(key.encode()).hexdigest()[:24], **meta)
-
-
-def refund_marker(refund_id: str) -> str:
-    """What the cancel ``reason`` carries so Iamport's cancel history names the refund."""
-    return f"[refund:{refund_id}]"
-
-
-def refund_id_in(entry: CancelEntry) -> str | None:
-    """The refund id our marker puts at the start of a cancel's reason (None: not ours)."""
-    found = _MARKER_RE.match(entry.reason or "")
-    return found.group(1) if found else None
-
-
-def applied_total(history: Sequence[CancelEntry], refund_id: str) -> int | None:
-    """Iamport's total cancel_amount right after the cancel carrying ``refund_id``; None when
-    no cancel in the history carries it."""
-    total = 0
-    for entry in history:
-        total += int(entry.amount)
-        if refund_id_in(entry) == refund_id:
-            return total
-    return None
 
 
 class CancelPaymentOperator(BaseOperator):

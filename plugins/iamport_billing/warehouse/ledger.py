@@ -500,15 +500,20 @@ class Ledger(SqlSession):
     def record_cancellation(
         self, merchant_uid: str, *, imp_uid: str | None, cancel_amount: int
     ) -> bool:
-        """Mark a charge ``cancelled`` with the total refunded so far (the gateway's figure)."""
+        """Mark a charge ``cancelled`` with the total refunded so far (the gateway's figure).
+        Refunds only add up: a figure read before a later refund never lowers the total."""
         stamp = self.stamp()
         sources = ATTEMPT_MOVES[CANCELLED]
         count = self.execute(
             f"UPDATE {ATTEMPTS} SET status = %s, cancel_amount = %s, "
             "imp_uid = COALESCE(%s, imp_uid), completed_at = COALESCE(completed_at, %s), "
-            f"updated_at = %s WHERE merchant_uid = %s AND status IN ({_marks(len(sources))})",
-            [CANCELLED, int(cancel_amount), imp_uid, stamp, stamp, merchant_uid, *sources],
-        )
+            f"updated_at = %s WHERE merchant_uid = %s AND status IN ({_marks(len(sources))}) "
+            "AND COALESCE(cancel_amount, 0) <= %s",
+            [
+                CANCELLED, int(cancel_amount), imp_uid, stamp, stamp, merchant_uid, *sources,
+                int(cancel_amount),
+            ],
+        )  # fmt: skip
         if count != 1:
             log.error("ledger refused the cancellation of %s", merchant_uid)
         return count == 1

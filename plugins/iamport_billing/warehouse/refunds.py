@@ -15,7 +15,7 @@ from typing import Any
 
 from iamport_billing.policy import to_timestamp
 from iamport_billing.states import REFUND_DONE, REFUND_MOVES, REFUND_OPEN, REFUND_PENDING
-from iamport_billing.warehouse.schema import REFUND_COLUMNS, REFUNDS
+from iamport_billing.warehouse.schema import ATTEMPTS, REFUND_COLUMNS, REFUNDS
 from iamport_billing.warehouse.session import SqlSession
 
 
@@ -70,6 +70,29 @@ class Refunds:
             f"SELECT {', '.join(REFUND_COLUMNS)} FROM {REFUNDS} WHERE refund_id = %s", [refund_id]
         )
         return Refund.from_row(rows[0]) if rows else None
+
+    def open_refunds(self, *, idle_since: datetime, limit: int = 200) -> list[Refund]:
+        """Pending/unknown refunds not touched since ``idle_since``, newest first (the likeliest
+        to settle; old ones left open are a person's, and must not starve them)."""
+        rows = self.session.query(
+            f"SELECT {', '.join(REFUND_COLUMNS)} FROM {REFUNDS} "
+            f"WHERE status IN ({_marks(len(REFUND_OPEN))}) AND updated_at < %s "
+            f"ORDER BY updated_at DESC LIMIT {int(limit)}",
+            [*REFUND_OPEN, self.session.dialect.timestamp(idle_since)],
+        )
+        return [Refund.from_row(r) for r in rows]
+
+    def done_not_in_ledger(self, limit: int = 1000) -> list[Refund]:
+        """``done`` refunds whose charge's ledger row has a smaller refunded total than the
+        refund left at the gateway."""
+        cols = ", ".join(f"r.{c}" for c in REFUND_COLUMNS)
+        rows = self.session.query(
+            f"SELECT {cols} FROM {REFUNDS} r JOIN {ATTEMPTS} a ON a.merchant_uid = r.merchant_uid "
+            "WHERE r.status = %s AND r.cancel_amount_after IS NOT NULL "
+            f"AND COALESCE(a.cancel_amount, 0) < r.cancel_amount_after LIMIT {int(limit)}",
+            [REFUND_DONE],
+        )
+        return [Refund.from_row(r) for r in rows]
 
     def write_intent(self, intent: Mapping[str, Any]) -> bool:
         """Insert the refund ``pending``, counted as sent once, claimed by
