@@ -117,6 +117,15 @@ def test_foreign_404_on_one_billing_key_is_not_not_found(hook, emulator, paying)
         hook.get_billing_key(paying)
 
 
+def test_a_proxy_misrouting_only_payment_lookups_leaves_billing_keys_to_iamport(
+    hook, emulator, charged, paying
+):
+    set_faults(emulator, foreign_404_payment_lookups=True)
+    with pytest.raises(IamportUnexpectedReply):
+        hook.find_all_payments(charged)
+    assert hook.get_billing_key(paying).customer_uid == paying
+
+
 def test_foreign_404_on_list_payments_raises_instead_of_ending_the_listing(hook, emulator, charged):
     set_faults(emulator, foreign_404_json=True)
     with pytest.raises(IamportUnexpectedReply):
