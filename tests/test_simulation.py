@@ -34,7 +34,7 @@ def test_a_simulated_quarter_violates_no_invariant(quarter: tuple[int, dict, str
     code, report, stdout = quarter
     assert report, stdout
     assert report["invariants"] == dict.fromkeys(report["invariants"], 0), report["violations"]
-    assert len(report["invariants"]) == 12
+    assert len(report["invariants"]) == 13
     assert code == 0
 
 
@@ -50,6 +50,7 @@ def test_a_simulated_quarter_sees_every_behaviour_it_was_given(
     assert figures["cancelled"] > 0
     assert 0.8 < figures["first_attempt_success"] < 1
     assert figures["revenue_krw"] > 300 * 9900 * 3 * 0.8
+    assert figures["refunds_asked"] > 0 and figures["refunded_krw"] > 0
 
 
 def test_the_outage_day_fails_its_runs_and_the_backfill_charges_them(
@@ -58,6 +59,7 @@ def test_the_outage_day_fails_its_runs_and_the_backfill_charges_them(
     runs = quarter[1]["runs"]
     failed_days = {r["at"][:10] for r in runs["failed"] if r["dag_id"] == "iamport_billing_daily"}
     assert "2027-01-28" in failed_days
+    assert "2027-03-10" in failed_days  # every amount broken: the plan stops
     assert runs["seconds_by_dag"]["iamport_billing_backfill"]["runs"] == 1
 
 
@@ -81,6 +83,8 @@ def test_the_report_prints_invariants_and_figures(quarter: tuple[int, dict, str]
         ("calendar: {months: 0}", "calendar.months: 0 is out of range"),
         ("backfills: [{on: 2027-01-03, from: 2027-01-05}]", "from <= to < on"),
         ("population: [1, 2]", "population: expected a mapping"),
+        ("refunds: {share: 1.5}", "refunds.share"),
+        ("incidents: [{on: 2027-01-05, broken_amount_share: 2}]", "broken_amount_share"),
     ],
 )
 def test_a_wrong_scenario_is_refused_with_the_key_named(

@@ -71,6 +71,7 @@ INVARIANTS = (
     "no_charge_after_cancellation",
     "nothing_charged_outside_a_plan",
     "no_resend_of_a_charge_the_gateway_has",
+    "no_refund_beyond_the_request",
     # Watched by the runner as each DAG run ends (an end state cannot show them):
     "every_unsettled_charge_fails_its_task",
     "no_unknown_without_a_charge_request",
@@ -87,9 +88,11 @@ def audit(
     *,
     resends: int = 0,
     watched: Violations | None = None,
+    refunds_asked: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """``resends``: charges the gateway refused because it already had the merchant_uid;
-    ``watched``: what the runner saw DAG runs do as they ended."""
+    ``watched``: what the runner saw DAG runs do as they ended; ``refunds_asked``: KRW the
+    world asked to refund, by merchant_uid."""
     members = world.members
     every_payment = store.all_payments()
     payments = [p for p in every_payment if parse_merchant_uid(p["merchant_uid"])]
@@ -102,6 +105,7 @@ def audit(
     _periods_end(scenario, world, periods, states, v)
     waiting = _unsettled(ledger, every_payment, v)
     _compare_money(payments, rows, v)
+    refunded = _refunds(payments, rows, refunds_asked or {}, v)
     _check_dates(world, periods, states, scenario.calendar.end, v)
     _charged_as_planned(world, every_payment, rows, periods, ledger.planned_periods(), v)
     if resends:
@@ -116,6 +120,8 @@ def audit(
             **figures_of(world, periods, states, payments),
             "periods_lost_to_cancellation": v.lost_to_cancellation,
             "waiting_on_the_gateway": waiting,
+            "refunds_asked": len(refunds_asked or {}),
+            "refunded_krw": refunded,
         },
     }
 
@@ -131,6 +137,25 @@ def _unsettled(ledger: Ledger, every_payment: list[dict[str, Any]], v: Violation
         else:
             v.add("no_unsettled_rows", f"{a.merchant_uid}: {a.status} ({a.dag_id})")
     return waiting
+
+
+def _refunds(
+    payments: list[dict[str, Any]], rows: dict[str, Attempt], asked: dict[str, int],
+    v: Violations,
+) -> int:  # fmt: skip
+    """Refunded at the gateway: never more than was asked, and as the ledger says."""
+    total = 0
+    for p in payments:
+        uid, cancelled = p["merchant_uid"], int(p.get("cancel_amount") or 0)
+        total += cancelled
+        if cancelled > asked.get(uid, 0):
+            v.add("no_refund_beyond_the_request",
+                  f"{uid}: {cancelled} KRW refunded, {asked.get(uid, 0)} asked")  # fmt: skip
+        row = rows.get(uid)
+        if row is not None and int(row.cancel_amount or 0) != cancelled:
+            example = f"{uid}: {cancelled} KRW refunded at the gateway, ledger {row.cancel_amount}"
+            v.add("ledger_equals_gateway", example)
+    return total
 
 
 def _one_charge_per_period(payments: list[dict[str, Any]], v: Violations) -> None:

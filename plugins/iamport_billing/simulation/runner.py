@@ -32,7 +32,7 @@ from iamport_billing.policy import SEOUL, Guardrails
 from iamport_billing.simulation.audit import Violations, audit
 from iamport_billing.simulation.scenario import Scenario, load_scenario
 from iamport_billing.simulation.world import Event, World, build_world
-from iamport_billing.states import REJECTED, SUB_CANCELLED, SUBSCRIPTION_STATUSES, UNKNOWN
+from iamport_billing.states import PAID, REJECTED, SUB_CANCELLED, SUBSCRIPTION_STATUSES, UNKNOWN
 from iamport_billing.warehouse.ledger import Ledger
 
 WAREHOUSE_CONN_ID = "billing_warehouse"
@@ -116,6 +116,8 @@ class Simulation:
     approvals: list[str] = field(default_factory=list)
     watched: Violations = field(default_factory=Violations)
     broken: list[str] = field(default_factory=list)
+    refunds_today: list[Event] = field(default_factory=list)
+    refunds_asked: dict[str, int] = field(default_factory=dict)  # merchant_uid -> KRW
 
     def run(self) -> dict[str, Any]:
         cal = self.scenario.calendar
@@ -136,6 +138,7 @@ class Simulation:
             result = audit(
                 self.scenario, self.world, ledger, self.gateway.billing_keys(),
                 resends=self.gateway.resends, watched=self.watched,
+                refunds_asked=self.refunds_asked,
             )  # fmt: skip
         result["runs"] = {
             "dag_runs": sum(n for n, _ in self.seconds_by_dag.values()),
@@ -216,6 +219,8 @@ class Simulation:
             keys.save_customers([customer_row(event.customer_uid, event.card, now)])
         elif event.kind == "delete_key":
             keys.delete_customer(event.customer_uid)
+        elif event.kind == "refund":
+            self.refunds_today.append(event)
         elif event.kind == "put_back":
             why_not = ledger.put_back(event.subscription_id)
             if why_not:
@@ -234,6 +239,7 @@ class Simulation:
             self.approvals.append(day.isoformat())
             self.run_dag("iamport_billing_daily", _at(day, "10:00"), **daily,
                          max_total_multiple_of_previous=0)  # fmt: skip
+        self.refund(day)
         for b in (b for b in self.scenario.backfills if b.on == day):
             self.run_dag(
                 "iamport_billing_backfill",
@@ -245,6 +251,29 @@ class Simulation:
             )
         self.run_dag("iamport_billing_retry", _at(day, "14:00"), **charge)
         self.run_dag("iamport_billing_reconcile", _at(day, "23:25"))
+
+    def refund(self, day: date) -> None:
+        """11:00: ops refund what customers asked for, one refund DAG run each. A failed run is
+        triggered again once with the same request_id: it settles from the cancel history."""
+        asked, self.refunds_today = self.refunds_today, []
+        with Ledger.from_conn_id(WAREHOUSE_CONN_ID) as ledger:
+            periods = ledger.attempts_for([e.subscription_id for e in asked])
+        for i, event in enumerate(asked):
+            paid = [
+                a for (sub, _), attempts in sorted(periods.items()) if sub == event.subscription_id
+                for a in attempts if a.status == PAID
+            ]  # fmt: skip
+            if not paid:
+                continue  # nothing paid yet to refund
+            row = paid[-1]
+            amount = _paid_amount(row) // 2 if event.partial else None
+            self.refunds_asked[row.merchant_uid] = amount or _paid_amount(row)
+            conf = {"merchant_uid": row.merchant_uid, "amount": amount, "reason": "고객 요청",
+                    "request_id": f"sim-{row.merchant_uid}"}  # fmt: skip
+            moment = _at(day, "11:00") + timedelta(minutes=i)
+            for _ in range(2):
+                if self.run_dag("iamport_billing_refund", moment, **conf).state == "success":
+                    break
 
     def tripped_multiple(self, dag_run: Any) -> bool:
         """The run's plan stopped at the multiple-of-the-previous-run guardrail."""
@@ -321,6 +350,10 @@ class Simulation:
             file=self.progress,
             flush=True,
         )
+
+
+def _paid_amount(row: Any) -> int:
+    return int(row.paid_amount if row.paid_amount is not None else row.amount)
 
 
 def _task_id(ti: Any) -> str:

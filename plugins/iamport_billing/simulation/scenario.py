@@ -99,6 +99,15 @@ class Cards:
 
 
 @dataclass(frozen=True)
+class Refunds:
+    """Share of subscriptions whose customer asks, once, for a refund of a paid charge 1-5
+    days after it; ``partial_share`` of those asks for half, the rest for all of it."""
+
+    share: float = 0.0
+    partial_share: float = 0.5
+
+
+@dataclass(frozen=True)
 class Incident:
     """Trouble from ``start`` to ``end`` (inclusive): an outage (the gateway unreachable all
     day), any of the emulator's fault rates and latency, or broken rows in the warehouse."""
@@ -155,6 +164,7 @@ class Scenario:
     cards: Cards = field(default_factory=Cards)
     incidents: tuple[Incident, ...] = ()
     backfills: tuple[Backfill, ...] = ()
+    refunds: Refunds = field(default_factory=Refunds)
     settings: Settings = field(default_factory=Settings)
 
     def with_months(self, months: int) -> Scenario:
@@ -213,12 +223,22 @@ def parse_scenario(data: Any, *, name: str = "scenario") -> Scenario:
             _backfill(x, f"backfills[{i}]", calendar)
             for i, x in enumerate(_list(d.get("backfills", []), "backfills"))
         ),
+        refunds=_refunds(d.get("refunds", {})),
         settings=_settings(d.get("settings", {})),
     )
     shares = sum(getattr(scenario.cards, f.name).share for f in fields(Cards))
     if shares > 1:
         raise ScenarioError(f"cards: the behaviour shares add up to {shares:g}, over 1")
     return scenario
+
+
+def _refunds(data: Any) -> Refunds:
+    d = _mapping(data, "refunds")
+    _only(d, "refunds", {"share", "partial_share"})
+    return Refunds(
+        share=_share(d.get("share", 0), "refunds.share"),
+        partial_share=_share(d.get("partial_share", 0.5), "refunds.partial_share"),
+    )
 
 
 def _calendar(data: Any) -> Calendar:

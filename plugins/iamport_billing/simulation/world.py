@@ -64,7 +64,8 @@ class Member:
 
 @dataclass(frozen=True)
 class Event:
-    """``kind`` is one of: signup, cancel, reprice, card, delete_key, put_back."""
+    """``kind`` is one of: signup, cancel, reprice, card, delete_key, put_back, refund (of
+    the latest paid charge; ``partial``: half of it)."""
 
     kind: str
     subscription_id: str = ""
@@ -72,6 +73,7 @@ class Event:
     card: str = ""
     amount: int = 0
     new_amount: int = 0
+    partial: bool = False
 
 
 @dataclass
@@ -119,7 +121,25 @@ def build_world(scenario: Scenario) -> World:
         world.add(
             change.on, Event("reprice", amount=change.plan_amount, new_amount=change.new_amount)
         )
+    _ask_refunds(world)
     return world
+
+
+def _ask_refunds(world: World) -> None:
+    """Drawn apart from the rest, so a scenario without refunds keeps its world."""
+    refunds, end = world.scenario.refunds, world.scenario.calendar.end
+    rng = random.Random(f"{world.scenario.seed}-refunds")
+    for m in list(world.members.values()):
+        if not refunds.share or rng.random() >= refunds.share:
+            continue
+        days = [
+            d + timedelta(days=rng.randint(1, 5))
+            for d in _billing_dates(m.start, m.anchor_day, end)
+        ]
+        days = [d for d in days if d <= end]
+        if days:
+            partial = rng.random() < refunds.partial_share
+            world.add(rng.choice(days), Event("refund", m.subscription_id, partial=partial))
 
 
 def _join(
