@@ -232,6 +232,19 @@ def test_an_unsettled_row_of_a_past_due_subscription_is_settled_by_reconcile(wor
     assert ledger.unsettled_summary() == {}
 
 
+def test_a_past_due_subscription_whose_period_is_paid_later_is_billed_again(world):
+    ledger, emulator, _ = world
+    add_subscriptions(ledger, [("p2", "cust-p2", 9900)], DAY, status=PAST_DUE)
+    register_cards(emulator, [("cust-p2", PAYING_CARD)])
+    # A backfill's attempt 06 that never reached Iamport; reconcile resends and it is paid.
+    uid = crashed_pending_row(ledger, "p2", DAY, attempt_no=6, dag_id="iamport_billing_backfill")
+    run_dag(load_dags().get_dag("iamport_billing_reconcile"), logical(DAY))
+    assert ledger.get_attempt(uid).status == PAID
+    daily(DAY + timedelta(days=1))  # its write-back
+    state = ledger.subscription_state("p2")
+    assert (state["status"], state["next_billing_date"]) == (ACTIVE, date(2026, 12, 26))
+
+
 # 7. An empty anchor day is taken from the first billing date: month ends do not drift.
 def test_an_empty_anchor_day_keeps_the_month_end(world):
     ledger, emulator, _ = world
@@ -257,6 +270,18 @@ def test_a_charge_left_ready_fails_the_charge_task_and_alerts(world):
     assert states["charge[0]"] == "failed"
     assert ledger.get_attempt(merchant_uid_for("y1", DAY, 1)).status in UNSETTLED
     assert receiver.alerts
+
+
+def test_a_retry_left_ready_fails_the_retry_task(world):
+    ledger, emulator, _ = world
+    add_subscriptions(ledger, [("y2", "cust-y2", 9900)], DAY)
+    register_cards(emulator, [("cust-y2", SOFT_DECLINE_CARD)])
+    daily()
+    register_cards(emulator, [("cust-y2", PAYING_CARD)])
+    faults(emulator, charge_status_ready=True)
+    _, states = run_dag(load_dags().get_dag("iamport_billing_retry"), logical(DAY + timedelta(1)))
+    assert states["retry"] == "failed"
+    assert ledger.get_attempt(merchant_uid_for("y2", DAY, 2)).status in UNSETTLED
 
 
 # 9. A failed charge task run again alone (what clearing it does) leaves the day right.

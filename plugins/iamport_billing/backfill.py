@@ -28,13 +28,12 @@ from iamport_billing.states import (
     HARD,
     PAST_DUE,
     PAYMENT_METHOD_REQUIRED,
+    REACTIVATED_BY_PAYMENT,
     SOFT,
 )
 from iamport_billing.warehouse.ledger import Ledger
 
 log = logging.getLogger(__name__)
-# A backfill may pick up subscriptions dunning gave up on; paid ones become active again.
-REACTIVATE_FROM = (PAST_DUE, PAYMENT_METHOD_REQUIRED)
 
 
 class BackfillRefused(ValueError):
@@ -152,7 +151,7 @@ def run_backfill(
         return summary
     result = send_retries(gateway, ledger, plan, settings, run, logger=lg)
     ledger.set_subscription_status(
-        result["paid_subscriptions"], ACTIVE, only_from=REACTIVATE_FROM,
+        result["paid_subscriptions"], ACTIVE, only_from=REACTIVATED_BY_PAYMENT,
         subscriptions_table=subscriptions_table,
     )  # fmt: skip
     summary.update(result)

@@ -125,6 +125,12 @@ def send_retries(
     result = engine.result.as_dict()
     result["rejected"] = len(plan.rejected)
     result["paid_subscriptions"] = paid_subscriptions(ledger, plan.planned)
+    # The ledger decides, as for the daily charge task: rows this run left pending/unknown.
+    unsettled = sorted(
+        {a.merchant_uid for a in ledger.unsettled_for_claim(engine.claim_token)}
+        | set(engine.result.unknown_merchant_uids)
+    )
+    result["unsettled"] = {"count": len(unsettled), "sample": unsettled[:10]}
     lg.info("retries sent: %s", result)
     return result
 

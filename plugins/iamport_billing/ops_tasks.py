@@ -9,7 +9,7 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from iamport_billing import alerts
 from iamport_billing.backfill import BackfillRefused, BackfillRequest, run_backfill
@@ -41,9 +41,10 @@ def retry_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, Any]:
         settings = charge_settings(cfg, params)
         gateway = gateway_for(cfg.iamport_conn_id, pool_maxsize=settings.max_concurrency)
         try:
-            return send_retries(gateway, ledger, plan, settings, run_info(context))
+            result = send_retries(gateway, ledger, plan, settings, run_info(context))
         finally:
             gateway.close()
+    return fail_on_unsettled(result)
 
 
 def backfill_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, Any]:
@@ -59,7 +60,7 @@ def backfill_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, Any]
     try:
         with Ledger.from_conn_id(cfg.warehouse_conn_id) as ledger:
             ledger.init_schema()
-            return run_backfill(
+            result = run_backfill(
                 gateway, ledger, request, run_date=today, limits=cfg.limits, settings=settings,
                 subscriptions_table=cfg.subscriptions_table, run=run,
             )  # fmt: skip
@@ -69,6 +70,18 @@ def backfill_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, Any]
         raise AirflowFailException(str(e)) from None
     finally:
         gateway.close()
+    return fail_on_unsettled(result)
+
+
+def fail_on_unsettled(result: dict[str, Any]) -> dict[str, Any]:
+    """A charging task that left outcomes unsettled fails (and alerts), as the daily's does."""
+    unsettled = result.get("unsettled") or {}
+    if unsettled.get("count"):
+        raise AirflowException(
+            f"{unsettled['count']} charge outcomes still unknown (e.g. {unsettled['sample']}); "
+            "the reconcile DAG or the next run looks them up first"
+        )
+    return result
 
 
 def reconcile_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, Any]:

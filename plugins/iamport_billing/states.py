@@ -59,6 +59,8 @@ PAST_DUE = "past_due"  # soft declines and every retry used up
 SUB_CANCELLED = "cancelled"  # ended by the customer or the merchant: never charged
 
 SUBSCRIPTION_STATUSES = (ACTIVE, PAYMENT_METHOD_REQUIRED, PAST_DUE, SUB_CANCELLED)
+# A paid period makes these active again (a backfill, or a late answer found by a lookup).
+REACTIVATED_BY_PAYMENT = (PAST_DUE, PAYMENT_METHOD_REQUIRED)
 # status -> statuses write-back may move a subscription from (a person moves it back).
 SUBSCRIPTION_MOVES: dict[str, tuple[str, ...]] = {
     PAYMENT_METHOD_REQUIRED: (ACTIVE,),

@@ -27,6 +27,7 @@ from iamport_billing.states import (
     PAST_DUE,
     PAYMENT_METHOD_REQUIRED,
     PENDING,
+    REACTIVATED_BY_PAYMENT,
     REFUSED,
     REJECTED,
     SOFT,
@@ -647,14 +648,21 @@ class Ledger(SqlSession):
         self, moves: Sequence[tuple[str, date, date]], subscriptions_table: str = SUBSCRIPTIONS
     ) -> None:
         """Move (subscription, from_date, to_date) only if it is still on from_date; an empty
-        anchor day is taken from the date it leaves, so month ends do not drift."""
+        anchor day is taken from the date it leaves, so month ends do not drift. The period
+        it was stuck on is paid: a ``past_due`` or ``payment_method_required`` subscription
+        is active again (as a paid backfill makes it)."""
         table = checked_identifier(subscriptions_table)
         stamp = self.stamp()
+        revived = _marks(len(REACTIVATED_BY_PAYMENT))
         self.executemany(
             f"UPDATE {table} SET next_billing_date = %s, updated_at = %s, "
-            "billing_anchor_day = COALESCE(billing_anchor_day, %s) "
+            "billing_anchor_day = COALESCE(billing_anchor_day, %s), "
+            f"status = CASE WHEN status IN ({revived}) THEN %s ELSE status END "
             "WHERE subscription_id = %s AND next_billing_date = %s",
-            [(_iso(new), stamp, old.day, sub, _iso(old)) for sub, old, new in moves],
+            [
+                (_iso(new), stamp, old.day, *REACTIVATED_BY_PAYMENT, ACTIVE, sub, _iso(old))
+                for sub, old, new in moves
+            ],
         )
 
     def set_subscription_status(
