@@ -23,6 +23,7 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
+import pluggy
 import requests
 
 from iamport_billing.emulator.config import CARD_ALWAYS_PAID, SWITCH_FIELDS, EmulatorConfig
@@ -36,6 +37,8 @@ from iamport_billing.states import PAID, REJECTED, SUB_CANCELLED, SUBSCRIPTION_S
 from iamport_billing.warehouse.ledger import Ledger
 
 WAREHOUSE_CONN_ID = "billing_warehouse"
+DAILY = "iamport_billing_daily"
+hookimpl = pluggy.HookimplMarker("airflow")  # Airflow's listener hooks
 RATES = ("error_rate", "drop_after_commit_rate", "rate_limit_rate", "latency_ms")
 TOKENS_GIVEN = "tokens given"  # getToken answered with a token
 # Charges the emulator handled, plus requests of any kind answered by an injected 5xx: the
@@ -118,6 +121,13 @@ class Simulation:
     broken: list[str] = field(default_factory=list)
     refunds_today: list[Event] = field(default_factory=list)
     refunds_asked: dict[str, int] = field(default_factory=dict)  # merchant_uid -> KRW
+    late_writer: LateWriter = field(init=False)
+
+    def __post_init__(self) -> None:
+        from airflow.sdk.listener import get_listener_manager
+
+        self.late_writer = LateWriter(self)
+        get_listener_manager().add_listener(self.late_writer)
 
     def run(self) -> dict[str, Any]:
         cal = self.scenario.calendar
@@ -175,6 +185,7 @@ class Simulation:
                     self.apply(event, ledger)
         incidents = [i for i in self.scenario.incidents if i.covers(day)]
         self.break_amounts(day, max((i.broken_amount_share for i in incidents), default=0.0))
+        self.late_writer.arm(day, max((i.reprice_during_run_share for i in incidents), default=0.0))
         if any(i.outage for i in incidents):
             self.gateway.down()
             return
@@ -185,6 +196,15 @@ class Simulation:
                 faults[name] = max(faults[name], getattr(i, name))
             faults.update(i.switches)
         self.gateway.control(**faults)
+
+    def reprice(self, day: date, share: float) -> None:
+        """A price change for ``share`` of the live subscriptions: +10% from now on."""
+        rng = random.Random(f"{self.scenario.seed}-reprice-{day}")
+        changed = [m for _, m in sorted(self.world.members.items()) if rng.random() < share]
+        for m in changed:
+            m.amount = m.amount * 11 // 10
+        with Ledger.from_conn_id(WAREHOUSE_CONN_ID) as ledger:
+            ledger.set_subscription_amounts([(m.subscription_id, m.amount) for m in changed])
 
     def break_amounts(self, day: date, share: float) -> None:
         """An upstream job zeroes ``share`` of the amounts this morning; yesterday's are mended."""
@@ -350,6 +370,26 @@ class Simulation:
             file=self.progress,
             flush=True,
         )
+
+
+class LateWriter:
+    """An upstream job landing between the daily run's plan and its charge tasks: an Airflow
+    listener on the plan task's success, armed by the scenario for one day."""
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+        self.day: date | None = None
+        self.share = 0.0
+
+    def arm(self, day: date, share: float) -> None:
+        self.day, self.share = day, share
+
+    @hookimpl
+    def on_task_instance_success(self, previous_state: Any, task_instance: Any) -> None:
+        if self.share and (task_instance.dag_id, task_instance.task_id) == (DAILY, "plan"):
+            assert self.day is not None
+            self.sim.reprice(self.day, self.share)
+            self.share = 0.0
 
 
 def _paid_amount(row: Any) -> int:

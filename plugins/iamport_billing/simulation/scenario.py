@@ -122,6 +122,9 @@ class Incident:
     # This share of the subscriptions table's amounts is broken (0) by an upstream job on these
     # mornings and mended the morning after.
     broken_amount_share: float = 0.0
+    # A price change for this share of the subscriptions lands while the daily run is between
+    # its plan and its charge tasks (+10%, for good).
+    reprice_during_run_share: float = 0.0
     # The emulator's foreign/hostile switches for these days, e.g. foreign_404_json: true.
     switches: tuple[tuple[str, Any], ...] = ()
 
@@ -348,11 +351,14 @@ def _incident(data: Any, where: str, calendar: Calendar) -> Incident:
         rate_limit_rate=_share(d.get("rate_limit_rate", 0), f"{where}.rate_limit_rate"),
         latency_ms=_number(d.get("latency_ms", 0), f"{where}.latency_ms", maximum=60_000),
         broken_amount_share=_share(d.get("broken_amount_share", 0), f"{where}.broken_amount_share"),
+        reprice_during_run_share=_share(
+            d.get("reprice_during_run_share", 0), f"{where}.reprice_during_run_share"
+        ),
         switches=tuple(sorted(switches.items())),
     )
     if incident == Incident(start, end):
         raise ScenarioError(
-            f"{where}: names no trouble (outage, a rate, latency_ms, broken_amount_share, a switch)"
+            f"{where}: names no trouble (outage, a rate, latency_ms, a share, a switch)"
         )
     return incident
 
