@@ -77,6 +77,7 @@ INVARIANTS = (
     "no_unknown_without_a_charge_request",
     "one_token_per_task",
     "nothing_charged_from_mostly_broken_rows",
+    "no_task_crashes",
 )
 
 

@@ -39,6 +39,8 @@ from iamport_billing.warehouse.ledger import Ledger
 WAREHOUSE_CONN_ID = "billing_warehouse"
 DAILY = "iamport_billing_daily"
 hookimpl = pluggy.HookimplMarker("airflow")  # Airflow's listener hooks
+# Programming errors: a task that fails with one of these crashed instead of deciding.
+CRASHES = (AttributeError, TypeError, KeyError, IndexError, NameError, AssertionError)
 RATES = ("error_rate", "drop_after_commit_rate", "rate_limit_rate", "latency_ms")
 TOKENS_GIVEN = "tokens given"  # getToken answered with a token
 # Charges the emulator handled, plus requests of any kind answered by an injected 5xx: the
@@ -121,13 +123,13 @@ class Simulation:
     broken: list[str] = field(default_factory=list)
     refunds_today: list[Event] = field(default_factory=list)
     refunds_asked: dict[str, int] = field(default_factory=dict)  # merchant_uid -> KRW
-    late_writer: LateWriter = field(init=False)
+    listener: AirflowListener = field(init=False)
 
     def __post_init__(self) -> None:
         from airflow.sdk.listener import get_listener_manager
 
-        self.late_writer = LateWriter(self)
-        get_listener_manager().add_listener(self.late_writer)
+        self.listener = AirflowListener(self)
+        get_listener_manager().add_listener(self.listener)
 
     def run(self) -> dict[str, Any]:
         cal = self.scenario.calendar
@@ -185,7 +187,7 @@ class Simulation:
                     self.apply(event, ledger)
         incidents = [i for i in self.scenario.incidents if i.covers(day)]
         self.break_amounts(day, max((i.broken_amount_share for i in incidents), default=0.0))
-        self.late_writer.arm(day, max((i.reprice_during_run_share for i in incidents), default=0.0))
+        self.listener.arm(day, max((i.reprice_during_run_share for i in incidents), default=0.0))
         if any(i.outage for i in incidents):
             self.gateway.down()
             return
@@ -372,9 +374,13 @@ class Simulation:
         )
 
 
-class LateWriter:
-    """An upstream job landing between the daily run's plan and its charge tasks: an Airflow
-    listener on the plan task's success, armed by the scenario for one day."""
+class AirflowListener:
+    """What the simulation hears from Airflow's task runner (a listener, like any plugin's).
+
+    On the plan task's success, an upstream job armed by the scenario for the day lands
+    between the daily run's plan and its charge tasks. On a task's failure, the error must be
+    a decision (an Airflow or billing error that says why), never a programming error.
+    """
 
     def __init__(self, sim: Simulation) -> None:
         self.sim = sim
@@ -390,6 +396,16 @@ class LateWriter:
             assert self.day is not None
             self.sim.reprice(self.day, self.share)
             self.share = 0.0
+
+    @hookimpl
+    def on_task_instance_failed(
+        self, previous_state: Any, task_instance: Any, error: BaseException | str | None
+    ) -> None:
+        if isinstance(error, CRASHES):
+            self.sim.watched.add(
+                "no_task_crashes",
+                f"{task_instance.dag_id}.{task_instance.task_id}: {type(error).__name__}: {error}",
+            )
 
 
 def _paid_amount(row: Any) -> int:
