@@ -41,13 +41,16 @@ def failed_day(hook, ledger, emulator):
     register_cards(emulator, [("cust-soft1", PAYING_CARD), ("cust-hard1", PAYING_CARD)])
 
 
-def backfill(hook, ledger, **params):
+BACKFILL_RUN = {**RUN, "dag_id": "iamport_billing_backfill", "run_id": "backfill-1"}
+
+
+def backfill(hook, ledger, *, run=BACKFILL_RUN, **params):
     request = BackfillRequest.from_params(
         {"from_date": "2026-11-20", "to_date": "2026-11-27", **params}, today=TODAY
     )
     return run_backfill(
         IamportV1Gateway(hook), ledger, request, run_date=TODAY, limits=LIMITS, settings=SETTINGS,
-        subscriptions_table="billing_subscriptions", run=RUN,
+        subscriptions_table="billing_subscriptions", run=run,
     )  # fmt: skip
 
 
@@ -90,7 +93,13 @@ def test_subscription_filter_limits_the_backfill(hook, ledger, emulator, failed_
 
 def test_backfill_run_again_charges_nothing_more(hook, ledger, emulator, failed_day):
     backfill(hook, ledger, dry_run=False, include_hard_declines=True)
-    again = backfill(hook, ledger, dry_run=False, include_hard_declines=True)
+    again = backfill(
+        hook,
+        ledger,
+        run={**BACKFILL_RUN, "run_id": "backfill-2"},
+        dry_run=False,
+        include_hard_declines=True,
+    )
     assert again["count"] == 0
     assert paid_uids(emulator) == ["hard1-20261126-02", "ok1-20261126-01", "soft1-20261126-02"]
 

@@ -245,6 +245,64 @@ def test_a_past_due_subscription_whose_period_is_paid_later_is_billed_again(worl
     assert (state["status"], state["next_billing_date"]) == (ACTIVE, date(2026, 12, 26))
 
 
+def test_a_past_due_period_paid_late_then_refunded_in_full_stays_past_due(world):
+    ledger, emulator, _ = world
+    add_subscriptions(ledger, [("p3", "cust-p3", 9900)], DAY, status=PAST_DUE)
+    register_cards(emulator, [("cust-p3", PAYING_CARD)])
+    uid = crashed_pending_row(ledger, "p3", DAY, attempt_no=6, dag_id="iamport_billing_backfill")
+    run_dag(load_dags().get_dag("iamport_billing_reconcile"), logical(DAY))
+    load_dags().get_dag("iamport_billing_refund").test(
+        run_conf={"merchant_uid": uid, "reason": "lapsed customer, full refund"}
+    )
+    daily(DAY + timedelta(days=1))  # its write-back
+    daily(date(2026, 12, 26))
+    state = ledger.subscription_state("p3")
+    assert (state["status"], state["next_billing_date"]) == (PAST_DUE, date(2026, 12, 26))
+    charged = [p["merchant_uid"] for p in emulator_payments(emulator.config.db_path)]
+    assert charged == [uid]  # nothing charged for December
+
+
+def test_a_cleared_backfill_task_tries_no_card_its_first_try_tried(world, monkeypatch):
+    from types import SimpleNamespace
+
+    from iamport_billing import ops_tasks
+    from iamport_billing.config import BillingConfig
+
+    ledger, emulator, _ = world
+    add_subscriptions(ledger, [("ba", "cust-ba", 9900), ("bb", "cust-bb", 9900)], DAY)
+    register_cards(emulator, [("cust-ba", SOFT_DECLINE_CARD), ("cust-bb", SOFT_DECLINE_CARD)])
+    daily()
+    register_cards(emulator, [("cust-bb", PAYING_CARD)])
+    real = IamportV1Gateway.charge
+
+    def bb_left_ready(self, request):  # bb's retry ends 'ready': the run leaves it unknown
+        faults(emulator, charge_status_ready=request.customer_uid == "cust-bb")
+        try:
+            return real(self, request)
+        finally:
+            faults(emulator, charge_status_ready=False)
+
+    monkeypatch.setattr(IamportV1Gateway, "charge", bb_left_ready)
+    when = logical(DAY + timedelta(1))
+    params = {"from_date": DAY.isoformat(), "to_date": DAY.isoformat(), "dry_run": False,
+              "max_concurrency": 1}  # fmt: skip
+    _, states = run_dag(load_dags().get_dag("iamport_billing_backfill"), when, **params)
+    assert states["backfill"] == "failed"
+    tried = {a.merchant_uid for attempts in ledger.attempts_for(["ba", "bb"]).values()
+             for a in attempts}  # fmt: skip
+    run_id = ledger.get_attempt(merchant_uid_for("ba", DAY, 2)).run_id
+    # The person clears the failed task: try 2 of the same run.
+    ti = SimpleNamespace(dag_id="iamport_billing_backfill", run_id=run_id, task_id="backfill",
+                         map_index=-1, try_number=2)  # fmt: skip
+    context = {"ti": ti, "params": params, "logical_date": when,
+               "dag_run": SimpleNamespace(run_after=when)}  # fmt: skip
+    with pytest.raises(Exception, match="still unknown"):
+        ops_tasks.backfill_step(BillingConfig.from_env(), context)
+    now = {a.merchant_uid for attempts in ledger.attempts_for(["ba", "bb"]).values()
+           for a in attempts}  # fmt: skip
+    assert now == tried  # no third attempt for ba's card
+
+
 # 7. An empty anchor day is taken from the first billing date: month ends do not drift.
 def test_an_empty_anchor_day_keeps_the_month_end(world):
     ledger, emulator, _ = world

@@ -88,8 +88,10 @@ def plan_backfill(
     run_date: date,
     limits: ValidationLimits,
     subscriptions_table: str,
+    run: Mapping[str, Any] | None = None,
 ) -> RetryPlan:
-    """Failed charges in the range that are still owed, as numbered next attempts."""
+    """Failed charges in the range that are still owed (and not attempted by ``run`` itself),
+    as numbered next attempts."""
     hard = request.include_hard_declines
     rows = ledger.retryable_failures(
         decline_kinds=(SOFT, HARD) if hard else (SOFT,),
@@ -102,6 +104,7 @@ def plan_backfill(
         billing_from=request.from_date,
         billing_to=request.to_date,
         subscription_ids=request.subscription_ids,
+        not_by_run=run,
     )
     return next_attempts(rows, run_date=run_date, limits=limits)
 
@@ -121,8 +124,9 @@ def run_backfill(
     """Plan, print, check the limits, and (unless dry run) charge; returns a small summary."""
     lg = logger or log
     plan = plan_backfill(
-        ledger, request, run_date=run_date, limits=limits, subscriptions_table=subscriptions_table
-    )
+        ledger, request, run_date=run_date, limits=limits,
+        subscriptions_table=subscriptions_table, run=run,
+    )  # fmt: skip
     heading = f"backfill {request.from_date}..{request.to_date}" + (
         " DRY RUN, nothing will be charged; would charge" if request.dry_run else ""
     )

@@ -25,6 +25,7 @@ from iamport_billing.policy import (
 )
 from iamport_billing.states import (
     HARD,
+    PAID,
     PAST_DUE,
     PAYMENT_METHOD_REQUIRED,
     SOFT,
@@ -321,7 +322,12 @@ def write_back(
             subscriptions_table, since=since, subscription_ids=subscription_ids
         )
     ]
-    ledger.advance_subscriptions(moves, subscriptions_table)
+    # A period refunded in full advances the date but does not make a stopped subscription
+    # active again: only one paid (and kept) does.
+    kept = ledger.paid_not_advanced(
+        subscriptions_table, since=since, subscription_ids=subscription_ids, statuses=(PAID,)
+    )
+    ledger.advance_subscriptions(moves, subscriptions_table, reactivate={sub for sub, _, _ in kept})
     hard = ledger.latest_failed_subscriptions(
         subscriptions_table, HARD, subscription_ids=subscription_ids
     )

@@ -90,14 +90,17 @@ def due_retries(
     max_attempts: int,
     limits: ValidationLimits,
     subscriptions_table: str,
+    run: Mapping[str, Any] | None = None,
 ) -> RetryPlan:
-    """Soft declines whose next_retry_date has come, below ``max_attempts``, still owed."""
+    """Soft declines whose next_retry_date has come, below ``max_attempts``, still owed (and
+    not attempted by ``run`` itself)."""
     rows = ledger.retryable_failures(
         decline_kinds=(SOFT,),
         subscription_statuses=(ACTIVE,),
         subscriptions_table=subscriptions_table,
         retry_due_by=run_date,
         max_attempt_no=max_attempts,
+        not_by_run=run,
     )
     return next_attempts(rows, run_date=run_date, limits=limits)
 
@@ -125,9 +128,10 @@ def send_retries(
     result = engine.result.as_dict()
     result["rejected"] = len(plan.rejected)
     result["paid_subscriptions"] = paid_subscriptions(ledger, plan.planned)
-    # The ledger decides, as for the daily charge task: rows this run left pending/unknown.
+    # The ledger decides, as for the daily charge task: rows this run (any of its tries) left
+    # pending/unknown.
     unsettled = sorted(
-        {a.merchant_uid for a in ledger.unsettled_for_claim(engine.claim_token)}
+        {a.merchant_uid for a in ledger.unsettled_for_run(run)}
         | set(engine.result.unknown_merchant_uids)
     )
     result["unsettled"] = {"count": len(unsettled), "sample": unsettled[:10]}

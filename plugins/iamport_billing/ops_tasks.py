@@ -33,7 +33,7 @@ def retry_step(cfg: BillingConfig, context: dict[str, Any]) -> dict[str, Any]:
         ledger.init_schema()
         plan = due_retries(
             ledger, run_date=run_date, max_attempts=cfg.max_attempts, limits=cfg.limits,
-            subscriptions_table=cfg.subscriptions_table,
+            subscriptions_table=cfg.subscriptions_table, run=run_info(context),
         )  # fmt: skip
         log.info("\n%s", describe(plan, heading=f"retries due by {run_date}"))
         if params.get("dry_run"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -262,6 +262,13 @@ class Ledger(SqlSession):
         return self._select_attempts(
             f"claim_token = %s AND status IN ({_marks(len(UNSETTLED))})",
             [claim_token, *UNSETTLED],
+        )
+
+    def unsettled_for_run(self, run: Mapping[str, Any]) -> list[Attempt]:
+        """Rows a DAG run (any of its tries) left pending/unknown."""
+        return self._select_attempts(
+            f"dag_id = %s AND run_id = %s AND status IN ({_marks(len(UNSETTLED))})",
+            [run["dag_id"], run["run_id"], *UNSETTLED],
         )
 
     def claim(self, rows: Sequence[Mapping[str, Any]], claim_token: str) -> set[str]:
@@ -616,11 +623,12 @@ class Ledger(SqlSession):
         *,
         since: date | None = None,
         subscription_ids: Sequence[str] | None = None,
+        statuses: Sequence[str] = (PAID, CANCELLED),
     ) -> list[tuple[str, date, int | None]]:
-        """Paid attempts (refunded ones too: the period was paid) whose subscription still
-        sits on that billing date; ``since`` bounds the scan to recent billing dates."""
+        """Paid attempts (by default refunded ones too: the period was paid) whose subscription
+        still sits on that billing date; ``since`` bounds the scan to recent billing dates."""
         table = checked_identifier(subscriptions_table)
-        params: list[Any] = [PAID, CANCELLED]
+        params: list[Any] = list(statuses)
         recent = ""
         if since is not None:
             recent = " AND a.billing_date >= %s"
@@ -628,7 +636,8 @@ class Ledger(SqlSession):
         sql = (
             f"SELECT a.subscription_id, a.billing_date, s.billing_anchor_day FROM {ATTEMPTS} a "
             f"JOIN {table} s ON {self.sub_key('s')} = a.subscription_id "
-            f"WHERE a.status IN (%s, %s) AND {self.sub_date('s')} = a.billing_date{recent}"
+            f"WHERE a.status IN ({_marks(len(statuses))}) "
+            f"AND {self.sub_date('s')} = a.billing_date{recent}"
         )
         rows = self._for_ids(sql, params, "a.subscription_id", subscription_ids)
         return [(r[0], to_date(r[1]), r[2]) for r in rows]  # type: ignore[misc]
@@ -645,25 +654,37 @@ class Ledger(SqlSession):
         return rows
 
     def advance_subscriptions(
-        self, moves: Sequence[tuple[str, date, date]], subscriptions_table: str = SUBSCRIPTIONS
+        self,
+        moves: Sequence[tuple[str, date, date]],
+        subscriptions_table: str = SUBSCRIPTIONS,
+        *,
+        reactivate: Collection[str] = (),
     ) -> None:
         """Move (subscription, from_date, to_date) only if it is still on from_date; an empty
-        anchor day is taken from the date it leaves, so month ends do not drift. The period
-        it was stuck on is paid: a ``past_due`` or ``payment_method_required`` subscription
-        is active again (as a paid backfill makes it)."""
+        anchor day is taken from the date it leaves, so month ends do not drift. Those in
+        ``reactivate`` (their stuck period is paid, not refunded) become active again if they
+        were ``past_due`` or ``payment_method_required``."""
         table = checked_identifier(subscriptions_table)
         stamp = self.stamp()
-        revived = _marks(len(REACTIVATED_BY_PAYMENT))
-        self.executemany(
-            f"UPDATE {table} SET next_billing_date = %s, updated_at = %s, "
-            "billing_anchor_day = COALESCE(billing_anchor_day, %s), "
-            f"status = CASE WHEN status IN ({revived}) THEN %s ELSE status END "
-            "WHERE subscription_id = %s AND next_billing_date = %s",
-            [
-                (_iso(new), stamp, old.day, *REACTIVATED_BY_PAYMENT, ACTIVE, sub, _iso(old))
-                for sub, old, new in moves
-            ],
-        )
+        stopped = _marks(len(REACTIVATED_BY_PAYMENT))
+        revived = f"status = CASE WHEN status IN ({stopped}) THEN %s ELSE status END, "
+        for again in (False, True):
+            chosen = [m for m in moves if (m[0] in reactivate) == again]
+            if not chosen:
+                continue
+            self.executemany(
+                f"UPDATE {table} SET next_billing_date = %s, updated_at = %s, "
+                f"{revived if again else ''}"
+                "billing_anchor_day = COALESCE(billing_anchor_day, %s) "
+                "WHERE subscription_id = %s AND next_billing_date = %s",
+                [
+                    (
+                        _iso(new), stamp, *((*REACTIVATED_BY_PAYMENT, ACTIVE) if again else ()),
+                        old.day, sub, _iso(old),
+                    )
+                    for sub, old, new in chosen
+                ],
+            )  # fmt: skip
 
     def set_subscription_status(
         self,
@@ -949,12 +970,15 @@ class Ledger(SqlSession):
         billing_to: date | None = None,
         subscription_ids: Sequence[str] | None = None,
         max_attempt_no: int = 99,
+        not_by_run: Mapping[str, Any] | None = None,
     ) -> list[dict[str, Any]]:
         """Failed attempts that may get a next attempt, with the subscription's current data.
 
         Only the latest attempt of a (subscription, billing date), only when nothing for that
         pair moved money or is pending/unknown, and only while the subscription still sits
-        on that billing date: the ledger side of "never charge a period twice".
+        on that billing date: the ledger side of "never charge a period twice". With
+        ``not_by_run``, not an attempt that run made: a cleared or retried task of a retry or
+        backfill run does not try a card its first try just tried.
         """
         table = checked_identifier(subscriptions_table)
         blocking = (*MONEY_MOVED, *UNSETTLED)
@@ -973,6 +997,9 @@ class Ledger(SqlSession):
         params: list[Any] = [
             FAILED, *decline_kinds, *subscription_statuses, max_attempt_no, REJECTED, *blocking,
         ]  # fmt: skip
+        if not_by_run is not None:
+            where.append("NOT (COALESCE(a.dag_id, '') = %s AND COALESCE(a.run_id, '') = %s)")
+            params += [not_by_run["dag_id"], not_by_run["run_id"]]
         if retry_due_by is not None:
             where.append("a.next_retry_date <= %s")
             params.append(retry_due_by.isoformat())
