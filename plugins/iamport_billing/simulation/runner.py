@@ -18,6 +18,7 @@ import random
 import sys
 import time
 from collections import Counter
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -59,6 +60,7 @@ class EmulatorUnderTest:
     process: EmulatorProcess | None = None
     store: Store | None = None
     resends: int = 0
+    http: requests.Session = field(default_factory=requests.Session)
 
     def up(self) -> None:
         if self.process is None:
@@ -77,7 +79,7 @@ class EmulatorUnderTest:
 
     def control(self, **faults: Any) -> None:
         if self.process is not None:
-            requests.post(
+            self.http.post(
                 f"{self.url}/__emulator__/faults", json=faults, timeout=10
             ).raise_for_status()
 
@@ -85,7 +87,7 @@ class EmulatorUnderTest:
         """Requests received by endpoint, and tokens given, in this process's lifetime."""
         if self.process is None:
             return Counter()
-        stats = requests.get(f"{self.url}/__emulator__/stats", timeout=10).json()
+        stats = self.http.get(f"{self.url}/__emulator__/stats", timeout=10).json()
         received = Counter(stats.get("requests") or {})
         received[TOKENS_GIVEN] = sum((stats.get("tokens") or {}).values())
         received[MAY_HAVE_CHARGED] = sum((stats.get("charges") or {}).values()) + int(
@@ -95,7 +97,7 @@ class EmulatorUnderTest:
 
     def add_up_resends(self) -> None:
         """Charges the gateway refused as a merchant_uid it already had, over its lifetimes."""
-        stats = requests.get(f"{self.url}/__emulator__/stats", timeout=10).json()
+        stats = self.http.get(f"{self.url}/__emulator__/stats", timeout=10).json()
         self.resends += int((stats.get("charges") or {}).get("duplicate", 0))
 
     def at(self, moment: datetime) -> None:
@@ -124,6 +126,7 @@ class Simulation:
     refunds_today: list[Event] = field(default_factory=list)
     refunds_asked: dict[str, int] = field(default_factory=dict)  # merchant_uid -> KRW
     listener: AirflowListener = field(init=False)
+    ledger: Ledger | None = None
 
     def __post_init__(self) -> None:
         from airflow.sdk.listener import get_listener_manager
@@ -146,7 +149,7 @@ class Simulation:
         self.gateway.up()
         self.run_dag("iamport_billing_reconcile", _at(cal.end + timedelta(days=1), "00:25"))
         self.gateway.down()
-        with Ledger.from_conn_id(WAREHOUSE_CONN_ID) as ledger:
+        with self.warehouse() as ledger:
             result = audit(
                 self.scenario, self.world, ledger, self.gateway.billing_keys(),
                 resends=self.gateway.resends, watched=self.watched,
@@ -164,11 +167,20 @@ class Simulation:
             "guardrail_approvals": self.approvals,
         }
         result["wall_seconds"] = round(time.monotonic() - started, 1)
+        if self.ledger is not None:
+            self.ledger.close()
         return result
+
+    def warehouse(self) -> AbstractContextManager[Ledger]:
+        """The ledger on one connection for the whole simulation (each statement commits):
+        a new connection per DAG run cost more than the reads it served."""
+        if self.ledger is None:
+            self.ledger = Ledger.from_conn_id(WAREHOUSE_CONN_ID)
+        return nullcontext(self.ledger)
 
     def seed(self) -> None:
         members = self.world.initial
-        with Ledger.from_conn_id(WAREHOUSE_CONN_ID) as ledger:
+        with self.warehouse() as ledger:
             ledger.init_schema()
             if ledger.has_attempts():
                 raise SystemExit("the warehouse already holds a ledger: simulate on an empty one")
@@ -182,7 +194,7 @@ class Simulation:
         """08:00: what customers, card companies and ops did since yesterday."""
         events = self.world.on(day)
         if events:
-            with Ledger.from_conn_id(WAREHOUSE_CONN_ID) as ledger:
+            with self.warehouse() as ledger:
                 for event in events:
                     self.apply(event, ledger)
         incidents = [i for i in self.scenario.incidents if i.covers(day)]
@@ -205,7 +217,7 @@ class Simulation:
         changed = [m for _, m in sorted(self.world.members.items()) if rng.random() < share]
         for m in changed:
             m.amount = m.amount * 11 // 10
-        with Ledger.from_conn_id(WAREHOUSE_CONN_ID) as ledger:
+        with self.warehouse() as ledger:
             ledger.set_subscription_amounts([(m.subscription_id, m.amount) for m in changed])
 
     def break_amounts(self, day: date, share: float) -> None:
@@ -213,7 +225,7 @@ class Simulation:
         if not (share or self.broken):
             return
         members = self.world.members
-        with Ledger.from_conn_id(WAREHOUSE_CONN_ID) as ledger:
+        with self.warehouse() as ledger:
             if self.broken:
                 ledger.set_subscription_amounts([(s, members[s].amount) for s in self.broken])
             rng = random.Random(f"{self.scenario.seed}-{day}")
@@ -278,7 +290,7 @@ class Simulation:
         """11:00: ops refund what customers asked for, one refund DAG run each. A failed run is
         triggered again once with the same request_id: it settles from the cancel history."""
         asked, self.refunds_today = self.refunds_today, []
-        with Ledger.from_conn_id(WAREHOUSE_CONN_ID) as ledger:
+        with self.warehouse() as ledger:
             periods = ledger.attempts_for([e.subscription_id for e in asked])
         for i, event in enumerate(asked):
             paid = [
@@ -299,7 +311,7 @@ class Simulation:
 
     def tripped_multiple(self, dag_run: Any) -> bool:
         """The run's plan stopped at the multiple-of-the-previous-run guardrail."""
-        with Ledger.from_conn_id(WAREHOUSE_CONN_ID) as ledger:
+        with self.warehouse() as ledger:
             record = ledger.run_record({"dag_id": dag_run.dag_id, "run_id": dag_run.run_id})
         return bool(record and record[0] and "x the previous run" in record[0])
 
@@ -326,7 +338,7 @@ class Simulation:
         tis = dag_run.get_task_instances()
         failed = {_task_id(ti) for ti in tis if ti.state == "failed"}
         at = f"{dag_run.dag_id} {dag_run.logical_date.astimezone(SEOUL):%Y-%m-%d %H:%M}"
-        with Ledger.from_conn_id(WAREHOUSE_CONN_ID) as ledger:
+        with self.warehouse() as ledger:
             left = [
                 a for a in ledger.unsettled_attempts()
                 if (a.dag_id, a.run_id) == (dag_run.dag_id, dag_run.run_id)
