@@ -59,6 +59,14 @@ def crashed_pending_row(
     return uid
 
 
+def requests_received(emulator: Any, endpoint: str) -> int:
+    """How many requests the emulator got for ``endpoint``, e.g. ``POST /payments/cancel``."""
+    import requests
+
+    stats = requests.get(f"{emulator.url}/__emulator__/stats", timeout=5).json()
+    return stats["requests"].get(endpoint, 0)
+
+
 def faults(emulator: Any, **switches: Any) -> None:
     """Set the emulator's fault and foreign/hostile switches at runtime."""
     import requests

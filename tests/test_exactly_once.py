@@ -232,14 +232,20 @@ def test_an_unsettled_row_of_a_past_due_subscription_is_settled_by_reconcile(wor
     assert ledger.unsettled_summary() == {}
 
 
-def test_a_past_due_subscription_whose_period_is_paid_later_is_billed_again(world):
-    ledger, emulator, _ = world
-    add_subscriptions(ledger, [("p2", "cust-p2", 9900)], DAY, status=PAST_DUE)
-    register_cards(emulator, [("cust-p2", PAYING_CARD)])
-    # A backfill's attempt 06 that never reached Iamport; reconcile resends and it is paid.
-    uid = crashed_pending_row(ledger, "p2", DAY, attempt_no=6, dag_id="iamport_billing_backfill")
+def past_due_period_paid_late(ledger, emulator, sub: str) -> str:
+    """A past_due subscription whose backfill attempt 06 never reached Iamport; the reconcile
+    DAG resends it and it is paid. Returns its merchant_uid."""
+    add_subscriptions(ledger, [(sub, f"cust-{sub}", 9900)], DAY, status=PAST_DUE)
+    register_cards(emulator, [(f"cust-{sub}", PAYING_CARD)])
+    uid = crashed_pending_row(ledger, sub, DAY, attempt_no=6, dag_id="iamport_billing_backfill")
     run_dag(load_dags().get_dag("iamport_billing_reconcile"), logical(DAY))
     assert ledger.get_attempt(uid).status == PAID
+    return uid
+
+
+def test_a_past_due_subscription_whose_period_is_paid_later_is_billed_again(world):
+    ledger, emulator, _ = world
+    past_due_period_paid_late(ledger, emulator, "p2")
     daily(DAY + timedelta(days=1))  # its write-back
     state = ledger.subscription_state("p2")
     assert (state["status"], state["next_billing_date"]) == (ACTIVE, date(2026, 12, 26))
@@ -247,10 +253,7 @@ def test_a_past_due_subscription_whose_period_is_paid_later_is_billed_again(worl
 
 def test_a_past_due_period_paid_late_then_refunded_in_full_stays_past_due(world):
     ledger, emulator, _ = world
-    add_subscriptions(ledger, [("p3", "cust-p3", 9900)], DAY, status=PAST_DUE)
-    register_cards(emulator, [("cust-p3", PAYING_CARD)])
-    uid = crashed_pending_row(ledger, "p3", DAY, attempt_no=6, dag_id="iamport_billing_backfill")
-    run_dag(load_dags().get_dag("iamport_billing_reconcile"), logical(DAY))
+    uid = past_due_period_paid_late(ledger, emulator, "p3")
     load_dags().get_dag("iamport_billing_refund").test(
         run_conf={"merchant_uid": uid, "reason": "lapsed customer, full refund"}
     )

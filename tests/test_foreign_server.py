@@ -30,16 +30,13 @@ from iamport_billing.errors import (
     IamportUnexpectedReply,
 )
 from iamport_billing.hooks.iamport import TOKEN_CACHE, IamportHook, clean_excerpt
+from support import requests_received
 
 CONN_ENV = "AIRFLOW_CONN_IAMPORT_DEFAULT"
 
 
 def stats(emulator) -> dict:
     return requests.get(f"{emulator.url}/__emulator__/stats", timeout=5).json()
-
-
-def requests_to(emulator, endpoint: str) -> int:
-    return stats(emulator)["requests"].get(endpoint, 0)
 
 
 def set_faults(emulator, **faults) -> dict:
@@ -178,7 +175,7 @@ def test_dropped_cancel_reply_is_unknown_and_refunds_exactly_once(hook, emulator
     stored = emulator.store.get_payment(paid.imp_uid)
     assert [h["amount"] for h in stored["cancel_history"]] == [300]
     assert stored["cancel_amount"] == 300
-    assert requests_to(emulator, "POST /payments/cancel") == 1
+    assert requests_received(emulator, "POST /payments/cancel") == 1
 
 
 def test_cancel_read_timeout_is_unknown_and_not_resent(emulator, monkeypatch, charged):
@@ -191,7 +188,7 @@ def test_cancel_read_timeout_is_unknown_and_not_resent(emulator, monkeypatch, ch
     set_faults(emulator, latency_ms=0)
     time.sleep(1.2)  # the emulator finishes the cancel the client gave up on
     assert hook.get_payment(imp_uid).cancel_amount == 300
-    assert requests_to(emulator, "POST /payments/cancel") == 1
+    assert requests_received(emulator, "POST /payments/cancel") == 1
     hook.close()
 
 
@@ -202,7 +199,7 @@ def test_cancel_5xx_is_unknown_and_not_resent(emulator, monkeypatch, charged):
     set_faults(emulator, error_rate=1.0)
     with pytest.raises(IamportCancelOutcomeUnknown):
         hook.cancel_payment(imp_uid=imp_uid, amount=300, reason="5xx")
-    assert requests_to(emulator, "POST /payments/cancel") == 1
+    assert requests_received(emulator, "POST /payments/cancel") == 1
     hook.close()
 
 
@@ -225,7 +222,7 @@ def test_token_502_html_is_token_unavailable_with_clean_text(emulator, monkeypat
     assert isinstance(err.value, IamportTransportError) and err.value.http_status == 502
     assert "nothing was sent" in text and "502 Bad Gateway" in text
     assert "<" not in text and "html" not in text.lower()
-    assert requests_to(emulator, "POST /subscribe/payments/again") == 0
+    assert requests_received(emulator, "POST /subscribe/payments/again") == 0
 
 
 def test_token_502_makes_test_connection_fail_with_clean_text(emulator, monkeypatch):
@@ -245,7 +242,7 @@ def test_already_expired_token_is_not_fetched_again_on_every_call(hook, emulator
     set_faults(emulator, token_already_expired=True)
     for i in range(5):
         assert hook.charge_again(paying, f"expired-token-{i}", 1000, "plan").is_paid
-    assert requests_to(emulator, "POST /users/getToken") == 1
+    assert requests_received(emulator, "POST /users/getToken") == 1
 
 
 def test_already_expired_token_is_warned_about_once(hook, emulator, charged, caplog):

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import pendulum
 import pytest
-import requests
 from iamport_billing.charging import ChargeEngine
 from iamport_billing.gateways.iamport_v1 import IamportV1Gateway
 from iamport_billing.hooks.iamport import IamportHook
@@ -17,11 +16,12 @@ from iamport_billing.policy import ChargeCandidate, merchant_uid_for
 from iamport_billing.states import REFUND_DONE
 from iamport_billing.warehouse.refunds import Refunds
 from ops_support import RUN, SETTINGS, subscribe
-from support import PAYING_CARD, emulator_payments
+from support import PAYING_CARD, emulator_payments, faults, requests_received
 
 pytestmark = pytest.mark.airflow
 
 DAY = date(2026, 11, 26)
+CANCEL = "POST /payments/cancel"
 
 
 def dag(dag_id: str):
@@ -58,13 +58,18 @@ def test_refund_dag_cancels_part_of_a_charge_and_records_it(airflow_db, ledger, 
     assert (row.status, row.cancel_amount) == ("cancelled", 3000)
 
 
+def charged_with_cancel_replies_dropped(ledger, emulator, sub: str) -> str:
+    """A 10,000 KRW charge; from now on Iamport commits each cancel and drops its reply."""
+    subscribe(ledger, emulator, sub, PAYING_CARD, DAY, amount=10_000)
+    uid = charge(ledger, sub)
+    faults(emulator, drop_cancel_reply=True)
+    return uid
+
+
 def test_refund_dag_retry_settles_a_dropped_cancel_reply_without_resending(
     airflow_db, ledger, emulator
 ):
-    subscribe(ledger, emulator, "r2", PAYING_CARD, DAY, amount=10_000)
-    uid = charge(ledger, "r2")
-    faults = f"{emulator.url}/__emulator__/faults"
-    requests.post(faults, json={"drop_cancel_reply": True}, timeout=5).raise_for_status()
+    uid = charged_with_cancel_replies_dropped(ledger, emulator, "r2")
     refund = dag("iamport_billing_refund")
     refund.task_dict["cancel"].retry_delay = timedelta(seconds=1)
 
@@ -79,8 +84,7 @@ def test_refund_dag_retry_settles_a_dropped_cancel_reply_without_resending(
         3000,
         [3000],
     )
-    stats = requests.get(f"{emulator.url}/__emulator__/stats", timeout=5).json()
-    assert stats["requests"]["POST /payments/cancel"] == 1
+    assert requests_received(emulator, CANCEL) == 1
     row = ledger.get_attempt(uid)
     assert (row.status, row.cancel_amount) == ("cancelled", 3000)
     task = SimpleNamespace(dag_id=dr.dag_id, run_id=dr.run_id, task_id="cancel", map_index=-1)
@@ -91,10 +95,7 @@ def test_refund_dag_retry_settles_a_dropped_cancel_reply_without_resending(
 def test_a_second_refund_run_with_the_same_request_id_settles_the_first_without_resending(
     airflow_db, ledger, emulator
 ):
-    subscribe(ledger, emulator, "r3", PAYING_CARD, DAY, amount=10_000)
-    uid = charge(ledger, "r3")
-    faults = f"{emulator.url}/__emulator__/faults"
-    requests.post(faults, json={"drop_cancel_reply": True}, timeout=5).raise_for_status()
+    uid = charged_with_cancel_replies_dropped(ledger, emulator, "r3")
     refund = dag("iamport_billing_refund")
     refund.task_dict["cancel"].retries = 0
     conf = {"merchant_uid": uid, "amount": 3000, "reason": "ticket", "request_id": "ticket-4711"}
@@ -107,8 +108,7 @@ def test_a_second_refund_run_with_the_same_request_id_settles_the_first_without_
     (payment,) = emulator_payments(emulator.config.db_path)
     cancels = [int(h["amount"]) for h in json.loads(payment["cancel_history"])]
     assert (int(payment["cancel_amount"]), cancels) == (3000, [3000])
-    stats = requests.get(f"{emulator.url}/__emulator__/stats", timeout=5).json()
-    assert stats["requests"]["POST /payments/cancel"] == 1
+    assert requests_received(emulator, CANCEL) == 1
     row = ledger.get_attempt(uid)
     assert (row.status, row.cancel_amount) == ("cancelled", 3000)
 
@@ -144,15 +144,12 @@ def test_a_refund_request_id_that_would_render_as_no_key_is_refused(airflow_db):
 def lost_refund(ledger, emulator, sub: str) -> str:
     """A 3,000 KRW refund of a 10,000 charge, committed by the gateway, whose answer was lost
     and whose task failed for good (no retries left)."""
-    subscribe(ledger, emulator, sub, PAYING_CARD, DAY, amount=10_000)
-    uid = charge(ledger, sub)
-    control = f"{emulator.url}/__emulator__/faults"
-    requests.post(control, json={"drop_cancel_reply": True}, timeout=5).raise_for_status()
+    uid = charged_with_cancel_replies_dropped(ledger, emulator, sub)
     refund = dag("iamport_billing_refund")
     refund.task_dict["cancel"].retries = 0
     dr = refund.test(run_conf={"merchant_uid": uid, "amount": 3000, "reason": "customer asked"})
     assert states(dr) == {"cancel": "failed"}
-    requests.post(control, json={"drop_cancel_reply": False}, timeout=5).raise_for_status()
+    faults(emulator, drop_cancel_reply=False)
     return uid
 
 
@@ -161,11 +158,6 @@ def reconcile_days_later(monkeypatch) -> dict[str, str]:
     monkeypatch.setenv("IAMPORT_BILLING_PENDING_LEASE_SECONDS", "0")
     dr = dag("iamport_billing_reconcile").test(logical_date=pendulum.now("UTC").add(days=3))
     return states(dr)
-
-
-def cancels_sent(emulator) -> int:
-    stats = requests.get(f"{emulator.url}/__emulator__/stats", timeout=5).json()
-    return stats["requests"].get("POST /payments/cancel", 0)
 
 
 def test_reconcile_records_a_refund_whose_task_ran_out_of_retries(
@@ -180,7 +172,7 @@ def test_reconcile_records_a_refund_whose_task_ran_out_of_retries(
     assert (row.status, row.cancel_amount) == ("cancelled", 3000)
     (payment,) = emulator_payments(emulator.config.db_path)
     assert int(payment["cancel_amount"]) == 3000
-    assert cancels_sent(emulator) == 1
+    assert requests_received(emulator, CANCEL) == 1
 
 
 def test_reconcile_never_sends_a_refund_the_cancel_history_lacks(
@@ -198,7 +190,7 @@ def test_reconcile_never_sends_a_refund_the_cancel_history_lacks(
 
     assert reconcile_days_later(monkeypatch) == {"reconcile": "success"}
 
-    assert cancels_sent(emulator) == 0  # left open for its task: nothing sent
+    assert requests_received(emulator, CANCEL) == 0  # left open for its task: nothing sent
     assert Refunds(ledger).get("ticket-5").status == "pending"
     row = ledger.get_attempt(uid)
     assert (row.status, row.cancel_amount or 0) == ("paid", 0)

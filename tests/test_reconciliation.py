@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
 
-import requests
 from iamport_billing.charging import ChargeEngine
 from iamport_billing.gateways.iamport_v1 import IamportV1Gateway
 from iamport_billing.policy import ChargeCandidate
@@ -14,10 +13,11 @@ from iamport_billing.refunding import refund_marker
 from iamport_billing.states import REFUND_DONE, REFUND_PENDING
 from iamport_billing.warehouse.refunds import Refunds
 from ops_support import RUN, SETTINGS, subscribe
-from support import PAYING_CARD, SOFT_DECLINE_CARD, emulator_payments
+from support import PAYING_CARD, SOFT_DECLINE_CARD, emulator_payments, requests_received
 
 DAY = date(2026, 11, 26)
 WINDOW = timedelta(hours=48)
+CANCEL = "POST /payments/cancel"
 
 
 def run_reconcile(hook, ledger):
@@ -160,12 +160,12 @@ def test_a_refund_its_task_recorded_done_but_not_in_the_ledger_is_recorded(hook,
     refund_intent(ledger, "d1-20261126-01", "t-d1", 3000, 9900)
     hook.cancel_payment(merchant_uid="d1-20261126-01", amount=3000, reason="[refund:t-d1] asked")
     Refunds(ledger).move("t-d1", REFUND_DONE, cancel_amount_after=3000)  # then it died
-    sent = cancels_sent(emulator)
+    sent = requests_received(emulator, CANCEL)
 
     reconcile_days_later(hook, ledger)
 
     assert row(ledger, "d1-20261126-01") == ("cancelled", 9900, 3000, True)
-    assert cancels_sent(emulator) == sent
+    assert requests_received(emulator, CANCEL) == sent
 
 
 def test_an_open_refund_missing_from_the_cancel_history_is_for_a_person(hook, ledger, emulator):
@@ -180,7 +180,7 @@ def test_an_open_refund_missing_from_the_cancel_history_is_for_a_person(hook, le
     assert [(i["merchant_uid"], i["refund_id"]) for i in report.needs_person] == [
         ("o1-20261126-01", "t-o1")
     ]
-    assert (report.refunds, cancels_sent(emulator)) == ({"not_applied": 1}, 0)
+    assert (report.refunds, requests_received(emulator, CANCEL)) == ({"not_applied": 1}, 0)
     assert Refunds(ledger).get("t-o1").status == REFUND_PENDING
     assert row(ledger, "o1-20261126-01") == ("paid", 9900, 0, True)
 
@@ -199,8 +199,3 @@ def test_a_ledger_refunded_above_iamport_is_flagged_not_lowered(hook, ledger, em
     assert report.fixed == []
     assert [i["merchant_uid"] for i in report.needs_person] == ["h1-20261126-01"]
     assert row(ledger, "h1-20261126-01") == ("cancelled", 9900, 5000, True)
-
-
-def cancels_sent(emulator) -> int:
-    stats = requests.get(f"{emulator.url}/__emulator__/stats", timeout=5).json()
-    return stats["requests"].get("POST /payments/cancel", 0)
