@@ -338,12 +338,10 @@ class Simulation:
         tis = dag_run.get_task_instances()
         failed = {_task_id(ti) for ti in tis if ti.state == "failed"}
         at = f"{dag_run.dag_id} {dag_run.logical_date.astimezone(SEOUL):%Y-%m-%d %H:%M}"
+        run = {"dag_id": dag_run.dag_id, "run_id": dag_run.run_id}
         with self.warehouse() as ledger:
-            left = [
-                a for a in ledger.unsettled_attempts()
-                if (a.dag_id, a.run_id) == (dag_run.dag_id, dag_run.run_id)
-            ]  # fmt: skip
-            by_status = ledger.run_summary({"dag_id": dag_run.dag_id, "run_id": dag_run.run_id})
+            left = ledger.unsettled_for_run(run)
+            by_status = ledger.run_summary(run)
         rejected = by_status.get(REJECTED, {}).get("count", 0)
         sent = sum(v.get("count", 0) for k, v in by_status.items() if k != REJECTED)
         seen, guard = rejected + sent, Guardrails()
