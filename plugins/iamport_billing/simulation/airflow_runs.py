@@ -13,6 +13,7 @@ are untouched.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +73,26 @@ def _one_validator_per_schema() -> None:
             raise error
 
     jsonschema.validate = validate
+
+
+class FreshSecretsMasker:
+    """Each DAG run starts with the secrets masker a fresh task process would have.
+
+    A real task runs in its own process, so the tokens it masks die with it. Here every run
+    shares one process: without this, each run's token joins one growing regex that is
+    recompiled on every new secret and run over every log line, and the year slows down by
+    itself. Masking inside a run is untouched.
+    """
+
+    def __init__(self) -> None:
+        from airflow._shared.secrets_masker import secrets_masker as core
+        from airflow.sdk._shared.secrets_masker import secrets_masker as sdk
+
+        self.maskers = [core._secrets_masker(), sdk._secrets_masker()]
+        self.at_start = [set(m.patterns) for m in self.maskers]
+
+    def restore(self) -> None:
+        for masker, patterns in zip(self.maskers, self.at_start, strict=True):
+            if masker.patterns != patterns:
+                masker.patterns = set(patterns)
+                masker.replacer = re.compile("|".join(patterns)) if patterns else None

@@ -31,6 +31,7 @@ from iamport_billing.emulator.config import CARD_ALWAYS_PAID, SWITCH_FIELDS, Emu
 from iamport_billing.emulator.server import EmulatorProcess, start_emulator_process
 from iamport_billing.emulator.store import Store, customer_row
 from iamport_billing.policy import SEOUL, Guardrails
+from iamport_billing.simulation.airflow_runs import FreshSecretsMasker
 from iamport_billing.simulation.audit import Violations, audit
 from iamport_billing.simulation.scenario import Scenario, load_scenario
 from iamport_billing.simulation.world import Event, World, build_world
@@ -126,6 +127,7 @@ class Simulation:
     refunds_today: list[Event] = field(default_factory=list)
     refunds_asked: dict[str, int] = field(default_factory=dict)  # merchant_uid -> KRW
     listener: AirflowListener = field(init=False)
+    secrets: FreshSecretsMasker = field(init=False)
     ledger: Ledger | None = None
 
     def __post_init__(self) -> None:
@@ -133,6 +135,7 @@ class Simulation:
 
         self.listener = AirflowListener(self)
         get_listener_manager().add_listener(self.listener)
+        self.secrets = FreshSecretsMasker()
 
     def run(self) -> dict[str, Any]:
         cal = self.scenario.calendar
@@ -321,6 +324,7 @@ class Simulation:
         started = time.monotonic()
         before = self.gateway.received()
         dag_run = self.dags.get_dag(dag_id).test(logical_date=moment, run_conf=conf or None)
+        self.secrets.restore()
         self.watch(dag_run, self.gateway.received() - before)
         runs, seconds = self.seconds_by_dag.get(dag_id, (0, 0.0))
         self.seconds_by_dag[dag_id] = [runs + 1, seconds + time.monotonic() - started]
