@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
@@ -341,6 +342,36 @@ def test_charge_same_merchant_uid_after_failed_is_new_attempt(
     assert (failed["status"], paid["status"]) == ("failed", "paid")
     assert failed["imp_uid"] != paid["imp_uid"]
     assert [r["status"] for r in db_payments(emulator, merchant_uid)] == ["failed", "paid"]
+
+
+def test_a_held_charge_reaches_iamport_only_when_released(
+    api: Api, emulator: EmulatorHandle
+) -> None:
+    customer_uid, merchant_uid = uid("cust"), uid("order")
+    api.register(customer_uid, CARD_ALWAYS_PAID)
+    requests.post(f"{api.url}/__emulator__/hold", json={"charges": 1}, timeout=5)
+    first: dict[str, Any] = {}
+    stuck = threading.Thread(target=lambda: first.update(api.charge(customer_uid, merchant_uid)))
+    stuck.start()
+    held = _wait_for_held(api.url)
+    # Meanwhile a second request for the merchant_uid passes, on a card now declining.
+    api.register(customer_uid, CARD_SOFT_DECLINE)
+    second = api.charge(customer_uid, merchant_uid)["response"]
+    api.register(customer_uid, CARD_ALWAYS_PAID)
+    released = requests.post(f"{api.url}/__emulator__/release", timeout=5).json()["released"]
+    stuck.join(10)
+    assert held == {merchant_uid: customer_uid} and released == [merchant_uid]
+    assert (second["status"], first["response"]["status"]) == ("failed", "paid")
+    assert [r["status"] for r in db_payments(emulator, merchant_uid)] == ["failed", "paid"]
+
+
+def _wait_for_held(url: str) -> dict[str, str]:
+    for _ in range(200):
+        held = requests.get(f"{url}/__emulator__/stats", timeout=5).json()["held"]
+        if held:
+            return held
+        time.sleep(0.02)
+    raise AssertionError("no charge was held")
 
 
 @pytest.mark.parametrize(

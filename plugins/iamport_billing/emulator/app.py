@@ -64,6 +64,8 @@ DEFAULT_LIMIT = 20
 MAX_LIMIT = 1000
 DEFAULT_WINDOW_S = 90 * 86400
 ADMIN_PREFIX = "/__emulator__"
+# A held charge request goes on by itself after this long, released or not.
+HOLD_LIMIT_S = 60.0
 RECEIPT_PREFIX = "/receipts/"
 _DROP = "iamport_emulator_drop_connection"
 
@@ -140,6 +142,8 @@ class EmulatorState:
             "charges": Counter(),
         }
         self._lock = threading.Lock()
+        self.holds = 0  # how many of the next charge requests to hold
+        self.held: dict[str, str] = {}  # merchant_uid -> customer_uid, held now
 
     def count(self, group: str, key: str) -> None:
         with self._lock:
@@ -151,8 +155,32 @@ class EmulatorState:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             data: dict[str, Any] = {k: dict(v) for k, v in self.counters.items()}
+            data["held"] = dict(self.held)
         data["payments"] = self.store.payment_counts()
         return data
+
+    async def held_in_the_network(self, merchant_uid: str, customer_uid: str) -> None:
+        """A charge request stuck on its way, when a test asked for one: Iamport sees it only
+        once it is released (``POST /__emulator__/release``) or after ``HOLD_LIMIT_S``."""
+        with self._lock:
+            if not self.holds:
+                return
+            self.holds -= 1
+            self.held[merchant_uid] = customer_uid
+        deadline = time.monotonic() + HOLD_LIMIT_S
+        while merchant_uid in self.held and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        with self._lock:
+            self.held.pop(merchant_uid, None)
+
+    def hold(self, count: int) -> None:
+        with self._lock:
+            self.holds = count
+
+    def release(self) -> list[str]:
+        with self._lock:
+            released, self.held, self.holds = list(self.held), {}, 0
+        return released
 
 
 class EmulatorApp(FastAPI):
@@ -736,6 +764,7 @@ def create_app(config: EmulatorConfig, store: Store | None = None) -> EmulatorAp
         except ApiError:
             em.count("charges", "invalid")
             raise
+        await em.held_in_the_network(charge["merchant_uid"], charge["customer_uid"])
         base = receipt_base(request)
         outcome, payment = await run_in_threadpool(
             db.charge,
@@ -878,5 +907,19 @@ def create_app(config: EmulatorConfig, store: Store | None = None) -> EmulatorAp
             if "seed" in body:
                 em.reseed(config.seed)
             return JSONResponse(config.faults())
+
+        @app.post(ADMIN_PREFIX + "/hold")
+        async def hold(request: Request) -> Response:
+            """Hold the next ``charges`` charge requests in the network (stats list them)."""
+            count = (await read_body(request)).get("charges", 1)
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                return JSONResponse({"error": "charges must be a whole number >= 0"}, 400)
+            em.hold(count)
+            return JSONResponse({"holds": count})
+
+        @app.post(ADMIN_PREFIX + "/release")
+        async def release() -> dict[str, Any]:
+            """Let the held charge requests reach Iamport; hold no more."""
+            return {"released": em.release()}
 
     return app
