@@ -96,3 +96,42 @@ class FreshSecretsMasker:
             if masker.patterns != patterns:
                 masker.patterns = set(patterns)
                 masker.replacer = re.compile("|".join(patterns)) if patterns else None
+
+
+def clear_and_run_again(dag: Any, run_id: str, tasks: list[tuple[str, int]]) -> Any:
+    """What a person clearing failed tasks in the UI (without Downstream), then the
+    scheduler, do to one run: Airflow's own clear of those task instances (the REST API's
+    ``dag.clear`` then ``clear_task_instances``), then the loop ``dag.test()`` runs, over the
+    same run, until it ends. Returns the run."""
+    from airflow import settings
+    from airflow.models.dagbag import DBDagBag
+    from airflow.models.dagrun import DagRun
+    from airflow.models.taskinstance import clear_task_instances
+    from airflow.sdk.definitions.dag import _run_task
+    from airflow.utils.state import DagRunState, TaskInstanceState
+    from sqlalchemy import select
+
+    session = settings.Session()
+    scheduler_dag = DBDagBag().get_latest_version_of_dag(dag.dag_id, session=session)
+    cleared = scheduler_dag.clear(
+        dry_run=True, task_ids=tasks, run_id=run_id, only_failed=True, session=session
+    )
+    clear_task_instances(cleared, session, DagRunState.QUEUED)
+    session.commit()
+    dag_run = session.scalar(
+        select(DagRun).where(DagRun.dag_id == dag.dag_id, DagRun.run_id == run_id)
+    )
+    dag_run.dag = scheduler_dag
+    dag_run.state = DagRunState.RUNNING  # the scheduler starts the queued run
+    session.commit()
+    while dag_run.state == DagRunState.RUNNING:
+        session.expire_all()
+        schedulable, _ = dag_run.update_state(session=session)
+        for ti in schedulable:
+            ti.try_number += 1
+            ti.state = TaskInstanceState.SCHEDULED
+        session.commit()
+        for ti in dag_run.get_task_instances(session=session):
+            if ti.state == TaskInstanceState.SCHEDULED:
+                _run_task(ti=ti, task=dag.task_dict[ti.task_id])
+    return dag_run

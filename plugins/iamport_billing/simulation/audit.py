@@ -78,6 +78,7 @@ INVARIANTS = (
     "one_token_per_task",
     "nothing_charged_from_mostly_broken_rows",
     "no_task_crashes",
+    "paid_periods_move_their_subscription_on",
 )
 
 

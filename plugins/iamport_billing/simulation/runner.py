@@ -31,10 +31,11 @@ from iamport_billing.emulator.config import CARD_ALWAYS_PAID, SWITCH_FIELDS, Emu
 from iamport_billing.emulator.server import EmulatorProcess, start_emulator_process
 from iamport_billing.emulator.store import Store, customer_row
 from iamport_billing.policy import SEOUL, Guardrails
-from iamport_billing.simulation.airflow_runs import FreshSecretsMasker
+from iamport_billing.simulation.airflow_runs import FreshSecretsMasker, clear_and_run_again
 from iamport_billing.simulation.audit import Violations, audit
 from iamport_billing.simulation.scenario import Scenario, load_scenario
 from iamport_billing.simulation.world import Event, World, build_world
+from iamport_billing.simulation.zombie import NextTryWhileTheFirstHangs
 from iamport_billing.states import PAID, REJECTED, SUB_CANCELLED, SUBSCRIPTION_STATUSES, UNKNOWN
 from iamport_billing.warehouse.ledger import Ledger
 
@@ -49,6 +50,8 @@ TOKENS_GIVEN = "tokens given"  # getToken answered with a token
 # most charges whose outcome a client could not know (a refused token or auth moves nothing).
 MAY_HAVE_CHARGED = "may have charged"
 RAN = ("success", "failed")
+# The DAGs that charge, and so write their paid periods back to the subscriptions table.
+CHARGING = (DAILY, "iamport_billing_retry", "iamport_billing_backfill")
 FAULTS_OFF = {k: v for k, v in EmulatorConfig().faults().items() if k in (*RATES, *SWITCH_FIELDS)}
 
 
@@ -101,6 +104,16 @@ class EmulatorUnderTest:
         stats = self.http.get(f"{self.url}/__emulator__/stats", timeout=10).json()
         self.resends += int((stats.get("charges") or {}).get("duplicate", 0))
 
+    def hold(self, charges: int) -> None:
+        self.http.post(f"{self.url}/__emulator__/hold", json={"charges": charges}, timeout=10)
+
+    def held(self) -> dict[str, str]:
+        return self.http.get(f"{self.url}/__emulator__/stats", timeout=10).json()["held"]
+
+    def release(self) -> None:
+        if self.process is not None:
+            self.http.post(f"{self.url}/__emulator__/release", timeout=10).raise_for_status()
+
     def at(self, moment: datetime) -> None:
         """Move the emulator's clock to ``moment`` (it then runs on at the machine's pace)."""
         self.control(clock_offset_s=moment.timestamp() - time.time())
@@ -126,6 +139,8 @@ class Simulation:
     broken: list[str] = field(default_factory=list)
     refunds_today: list[Event] = field(default_factory=list)
     refunds_asked: dict[str, int] = field(default_factory=dict)  # merchant_uid -> KRW
+    to_clear: Any = None  # yesterday's daily run, when charge tasks of it failed
+    left_behind: set[tuple[str, date]] = field(default_factory=set)
     listener: AirflowListener = field(init=False)
     secrets: FreshSecretsMasker = field(init=False)
     ledger: Ledger | None = None
@@ -202,7 +217,11 @@ class Simulation:
                     self.apply(event, ledger)
         incidents = [i for i in self.scenario.incidents if i.covers(day)]
         self.break_amounts(day, max((i.broken_amount_share for i in incidents), default=0.0))
-        self.listener.arm(day, max((i.reprice_during_run_share for i in incidents), default=0.0))
+        self.listener.arm(
+            day,
+            reprice_share=max((i.reprice_during_run_share for i in incidents), default=0.0),
+            stall_a_charge=any(i.stalled_charge_try for i in incidents),
+        )
         if any(i.outage for i in incidents):
             self.gateway.down()
             return
@@ -266,6 +285,8 @@ class Simulation:
     def day(self, day: date) -> None:
         s = self.scenario.settings
         charge = {"max_concurrency": s.max_concurrency}
+        if self.to_clear is not None:
+            self.clear_failed_charges(_at(day, "08:30"))
         self.run_dag("iamport_billing_precheck", _at(day, "09:00"))
         daily = {"batch_size": s.batch_size, "max_count": s.max_count,
                  "max_total_amount": s.max_total_amount, **charge}  # fmt: skip
@@ -274,8 +295,10 @@ class Simulation:
             # 11:00: a person checked the plan (a month end, a catch-up day) and triggers the
             # run again with the multiple off for it, as the runbook says.
             self.approvals.append(day.isoformat())
-            self.run_dag("iamport_billing_daily", _at(day, "10:00"), **daily,
-                         max_total_multiple_of_previous=0)  # fmt: skip
+            run = self.run_dag("iamport_billing_daily", _at(day, "10:00"), **daily,
+                               max_total_multiple_of_previous=0)  # fmt: skip
+        if s.clear_failed_charge_tasks and _failed_charge_tasks(run):
+            self.to_clear = run
         self.refund(day)
         for b in (b for b in self.scenario.backfills if b.on == day):
             self.run_dag(
@@ -319,21 +342,37 @@ class Simulation:
         return bool(record and record[0] and "x the previous run" in record[0])
 
     def run_dag(self, dag_id: str, moment: datetime, **conf: Any) -> Any:
+        dag, run_conf = self.dags.get_dag(dag_id), conf or None
+        return self.timed(dag_id, moment, lambda: dag.test(logical_date=moment, run_conf=run_conf))
+
+    def clear_failed_charges(self, moment: datetime) -> None:
+        """08:30: a person clears the failed charge tasks of yesterday's daily run, alone."""
+        dag_run, self.to_clear = self.to_clear, None
+        dag = self.dags.get_dag(DAILY)
+        failed = _failed_charge_tasks(dag_run)
+        self.timed(
+            f"{DAILY} (failed charge tasks cleared)",
+            moment,
+            lambda: clear_and_run_again(dag, dag_run.run_id, failed),
+        )
+
+    def timed(self, name: str, moment: datetime, run: Any) -> Any:
         if self.gateway.process is not None:
             self.gateway.at(moment)
         started = time.monotonic()
         before = self.gateway.received()
-        dag_run = self.dags.get_dag(dag_id).test(logical_date=moment, run_conf=conf or None)
+        dag_run = run()
+        self.listener.run_over()
         self.secrets.restore()
         self.watch(dag_run, self.gateway.received() - before)
-        runs, seconds = self.seconds_by_dag.get(dag_id, (0, 0.0))
-        self.seconds_by_dag[dag_id] = [runs + 1, seconds + time.monotonic() - started]
+        runs, seconds = self.seconds_by_dag.get(name, (0, 0.0))
+        self.seconds_by_dag[name] = [runs + 1, seconds + time.monotonic() - started]
         if dag_run.state != "success":
             failed = sorted(
                 ti.task_id for ti in dag_run.get_task_instances() if ti.state == "failed"
             )
             self.failed_runs.append(
-                {"dag_id": dag_id, "at": moment.isoformat(), "failed_tasks": failed}
+                {"dag_id": name, "at": moment.isoformat(), "failed_tasks": failed}
             )
         return dag_run
 
@@ -346,6 +385,14 @@ class Simulation:
         with self.warehouse() as ledger:
             left = ledger.unsettled_for_run(run)
             by_status = ledger.run_summary(run)
+            behind = ledger.paid_not_advanced() if dag_run.dag_id in CHARGING else []
+        for sub, day, _ in behind:
+            if (sub, day) not in self.left_behind:
+                self.left_behind.add((sub, day))
+                self.watched.add(
+                    "paid_periods_move_their_subscription_on",
+                    f"{at}: {sub} paid for {day} still bills on {day}",
+                )
         rejected = by_status.get(REJECTED, {}).get("count", 0)
         sent = sum(v.get("count", 0) for k, v in by_status.items() if k != REJECTED)
         seen, guard = rejected + sent, Guardrails()
@@ -392,17 +439,38 @@ class AirflowListener:
     """What the simulation hears from Airflow's task runner (a listener, like any plugin's).
 
     On the plan task's success, an upstream job armed by the scenario for the day lands
-    between the daily run's plan and its charge tasks. On a task's failure, the error must be
-    a decision (an Airflow or billing error that says why), never a programming error.
+    between the daily run's plan and its charge tasks. As the daily's first charge task starts,
+    a stalled charge armed for the day makes its next try run while its request hangs. On a
+    task's failure, the error must be a decision (an Airflow or billing error that says why),
+    never a programming error.
     """
 
     def __init__(self, sim: Simulation) -> None:
         self.sim = sim
         self.day: date | None = None
         self.share = 0.0
+        self.stall_a_charge = False
+        self.next_try: NextTryWhileTheFirstHangs | None = None
 
-    def arm(self, day: date, share: float) -> None:
-        self.day, self.share = day, share
+    def arm(self, day: date, *, reprice_share: float, stall_a_charge: bool) -> None:
+        self.day, self.share, self.stall_a_charge = day, reprice_share, stall_a_charge
+
+    def run_over(self) -> None:
+        if self.next_try is not None:
+            self.next_try.finish()
+            self.next_try = None
+
+    @hookimpl
+    def on_task_instance_running(self, previous_state: Any, task_instance: Any) -> None:
+        first_charge = (DAILY, "charge", 0, 1)
+        ti = task_instance
+        if self.stall_a_charge and (ti.dag_id, ti.task_id, ti.map_index, ti.try_number) == (
+            first_charge
+        ):
+            self.stall_a_charge = False
+            self.next_try = NextTryWhileTheFirstHangs(
+                ti, self.sim.gateway, self.sim.scenario.settings.pending_lease_seconds
+            )
 
     @hookimpl
     def on_task_instance_success(self, previous_state: Any, task_instance: Any) -> None:
@@ -420,6 +488,14 @@ class AirflowListener:
                 "no_task_crashes",
                 f"{task_instance.dag_id}.{task_instance.task_id}: {type(error).__name__}: {error}",
             )
+
+
+def _failed_charge_tasks(dag_run: Any) -> list[tuple[str, int]]:
+    return [
+        (ti.task_id, ti.map_index)
+        for ti in dag_run.get_task_instances()
+        if ti.task_id == "charge" and ti.state == "failed"
+    ]
 
 
 def _paid_amount(row: Any) -> int:

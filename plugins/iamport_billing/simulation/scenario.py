@@ -125,6 +125,10 @@ class Incident:
     # A price change for this share of the subscriptions lands while the daily run is between
     # its plan and its charge tasks (+10%, for good).
     reprice_during_run_share: float = 0.0
+    # A zombie try: the daily run's first charge request hangs in the network past the task's
+    # lease; the task's next try runs meanwhile and that card declines; then the hung request
+    # reaches Iamport, where the card pays.
+    stalled_charge_try: bool = False
     # The emulator's foreign/hostile switches for these days, e.g. foreign_404_json: true.
     switches: tuple[tuple[str, Any], ...] = ()
 
@@ -153,6 +157,9 @@ class Settings:
     # A person approves a plan stopped by the multiple-of-previous guardrail the same day
     # (re-run with the multiple off); false: nobody does, and the backlog grows.
     approve_tripped_multiple: bool = True
+    # A person clears a failed daily run's failed charge tasks, and only those (the UI's Clear
+    # without Downstream), the next morning at 08:30; false: nobody does.
+    clear_failed_charge_tasks: bool = False
     # Wall-clock leases: a simulated day takes about a second, so leases shrink to match.
     pending_lease_seconds: float = 3.0
     unknown_settle_seconds: float = 0.2
@@ -354,11 +361,13 @@ def _incident(data: Any, where: str, calendar: Calendar) -> Incident:
         reprice_during_run_share=_share(
             d.get("reprice_during_run_share", 0), f"{where}.reprice_during_run_share"
         ),
+        stalled_charge_try=_bool(d.get("stalled_charge_try", False), f"{where}.stalled_charge_try"),
         switches=tuple(sorted(switches.items())),
     )
     if incident == Incident(start, end):
         raise ScenarioError(
-            f"{where}: names no trouble (outage, a rate, latency_ms, a share, a switch)"
+            f"{where}: names no trouble (outage, a rate, latency_ms, a share, a switch, "
+            "stalled_charge_try)"
         )
     return incident
 
@@ -403,6 +412,9 @@ def _settings(data: Any) -> Settings:
         batch_size=_int(d.get("batch_size", 500), "settings.batch_size", minimum=1, maximum=5000),
         approve_tripped_multiple=_bool(
             d.get("approve_tripped_multiple", True), "settings.approve_tripped_multiple"
+        ),
+        clear_failed_charge_tasks=_bool(
+            d.get("clear_failed_charge_tasks", False), "settings.clear_failed_charge_tasks"
         ),
         pending_lease_seconds=_number(
             d.get("pending_lease_seconds", 3.0), "settings.pending_lease_seconds", minimum=1

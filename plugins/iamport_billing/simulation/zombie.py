@@ -1,0 +1,81 @@
+"""A zombie try: a charge task's next try runs while its first try's request hangs.
+
+In a deployment, a worker whose charge request hangs in the network stops heartbeating; the
+scheduler gives up on that try and runs the next, while the first one's request is still on
+its way. ``dag.test()`` runs one task at a time in one process, so the simulation makes the
+next try itself: the same charge operator, rendered by Airflow for the first try, run with
+the next try number in a thread while the first try waits on its hung request. Only the
+scheduler's part (deciding to start the next try) is played by the simulation.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from types import SimpleNamespace
+from typing import Any, Protocol
+
+from iamport_billing.emulator.config import CARD_SOFT_DECLINE
+from iamport_billing.emulator.store import Store, customer_row
+
+log = logging.getLogger(__name__)
+
+
+class HoldingGateway(Protocol):
+    def hold(self, charges: int) -> None: ...
+    def held(self) -> dict[str, str]: ...
+    def release(self) -> None: ...
+    def billing_keys(self) -> Store: ...
+
+
+class NextTryWhileTheFirstHangs:
+    """Started as try 1 of a charge task starts: its first charge request will hang at the
+    gateway. Once it does, that card declines, the lease passes and the next try runs the same
+    batch; then the card is as it was and the hung request reaches Iamport."""
+
+    def __init__(self, task_instance: Any, gateway: HoldingGateway, lease_seconds: float) -> None:
+        self.gateway, self.lease_seconds = gateway, lease_seconds
+        self.task = copy.copy(task_instance.task)
+        self.context = dict(task_instance.get_template_context())
+        self.context["ti"] = SimpleNamespace(
+            dag_id=task_instance.dag_id, run_id=task_instance.run_id,
+            task_id=task_instance.task_id, map_index=task_instance.map_index,
+            try_number=task_instance.try_number + 1,
+        )  # fmt: skip
+        self.first_try_over = threading.Event()
+        self.thread = threading.Thread(target=self._next_try, name="next-try", daemon=True)
+        gateway.hold(1)
+        self.thread.start()
+
+    def finish(self) -> None:
+        """After the run: nothing stays held, and the next try is over."""
+        self.first_try_over.set()
+        self.thread.join()
+        self.gateway.release()
+
+    def _next_try(self) -> None:
+        held = self._held()
+        if not held:
+            return  # try 1 sent nothing
+        keys = self.gateway.billing_keys()
+        customer_uid = next(iter(held.values()))
+        card = keys.get_customer(customer_uid)
+        keys.save_customers([customer_row(customer_uid, CARD_SOFT_DECLINE, int(time.time()))])
+        try:
+            time.sleep(self.lease_seconds + 0.5)  # the scheduler waits out the try's lease
+            self.task.execute(self.context)
+        except Exception:
+            log.exception("the next try of %s failed", self.context["ti"].task_id)
+        finally:
+            if card is not None:
+                keys.save_customers([card])
+            self.gateway.release()
+
+    def _held(self) -> dict[str, str]:
+        while not self.first_try_over.is_set():
+            if found := self.gateway.held():
+                return found
+            time.sleep(0.02)
+        return {}
