@@ -5,9 +5,10 @@ database on each call (so sibling DAGs stay current, apache/airflow#64884). A si
 the same unchanged DAG files thousands of times: it parses and syncs them once, then skips
 the re-sync. Params are validated against their JSON schemas on every resolve (about 25 times
 per task) by ``jsonschema.validate``, which re-checks the schema itself each time; the
-simulation keeps one validator per schema. The runs themselves (scheduling loop, task
-execution through the in-process execution API, XComs, the tasks' code, every Param check)
-are untouched.
+simulation keeps one validator per schema, and gives each run the secrets masker a fresh task
+process has. The runs themselves (scheduling loop, task execution through the in-process
+execution API, XComs, the tasks' code, every Param check) are untouched. A person clearing
+tasks of an ended run is Airflow's own clear, then the same loop over that run.
 """
 
 from __future__ import annotations
