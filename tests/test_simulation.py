@@ -85,6 +85,8 @@ def test_the_report_prints_invariants_and_figures(quarter: tuple[int, dict, str]
         ("population: [1, 2]", "population: expected a mapping"),
         ("refunds: {share: 1.5}", "refunds.share"),
         ("incidents: [{on: 2027-01-05, broken_amount_share: 2}]", "broken_amount_share"),
+        ("incidents: [{on: 2027-01-05, stalled_charge_try: 1}]", "stalled_charge_try"),
+        ("settings: {clear_failed_charge_tasks: yes}", "settings.clear_failed_charge_tasks"),
     ],
 )
 def test_a_wrong_scenario_is_refused_with_the_key_named(
