@@ -34,7 +34,7 @@ def test_a_simulated_quarter_violates_no_invariant(quarter: tuple[int, dict, str
     code, report, stdout = quarter
     assert report, stdout
     assert report["invariants"] == dict.fromkeys(report["invariants"], 0), report["violations"]
-    assert len(report["invariants"]) == 14
+    assert len(report["invariants"]) == 15
     assert code == 0
 
 
