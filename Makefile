@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml requirements/overrides.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --overrides requirements/overrides.txt \
 		-e '.[mysql,test,dev]'
+	# setuptools leaves the package's metadata in plugins/, its package dir. Airflow puts the
+	# plugins folder on sys.path, finds the distribution there and in .venv, and registers the
+	# plugin twice ("Plugin 'iamport_billing' already registered"). The .venv copy is the one.
+	rm -rf plugins/*.egg-info
 	touch $(STAMP)
 
 demo: setup

@@ -147,6 +147,12 @@ def test_ledger_matches_the_emulator_payments(airflow):
     }
 
 
+def test_the_api_server_has_the_plugin_once_and_no_plugin_import_error(airflow):
+    plugins = airflow.api.ok("GET", "/api/v2/plugins")["plugins"]
+    assert [p["name"] for p in plugins].count("iamport_billing") == 1
+    assert airflow.api.ok("GET", "/api/v2/plugins/importErrors")["total_entries"] == 0
+
+
 def test_billing_page_refuses_anonymous_requests(airflow):
     r = requests.get(f"{airflow.stack.url}/billing/", timeout=30)
     assert r.status_code in (401, 403)

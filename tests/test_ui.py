@@ -255,6 +255,14 @@ def test_plugin_is_loaded_from_the_entry_point_with_a_nav_entry(client):
     assert any(v["name"] == "Billing" and v["href"] == "/billing/" for v in views)
 
 
+def test_the_plugin_registers_once_without_an_import_error():
+    from airflow import plugins_manager
+
+    names = [p["name"] for p in plugins_manager.get_plugin_info()]
+    assert names.count("iamport_billing") == 1
+    assert plugins_manager.get_import_errors() == {}
+
+
 def test_charge_operator_links_to_its_runs_attempts():
     from airflow.models.taskinstancekey import TaskInstanceKey
     from iamport_billing.operators.charge import ChargeAgainOperator

@@ -279,7 +279,15 @@ def add_connection(stack: AirflowStack, conn_id: str, conn: Mapping[str, Any]) -
     stack.airflow("connections", "add", conn_id, "--conn-json", json.dumps(conn))
 
 
+def _stop_as_on_ctrl_c(signum: int, frame: Any) -> None:
+    """SIGTERM (``kill``, a terminal closing, make passing it on) stops everything as Ctrl-C
+    does: the components run in process groups of their own and would outlive us."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop is enough
+    raise KeyboardInterrupt
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _stop_as_on_ctrl_c)
     root = Path(os.environ.get("IAMPORT_UP_ROOT") or REPO / ".demo" / "up")
     port = int(os.environ.get("IAMPORT_UP_PORT", "8080"))
     user, password = "ops", os.environ.get("IAMPORT_UP_PASSWORD", "ops")
