@@ -87,6 +87,11 @@ def test_the_report_prints_invariants_and_figures(quarter: tuple[int, dict, str]
         ("incidents: [{on: 2027-01-05, broken_amount_share: 2}]", "broken_amount_share"),
         ("incidents: [{on: 2027-01-05, stalled_charge_try: 1}]", "stalled_charge_try"),
         ("settings: {clear_failed_charge_tasks: yes}", "settings.clear_failed_charge_tasks"),
+        (
+            "incidents: [{on: 2027-01-05, stalled_charge_try: true}]\n"
+            "settings: {pending_lease_seconds: 30}",
+            "stalled_charge_try needs settings.pending_lease_seconds up to 6",
+        ),
     ],
 )
 def test_a_wrong_scenario_is_refused_with_the_key_named(

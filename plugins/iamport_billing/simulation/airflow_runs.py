@@ -104,15 +104,18 @@ def clear_and_run_again(dag: Any, run_id: str, tasks: list[tuple[str, int]]) -> 
     scheduler, do to one run: Airflow's own clear of those task instances (the REST API's
     ``dag.clear`` then ``clear_task_instances``), then the loop ``dag.test()`` runs, over the
     same run, until it ends. Returns the run."""
+    import time
+
     from airflow import settings
     from airflow.models.dagbag import DBDagBag
     from airflow.models.dagrun import DagRun
     from airflow.models.taskinstance import clear_task_instances
+    from airflow.sdk import timezone
     from airflow.sdk.definitions.dag import _run_task
     from airflow.utils.state import DagRunState, TaskInstanceState
     from sqlalchemy import select
 
-    session = settings.Session()
+    session = settings.Session()  # the thread's scoped session, as dag.test() uses
     scheduler_dag = DBDagBag().get_latest_version_of_dag(dag.dag_id, session=session)
     cleared = scheduler_dag.clear(
         dry_run=True, task_ids=tasks, run_id=run_id, only_failed=True, session=session
@@ -129,10 +132,18 @@ def clear_and_run_again(dag: Any, run_id: str, tasks: list[tuple[str, int]]) -> 
         session.expire_all()
         schedulable, _ = dag_run.update_state(session=session)
         for ti in schedulable:
-            ti.try_number += 1
+            if ti.state != TaskInstanceState.UP_FOR_RESCHEDULE:
+                ti.try_number += 1
             ti.state = TaskInstanceState.SCHEDULED
+            ti.scheduled_dttm = timezone.utcnow()
         session.commit()
-        for ti in dag_run.get_task_instances(session=session):
-            if ti.state == TaskInstanceState.SCHEDULED:
-                _run_task(ti=ti, task=dag.task_dict[ti.task_id])
+        scheduled = [
+            ti
+            for ti in dag_run.get_task_instances(session=session)
+            if ti.state == TaskInstanceState.SCHEDULED
+        ]
+        if not scheduled:
+            time.sleep(1)  # waiting on a retry delay, as dag.test() does
+        for ti in scheduled:
+            _run_task(ti=ti, task=dag.task_dict[ti.task_id])
     return dag_run

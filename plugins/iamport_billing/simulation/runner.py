@@ -354,9 +354,11 @@ class Simulation:
             f"{DAILY} (failed charge tasks cleared)",
             moment,
             lambda: clear_and_run_again(dag, dag_run.run_id, failed),
+            tasks_run=len(failed),
         )
 
-    def timed(self, name: str, moment: datetime, run: Any) -> Any:
+    def timed(self, name: str, moment: datetime, run: Any, tasks_run: int | None = None) -> Any:
+        """``tasks_run``: how many tasks ``run`` runs, when not all of the run's tasks."""
         if self.gateway.process is not None:
             self.gateway.at(moment)
         started = time.monotonic()
@@ -364,7 +366,7 @@ class Simulation:
         dag_run = run()
         self.listener.run_over()
         self.secrets.restore()
-        self.watch(dag_run, self.gateway.received() - before)
+        self.watch(dag_run, self.gateway.received() - before, moment, tasks_run)
         runs, seconds = self.seconds_by_dag.get(name, (0, 0.0))
         self.seconds_by_dag[name] = [runs + 1, seconds + time.monotonic() - started]
         if dag_run.state != "success":
@@ -376,11 +378,13 @@ class Simulation:
             )
         return dag_run
 
-    def watch(self, dag_run: Any, received: Counter[str]) -> None:
+    def watch(
+        self, dag_run: Any, received: Counter[str], moment: datetime, tasks_run: int | None
+    ) -> None:
         """What a run must never do, checked as it ends: its end state may not show it."""
         tis = dag_run.get_task_instances()
         failed = {_task_id(ti) for ti in tis if ti.state == "failed"}
-        at = f"{dag_run.dag_id} {dag_run.logical_date.astimezone(SEOUL):%Y-%m-%d %H:%M}"
+        at = f"{dag_run.dag_id} at {moment.astimezone(SEOUL):%Y-%m-%d %H:%M}"
         run = {"dag_id": dag_run.dag_id, "run_id": dag_run.run_id}
         with self.warehouse() as ledger:
             left = ledger.unsettled_for_run(run)
@@ -416,10 +420,29 @@ class Simulation:
             self.watched.add("no_unknown_without_a_charge_request",
                             f"{at}: {unknown} unknown, {charges} charges handled or lost to a 5xx",
                             unknown - charges)  # fmt: skip
-        tokens, ran = received[TOKENS_GIVEN], sum(ti.state in RAN for ti in tis)
+        ran = sum(ti.state in RAN for ti in tis) if tasks_run is None else tasks_run
+        tokens = received[TOKENS_GIVEN]
         if tokens > ran:
             self.watched.add(
                 "one_token_per_task", f"{at}: {tokens} tokens fetched by {ran} tasks", tokens - ran
+            )
+
+    def check_next_try(self, next_try: NextTryWhileTheFirstHangs) -> None:
+        """A stalled charge try the scenario asked for happened, or the simulation stops: a
+        zombie that never ran would pass every invariant and prove nothing."""
+        uid, error = next_try.held_merchant_uid, next_try.error
+        if isinstance(error, CRASHES):
+            self.watched.add("no_task_crashes", f"the next try of the daily's charge[0]: {error!r}")
+        if uid is None:
+            raise RuntimeError(
+                "stalled_charge_try: the daily's first charge task sent no charge to hold"
+            )
+        with self.warehouse() as ledger:
+            row = ledger.attempts_by_merchant_uid([uid]).get(uid)
+        if row is None or row.try_number != 2:
+            raise RuntimeError(
+                f"stalled_charge_try: the next try did not take {uid} over while it hung "
+                f"(row: {row}; the next try raised {error!r})"
             )
 
     def report_progress(self, done: int, days: int, day: date, started: float) -> None:
@@ -458,6 +481,7 @@ class AirflowListener:
     def run_over(self) -> None:
         if self.next_try is not None:
             self.next_try.finish()
+            self.sim.check_next_try(self.next_try)
             self.next_try = None
 
     @hookimpl
@@ -472,8 +496,18 @@ class AirflowListener:
                 ti, self.sim.gateway, self.sim.scenario.settings.pending_lease_seconds
             )
 
+    def _first_try_ended(self, task_instance: Any) -> None:
+        ti = task_instance
+        if self.next_try is not None and (ti.dag_id, ti.task_id, ti.map_index) == (
+            DAILY,
+            "charge",
+            0,
+        ):
+            self.next_try.first_try_ended()
+
     @hookimpl
     def on_task_instance_success(self, previous_state: Any, task_instance: Any) -> None:
+        self._first_try_ended(task_instance)
         if self.share and (task_instance.dag_id, task_instance.task_id) == (DAILY, "plan"):
             assert self.day is not None
             self.sim.reprice(self.day, self.share)
@@ -483,6 +517,7 @@ class AirflowListener:
     def on_task_instance_failed(
         self, previous_state: Any, task_instance: Any, error: BaseException | str | None
     ) -> None:
+        self._first_try_ended(task_instance)
         if isinstance(error, CRASHES):
             self.sim.watched.add(
                 "no_task_crashes",

@@ -33,6 +33,11 @@ _YamlLoader.add_implicit_resolver(
 )
 
 
+# A stalled charge try waits out the lease (+0.5 s) and the next try while the first one's request
+# hangs; the simulation's read timeout is 10 s.
+STALL_LEASE_LIMIT_S = 6.0
+
+
 class ScenarioError(ValueError):
     """The scenario file is wrong; the message names the key."""
 
@@ -236,6 +241,13 @@ def parse_scenario(data: Any, *, name: str = "scenario") -> Scenario:
         refunds=_refunds(d.get("refunds", {})),
         settings=_settings(d.get("settings", {})),
     )
+    lease = scenario.settings.pending_lease_seconds
+    if any(i.stalled_charge_try for i in scenario.incidents) and lease > STALL_LEASE_LIMIT_S:
+        raise ScenarioError(
+            f"incidents: stalled_charge_try needs settings.pending_lease_seconds up to "
+            f"{STALL_LEASE_LIMIT_S:g} (got {lease:g}): the hung request must outlast the lease "
+            "and still be answered within the simulation's 10 s read timeout"
+        )
     shares = sum(getattr(scenario.cards, f.name).share for f in fields(Cards))
     if shares > 1:
         raise ScenarioError(f"cards: the behaviour shares add up to {shares:g}, over 1")

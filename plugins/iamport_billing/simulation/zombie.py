@@ -6,6 +6,10 @@ its way. ``dag.test()`` runs one task at a time in one process, so the simulatio
 next try itself: the same charge operator, rendered by Airflow for the first try, run with
 the next try number in a thread while the first try waits on its hung request. Only the
 scheduler's part (deciding to start the next try) is played by the simulation.
+
+Airflow's in-process task comms are one per process: the next try starts only after the lease
+has passed, when the first try's other requests are long answered and it only waits on the
+hung one, so the two never talk to Airflow at once.
 """
 
 from __future__ import annotations
@@ -45,28 +49,35 @@ class NextTryWhileTheFirstHangs:
             try_number=task_instance.try_number + 1,
         )  # fmt: skip
         self.first_try_over = threading.Event()
+        self.held_merchant_uid: str | None = None
+        self.error: BaseException | None = None  # what the next try raised
         self.thread = threading.Thread(target=self._next_try, name="next-try", daemon=True)
         gateway.hold(1)
         self.thread.start()
 
+    def first_try_ended(self) -> None:
+        """No later charge task's request may be held in its place."""
+        self.first_try_over.set()
+        self.gateway.release()
+
     def finish(self) -> None:
         """After the run: nothing stays held, and the next try is over."""
-        self.first_try_over.set()
+        self.first_try_ended()
         self.thread.join()
-        self.gateway.release()
 
     def _next_try(self) -> None:
         held = self._held()
         if not held:
             return  # try 1 sent nothing
         keys = self.gateway.billing_keys()
-        customer_uid = next(iter(held.values()))
+        self.held_merchant_uid, customer_uid = next(iter(held.items()))
         card = keys.get_customer(customer_uid)
         keys.save_customers([customer_row(customer_uid, CARD_SOFT_DECLINE, int(time.time()))])
         try:
             time.sleep(self.lease_seconds + 0.5)  # the scheduler waits out the try's lease
             self.task.execute(self.context)
-        except Exception:
+        except Exception as e:
+            self.error = e
             log.exception("the next try of %s failed", self.context["ti"].task_id)
         finally:
             if card is not None:
