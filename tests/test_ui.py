@@ -255,6 +255,50 @@ def test_plugin_is_loaded_from_the_entry_point_with_a_nav_entry(client):
     assert any(v["name"] == "Billing" and v["href"] == "/billing/" for v in views)
 
 
+def test_attempts_export_as_csv_with_the_views_filters(client, auth):
+    import csv
+    import io
+
+    r = client.get("/billing/attempts.csv", headers=auth, params={"billing_date": DAY.isoformat()})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/csv")
+    assert "attachment" in r.headers["content-disposition"]
+    assert r.content.startswith("\ufeff".encode())  # Excel reads it as UTF-8
+    rows = list(csv.DictReader(io.StringIO(r.content.decode("utf-8-sig"))))
+    assert sorted(row["merchant_uid"] for row in rows) == [
+        "s0-20261126-01", "s1-20261126-01", "s2-20261126-01", "s7-20261126-01",
+        "s8-20261126-01", "s9-rejected",
+    ]  # fmt: skip
+    declined = next(row for row in rows if row["merchant_uid"] == "s7-20261126-01")
+    assert declined["fail_reason"] == "[잔액부족] insufficient funds"
+    assert "claim_token" not in rows[0]
+    page_html = page(client, auth, "/attempts", billing_date=DAY.isoformat())
+    assert f"/billing/attempts.csv?billing_date={DAY.isoformat()}" in page_html
+
+
+def test_an_export_larger_than_its_limit_is_refused_with_what_to_narrow(client, auth, monkeypatch):
+    monkeypatch.setattr("iamport_billing.ui.app.EXPORT_LIMIT", 5)
+    r = client.get("/billing/attempts.csv", headers=auth, params={"billing_date": DAY.isoformat()})
+    assert r.status_code == 413
+    assert "6 attempts match" in r.text and "narrow it with the filters" in r.text
+
+
+def test_a_csv_cell_a_spreadsheet_would_run_as_a_formula_is_written_as_text():
+    from dataclasses import fields
+
+    from iamport_billing.ui.csv_export import attempts_csv
+    from iamport_billing.warehouse.ledger import Attempt
+
+    row = dict.fromkeys((f.name for f in fields(Attempt)), None)
+    row.update(
+        merchant_uid="x1-20261126-01", billing_date=DAY, attempt_no=1, status="failed",
+        amount=-5, fail_reason='=HYPERLINK("http://evil")', error_message="@SUM(1)",
+    )  # fmt: skip
+    (line,) = attempts_csv([Attempt(**row)]).splitlines()[1:]
+    assert "'=HYPERLINK" in line and "'@SUM(1)" in line
+    assert ",-5," in line  # a number stays a number
+
+
 def test_the_plugin_registers_once_without_an_import_error():
     from airflow import plugins_manager
 

@@ -24,12 +24,14 @@ from iamport_billing.policy import to_date
 from iamport_billing.states import ATTEMPT_STATES, FAILED, PAID, REJECTED
 from iamport_billing.ui import links
 from iamport_billing.ui.chart import ChartPoint, build_chart
+from iamport_billing.ui.csv_export import attempts_csv
 from iamport_billing.warehouse.ledger import Ledger
 from iamport_billing.warehouse.reports import AttemptFilter, BillingQueries, decline_rate
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 STATUSES = ATTEMPT_STATES
 PAGE_SIZE = 50
+EXPORT_LIMIT = 200_000  # rows in one CSV export; more must be narrowed by the filters
 
 LedgerFactory = Callable[[], Ledger]
 
@@ -149,19 +151,30 @@ def create_app(ledger_factory: LedgerFactory = default_ledger) -> FastAPI:
     def attempts(
         request: Request,
         q: Queries,
-        status: str | None = None,
-        billing_date: str | None = None,
-        customer_uid: str | None = None,
-        merchant_uid: str | None = None,
-        dag_id: str | None = None,
-        run_id: str | None = None,
+        filters: Annotated[AttemptFilter, Depends(_attempt_filter)],
         page: Annotated[int, Query(ge=1)] = 1,
     ) -> HTMLResponse:
-        if billing_date:
-            billing_date = _parse_date(billing_date).isoformat()
-        filters = AttemptFilter(status, billing_date, customer_uid, merchant_uid, dag_id, run_id)
         return render(
             request, "attempts.html", filters=filters, result=q.attempts(filters, page, PAGE_SIZE)
+        )
+
+    @app.get("/attempts.csv")
+    def attempts_export(
+        q: Queries, filters: Annotated[AttemptFilter, Depends(_attempt_filter)]
+    ) -> Response:
+        """Every attempt the filters match, newest first, as the attempts view lists them."""
+        result = q.attempts(filters, 1, EXPORT_LIMIT)
+        if result.total > EXPORT_LIMIT:
+            raise HTTPException(
+                413,
+                f"{result.total:,} attempts match; one export holds up to {EXPORT_LIMIT:,}: "
+                "narrow it with the filters (a billing date, a status, a run)",
+            )
+        name = "_".join(["attempts", *filters.as_params().values()])
+        return Response(
+            attempts_csv(result.attempts),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="{_filename(name)}.csv"'},
         )
 
     @app.get("/subscriptions/{subscription_id}", response_class=HTMLResponse)
@@ -175,6 +188,24 @@ def create_app(ledger_factory: LedgerFactory = default_ledger) -> FastAPI:
         )  # fmt: skip
 
     return app
+
+
+def _attempt_filter(
+    status: str | None = None,
+    billing_date: str | None = None,
+    customer_uid: str | None = None,
+    merchant_uid: str | None = None,
+    dag_id: str | None = None,
+    run_id: str | None = None,
+) -> AttemptFilter:
+    """The attempts view's filters, from the query string (the page and its CSV share them)."""
+    if billing_date:
+        billing_date = _parse_date(billing_date).isoformat()
+    return AttemptFilter(status, billing_date, customer_uid, merchant_uid, dag_id, run_id)
+
+
+def _filename(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:120]
 
 
 def _parse_date(value: str) -> date:
