@@ -274,6 +274,7 @@ def test_attempts_export_as_csv_with_the_views_filters(client, auth):
     assert "claim_token" not in rows[0]
     page_html = page(client, auth, "/attempts", billing_date=DAY.isoformat())
     assert f"/billing/attempts.csv?billing_date={DAY.isoformat()}" in page_html
+    assert client.get("/billing/attempts.csv").status_code == 401  # behind Airflow's login
 
 
 def test_an_export_larger_than_its_limit_is_refused_with_what_to_narrow(client, auth, monkeypatch):
