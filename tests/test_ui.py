@@ -334,6 +334,17 @@ def test_chart_scales_bars_to_a_round_maximum():
     assert len(chart.dots) == 1
 
 
+def test_the_chart_leaves_a_day_without_data_empty_and_does_not_draw_across_it():
+    points = [ChartPoint(DAY - timedelta(days=n), 1_000, rate)
+              for n, rate in ((5, 0.1), (4, 0.2), (2, 0.3), (1, None), (0, 0.1))]  # fmt: skip
+    chart = build_chart(points)
+    slot = (chart.plot[2] - chart.plot[0]) / 6
+    xs = [b.x + b.width / 2 for b in chart.bars]
+    assert [round((x - xs[0]) / slot, 3) for x in xs] == [0, 1, 3, 4, 5]  # day -3 left empty
+    # Joined only where consecutive days both have a rate: -5 to -4; -2 and 0 stand alone.
+    assert [len(line.split()) for line in chart.lines] == [2, 1, 1]
+
+
 def _rows(html: str) -> list[list[str]]:
     body = html.split("<tbody>")[-1]
     return [cells(tr) for tr in re.findall(r"<tr>(.*?)</tr>", body, re.S)]

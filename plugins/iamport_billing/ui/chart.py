@@ -34,7 +34,9 @@ class Chart:
     width: int = WIDTH
     height: int = HEIGHT
     bars: list[Bar] = field(default_factory=list)
-    line: str = ""
+    # The decline-rate line, one polyline per run of consecutive days with a rate: a day
+    # without data is a gap, never a segment drawn across it.
+    lines: list[str] = field(default_factory=list)
     dots: list[tuple[float, float, str]] = field(default_factory=list)
     x_labels: list[tuple[float, str]] = field(default_factory=list)
     amount_ticks: list[tuple[float, str]] = field(default_factory=list)
@@ -62,19 +64,23 @@ def short_amount(value: float) -> str:
 
 
 def build_chart(points: Sequence[ChartPoint]) -> Chart:
-    """Oldest date on the left. Amounts share the left axis, decline rate (0-100%) the right."""
+    """Oldest date on the left, one slot per calendar day (a day without data stays empty).
+    Amounts share the left axis, decline rate (0-100%) the right."""
     chart = Chart()
     x0, y0, x1, y1 = chart.plot
     if not points:
         return chart
     top_amount = nice_ceiling(max(p.amount_paid for p in points))
     top_rate = max(0.1, nice_ceiling(max((p.decline_rate or 0.0) * 100 for p in points)) / 100)
-    slot = (x1 - x0) / len(points)
+    first = min(p.billing_date for p in points)
+    days = (max(p.billing_date for p in points) - first).days + 1
+    slot = (x1 - x0) / days
     line: list[str] = []
+    previous: date | None = None
     every = max(1, len(points) // 8)
     bar_width = min(slot * 0.7, 36.0)
     for i, p in enumerate(points):
-        cx = x0 + slot * (i + 0.5)
+        cx = x0 + slot * ((p.billing_date - first).days + 0.5)
         height = (y1 - y0) * p.amount_paid / top_amount
         chart.bars.append(
             Bar(
@@ -85,6 +91,9 @@ def build_chart(points: Sequence[ChartPoint]) -> Chart:
                 label=f"{p.billing_date.isoformat()}: {p.amount_paid:,} KRW paid",
             )
         )
+        if p.decline_rate is None or (previous and (p.billing_date - previous).days > 1):
+            _end_line(chart, line)
+        previous = p.billing_date
         if p.decline_rate is not None:
             cy = round(y1 - (y1 - y0) * min(p.decline_rate / top_rate, 1.0), 1)
             line.append(f"{round(cx, 1)},{cy}")
@@ -93,9 +102,15 @@ def build_chart(points: Sequence[ChartPoint]) -> Chart:
             )
         if i % every == 0 or i == len(points) - 1:
             chart.x_labels.append((round(cx, 1), p.billing_date.strftime("%m-%d")))
-    chart.line = " ".join(line)
+    _end_line(chart, line)
     for k in range(5):
         y = round(y1 - (y1 - y0) * k / 4, 1)
         chart.amount_ticks.append((y, short_amount(top_amount * k / 4)))
         chart.rate_ticks.append((y, f"{top_rate * k / 4 * 100:g}%"))
     return chart
+
+
+def _end_line(chart: Chart, line: list[str]) -> None:
+    if line:
+        chart.lines.append(" ".join(line))
+        line.clear()
