@@ -44,7 +44,8 @@ def attempt(merchant_uid, status, **fields):
 
 
 def seed_ledger(ledger: Ledger) -> None:
-    """Day DAY: 3 paid, 1 soft decline, 1 unknown, 1 rejected; 31 older days of two paid each."""
+    """Day DAY: 3 paid, 1 soft decline, 1 unknown, 1 rejected; 31 older days of two paid each;
+    the day before DAY also a 30,000 KRW charge refunded in part (10,000)."""
     run = {"dag_id": DAG, "run_id": RUN}
     rows = [
         attempt(f"s{i}-20261126-01", "paid", imp_uid=f"imp_{i}",
@@ -64,6 +65,11 @@ def seed_ledger(ledger: Ledger) -> None:
                     amount=1_000 * i)
             for x in "ab"
         ]  # fmt: skip
+    before = DAY - timedelta(days=1)
+    rows.append(
+        attempt(f"r1-{before:%Y%m%d}-01", "cancelled", billing_date=before,
+                run_id=f"run-{before}", amount=30_000, paid_amount=30_000, cancel_amount=10_000)
+    )  # fmt: skip
     for row in rows:
         assert ledger.insert_attempt(row)
     ledger.record_run(run, DAY, 5, 49_500, 1, False, None)
@@ -145,16 +151,17 @@ def test_browser_without_login_gets_a_link_to_airflow_login(client):
 def test_overview_shows_outcomes_decline_rate_and_reasons_by_billing_date(client, auth):
     html = page(client, auth, "/")
     row = next(c for c in _rows(html) if c[0] == DAY.isoformat())
-    # paid, paid KRW, declined, declined KRW, decline rate, rejected, unknown/pending
-    assert row[1:8] == ["3", "29,700", "1", "9,900", "25.0%", "1", "1"]
-    assert "insufficient funds" in row[8]
-    assert RUN in row[9]
+    # paid, paid KRW, refunded KRW, net KRW, declined, declined KRW, decline rate, rejected,
+    # unknown/pending
+    assert row[1:10] == ["3", "29,700", "0", "29,700", "1", "9,900", "25.0%", "1", "1"]
+    assert "insufficient funds" in row[10]
+    assert RUN in row[11]
 
 
 def test_overview_lists_runs_by_the_dates_of_the_attempts_they_wrote(client, auth):
     yesterday = DAY - timedelta(days=1)
     row = next(c for c in _rows(page(client, auth, "/")) if c[0] == yesterday.isoformat())
-    assert f"run-{yesterday}" in row[9] and RUN not in row[9]
+    assert f"run-{yesterday}" in row[11] and RUN not in row[11]
 
 
 def test_overview_counts_unknowns_outstanding(client, auth):
@@ -171,6 +178,16 @@ def test_overview_charts_the_last_30_billing_dates(client, auth):
     oldest_shown = DAY - timedelta(days=29)
     assert f"{oldest_shown.isoformat()}: 58,000 KRW paid" in html
     assert f"{(oldest_shown - timedelta(days=1)).isoformat()}: " not in html
+
+
+def test_a_partial_refund_shows_its_amount_and_the_net_collected(client, auth):
+    before = (DAY - timedelta(days=1)).isoformat()
+    overview_row = next(r for r in _rows(page(client, auth, "/")) if r[0] == before)
+    # paid 2 x 1,000 and 30,000 taken, 10,000 of it given back
+    assert overview_row[2:5] == ["2,000", "10,000", "22,000"]
+    date_page = page(client, auth, f"/dates/{before}")
+    assert '10,000</div><div class="k">refunded (KRW)' in date_page
+    assert '22,000</div><div class="k">net collected (KRW)' in date_page
 
 
 def test_billing_date_page_lists_its_runs_and_reasons(client, auth):

@@ -12,7 +12,7 @@ from datetime import date
 from typing import Any
 
 from iamport_billing.policy import to_date
-from iamport_billing.states import FAILED, PAID, UNSETTLED
+from iamport_billing.states import AMOUNT_MISMATCH, CANCELLED, FAILED, PAID, UNSETTLED
 from iamport_billing.warehouse.ledger import (
     ATTEMPT_COLUMNS,
     ATTEMPTS,
@@ -45,6 +45,23 @@ class Outcomes:
 
     def amount(self, *statuses: str) -> int:
         return sum(self.by_status.get(s, {}).get("amount", 0) for s in statuses)
+
+    @property
+    def collected(self) -> int:
+        """KRW the gateway took: paid periods, refunded ones too (before the refund), and
+        those paid with another amount (what was taken, not what was asked)."""
+        return sum(
+            self.by_status.get(s, {}).get("taken", 0) for s in (PAID, CANCELLED, AMOUNT_MISMATCH)
+        )
+
+    @property
+    def refunded(self) -> int:
+        """KRW given back, in full or in part."""
+        return sum(v.get("refunded", 0) for v in self.by_status.values())
+
+    @property
+    def net(self) -> int:
+        return self.collected - self.refunded
 
     @property
     def decline_rate(self) -> float | None:
@@ -146,13 +163,18 @@ class BillingQueries:
             return {}
         marks = ", ".join(["%s"] * len(dates))
         rows = self.ledger.query(
-            f"SELECT billing_date, status, COUNT(*), COALESCE(SUM(amount), 0) FROM {ATTEMPTS} "
+            f"SELECT billing_date, status, COUNT(*), COALESCE(SUM(amount), 0), "
+            "COALESCE(SUM(COALESCE(paid_amount, amount)), 0), "
+            f"COALESCE(SUM(cancel_amount), 0) FROM {ATTEMPTS} "
             f"WHERE billing_date IN ({marks}) GROUP BY billing_date, status",
             [d.isoformat() for d in dates],
         )
         found: dict[date, Outcomes] = {d: Outcomes() for d in dates}
-        for day, status, count, amount in rows:
-            found[to_date(day)].by_status[status] = {"count": int(count), "amount": int(amount)}
+        for day, status, count, amount, taken, refunded in rows:
+            found[to_date(day)].by_status[status] = {
+                "count": int(count), "amount": int(amount), "taken": int(taken),
+                "refunded": int(refunded),
+            }  # fmt: skip
         return found
 
     def runs_for(self, dates: Sequence[date]) -> dict[date, list[RunRow]]:
