@@ -33,7 +33,7 @@ from iamport_billing.emulator.store import Store, customer_row
 from iamport_billing.policy import SEOUL, Guardrails
 from iamport_billing.simulation.airflow_runs import FreshSecretsMasker, clear_and_run_again
 from iamport_billing.simulation.audit import Violations, audit
-from iamport_billing.simulation.scenario import Scenario, load_scenario
+from iamport_billing.simulation.scenario import READ_TIMEOUT_S, Scenario, load_scenario
 from iamport_billing.simulation.world import Event, World, build_world
 from iamport_billing.simulation.zombie import NextTryWhileTheFirstHangs
 from iamport_billing.states import PAID, REJECTED, SUB_CANCELLED, SUBSCRIPTION_STATUSES, UNKNOWN
@@ -50,6 +50,8 @@ TOKENS_GIVEN = "tokens given"  # getToken answered with a token
 # most charges whose outcome a client could not know (a refused token or auth moves nothing).
 MAY_HAVE_CHARGED = "may have charged"
 RAN = ("success", "failed")
+# The daily run's first charge task: where a stalled charge try hangs its first request.
+FIRST_CHARGE = (DAILY, "charge", 0)
 # The DAGs that charge, and so write their paid periods back to the subscriptions table.
 CHARGING = (DAILY, "iamport_billing_retry", "iamport_billing_backfill")
 FAULTS_OFF = {k: v for k, v in EmulatorConfig().faults().items() if k in (*RATES, *SWITCH_FIELDS)}
@@ -486,23 +488,15 @@ class AirflowListener:
 
     @hookimpl
     def on_task_instance_running(self, previous_state: Any, task_instance: Any) -> None:
-        first_charge = (DAILY, "charge", 0, 1)
         ti = task_instance
-        if self.stall_a_charge and (ti.dag_id, ti.task_id, ti.map_index, ti.try_number) == (
-            first_charge
-        ):
+        if self.stall_a_charge and _is_first_charge(ti) and ti.try_number == 1:
             self.stall_a_charge = False
             self.next_try = NextTryWhileTheFirstHangs(
                 ti, self.sim.gateway, self.sim.scenario.settings.pending_lease_seconds
             )
 
     def _first_try_ended(self, task_instance: Any) -> None:
-        ti = task_instance
-        if self.next_try is not None and (ti.dag_id, ti.task_id, ti.map_index) == (
-            DAILY,
-            "charge",
-            0,
-        ):
+        if self.next_try is not None and _is_first_charge(task_instance):
             self.next_try.first_try_ended()
 
     @hookimpl
@@ -523,6 +517,10 @@ class AirflowListener:
                 "no_task_crashes",
                 f"{task_instance.dag_id}.{task_instance.task_id}: {type(error).__name__}: {error}",
             )
+
+
+def _is_first_charge(ti: Any) -> bool:
+    return (ti.dag_id, ti.task_id, ti.map_index) == FIRST_CHARGE
 
 
 def _failed_charge_tasks(dag_run: Any) -> list[tuple[str, int]]:
@@ -580,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
             "host": gateway.url,
             "login": gateway.config.imp_key,
             "password": gateway.config.imp_secret,
-            "extra": {"read_timeout": 10, "connect_timeout": 2},
+            "extra": {"read_timeout": READ_TIMEOUT_S, "connect_timeout": 2},
         }
     )
     from iamport_billing.simulation.airflow_runs import load_dags

@@ -33,8 +33,9 @@ _YamlLoader.add_implicit_resolver(
 )
 
 
-# A stalled charge try waits out the lease (+0.5 s) and the next try while the first one's request
-# hangs; the simulation's read timeout is 10 s.
+# The gateway connection's read timeout in a simulation. A stalled charge try waits out the
+# lease (+0.5 s) and the next try while the first one's request hangs, all within it.
+READ_TIMEOUT_S = 10
 STALL_LEASE_LIMIT_S = 6.0
 
 
@@ -246,7 +247,7 @@ def parse_scenario(data: Any, *, name: str = "scenario") -> Scenario:
         raise ScenarioError(
             f"incidents: stalled_charge_try needs settings.pending_lease_seconds up to "
             f"{STALL_LEASE_LIMIT_S:g} (got {lease:g}): the hung request must outlast the lease "
-            "and still be answered within the simulation's 10 s read timeout"
+            f"and still be answered within the simulation's {READ_TIMEOUT_S} s read timeout"
         )
     shares = sum(getattr(scenario.cards, f.name).share for f in fields(Cards))
     if shares > 1:

@@ -91,7 +91,8 @@ def build_chart(points: Sequence[ChartPoint]) -> Chart:
                 label=f"{p.billing_date.isoformat()}: {p.amount_paid:,} KRW paid",
             )
         )
-        if p.decline_rate is None or (previous and (p.billing_date - previous).days > 1):
+        gap = previous is not None and (p.billing_date - previous).days > 1
+        if p.decline_rate is None or gap:
             _end_line(chart, line)
         previous = p.billing_date
         if p.decline_rate is not None:
