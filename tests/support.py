@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable, Sequence
-from datetime import date
+from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,24 @@ def add_subscriptions(
             for r in rows
         ]
     )
+
+
+def attempt_row(merchant_uid: str, status: str, billing_date: date, **fields: Any) -> dict:
+    """A ledger attempt as the page and reports read it: subscription = the uid's first part."""
+    subscription_id = merchant_uid.split("-")[0]
+    row = {
+        "merchant_uid": merchant_uid,
+        "subscription_id": subscription_id,
+        "billing_date": billing_date,
+        "attempt_no": 1,
+        "customer_uid": "cust-" + subscription_id,
+        "amount": 9_900,
+        "currency": "KRW",
+        "status": status,
+        "requested_at": datetime.combine(billing_date, time(1, 0, 5), tzinfo=UTC),
+    }
+    row.update(fields)
+    return row
 
 
 def crashed_pending_row(

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from iamport_billing.ui.chart import ChartPoint, build_chart, nice_ceiling
 from iamport_billing.ui.links import BillingPageLink, split_task_id, task_log_url
 from iamport_billing.warehouse.ledger import Ledger
-from support import add_subscriptions
+from support import add_subscriptions, attempt_row
 
 # Screens and messages, not money: SQLite is enough.
 WAREHOUSES = ["sqlite"]
@@ -22,25 +22,14 @@ USER, PASSWORD = "ops", "ops-password"
 DAG = "iamport_billing_daily"
 DAY = date(2026, 11, 26)
 RUN = "scheduled__2026-11-26T01:00:00+00:00"
+CUSTOMER_DAY = DAY - timedelta(days=2)
 
 
 def attempt(merchant_uid, status, **fields):
-    row = {
-        "merchant_uid": merchant_uid,
-        "subscription_id": merchant_uid.split("-")[0],
-        "billing_date": DAY,
-        "attempt_no": 1,
-        "customer_uid": "cust-" + merchant_uid.split("-")[0],
-        "amount": 9_900,
-        "currency": "KRW",
-        "status": status,
-        "dag_id": DAG,
-        "run_id": RUN,
-        "task_id": "charge[3]",
-        "requested_at": "2026-11-26T01:00:05+00:00",
-    }
-    row.update(fields)
-    return row
+    return attempt_row(
+        merchant_uid, status, **{"billing_date": DAY, "dag_id": DAG, "run_id": RUN,
+                                 "task_id": "charge[3]", **fields}
+    )  # fmt: skip
 
 
 def seed_ledger(ledger: Ledger) -> None:
@@ -65,6 +54,20 @@ def seed_ledger(ledger: Ledger) -> None:
                     amount=1_000 * i)
             for x in "ab"
         ]  # fmt: skip
+    # Two days before DAY, three customers besides the two paid: one declined and recovered by
+    # the retry two days later, one lost (hard decline, Korean reason only), one without a card.
+    rows += [
+        attempt("s4-20261124-01", "failed", billing_date=CUSTOMER_DAY, decline_kind="soft",
+                fail_reason="[잔액부족] insufficient funds",
+                next_retry_date=CUSTOMER_DAY + timedelta(days=2)),
+        attempt("s4-20261124-02", "paid", billing_date=CUSTOMER_DAY, attempt_no=2,
+                completed_at=datetime(2026, 11, 26, 1, 0, 9, tzinfo=UTC)),
+        attempt("s5-20261124-01", "failed", billing_date=CUSTOMER_DAY, decline_kind="hard",
+                fail_reason="분실신고된 카드입니다", amount=5_000),
+        attempt("s6-20261124-01", "failed", billing_date=CUSTOMER_DAY, decline_kind="hard",
+                error_code="missing_billing_key", fail_reason="등록되지 않은 구매자입니다.",
+                amount=7_000),
+    ]  # fmt: skip
     before = DAY - timedelta(days=1)
     rows.append(
         attempt(f"r1-{before:%Y%m%d}-01", "cancelled", billing_date=before,
@@ -148,14 +151,38 @@ def test_browser_without_login_gets_a_link_to_airflow_login(client):
     assert "/auth/login?next=%2Fbilling%2F" in r.text
 
 
-def test_overview_shows_outcomes_decline_rate_and_reasons_by_billing_date(client, auth):
+def test_overview_counts_customers_by_how_their_period_ended(client, auth):
     html = page(client, auth, "/")
     row = next(c for c in _rows(html) if c[0] == DAY.isoformat())
-    # paid, paid KRW, refunded KRW, net KRW, declined, declined KRW, decline rate, rejected,
-    # unknown/pending
-    assert row[1:10] == ["3", "29,700", "0", "29,700", "1", "9,900", "25.0%", "1", "1"]
+    # customers, paid 1st try, recovered, in dunning, lost, no billing key, rejected rows,
+    # unknown/pending, net KRW: the rejected row is counted apart, not as a customer
+    assert row[1:10] == ["5", "3", "0", "1", "0", "0", "1", "1", "29,700"]
     assert "insufficient funds" in row[10]
     assert RUN in row[11]
+
+
+def test_a_recovered_customer_is_not_a_first_attempt_success_and_no_card_is_not_a_decline(
+    client, auth
+):
+    html = page(client, auth, "/")
+    row = next(c for c in _rows(html) if c[0] == CUSTOMER_DAY.isoformat())
+    assert row[1:8] == ["5", "2", "1", "0", "1", "1", "0"]
+
+
+def test_overview_cards_show_recovery_and_involuntary_churn_over_the_window(client, auth):
+    html = re.sub(r"\s+", " ", page(client, auth, "/"))
+    # failed first: s7 (in dunning), s4 (recovered), s5 (lost), s6 (no key)
+    assert '25.0%</div><div class="k">recovered after a failed first attempt (1 of 4;' in html
+    assert '2 d</div><div class="k">median days from billing date to recovery' in html
+    assert "involuntary churn (1 declined, 1 no billing key; 12,000 KRW)" in html
+
+
+def test_korean_reasons_carry_an_english_gloss(client, auth):
+    html = page(client, auth, f"/dates/{CUSTOMER_DAY.isoformat()}")
+    assert "분실신고된 카드입니다 (card reported lost)" in html
+    assert "등록되지 않은 구매자입니다. (no billing key registered for this customer)" in html
+    # a reason that already says it in English is left as written
+    assert "[잔액부족] insufficient funds (" not in html
 
 
 def test_overview_lists_runs_by_the_dates_of_the_attempts_they_wrote(client, auth):
@@ -184,7 +211,7 @@ def test_a_partial_refund_shows_its_amount_and_the_net_collected(client, auth):
     before = (DAY - timedelta(days=1)).isoformat()
     overview_row = next(r for r in _rows(page(client, auth, "/")) if r[0] == before)
     # paid 2 x 1,000 and 30,000 taken, 10,000 of it given back
-    assert overview_row[2:5] == ["2,000", "10,000", "22,000"]
+    assert overview_row[9].split() == ["22,000", "10,000", "refunded"]
     date_page = page(client, auth, f"/dates/{before}")
     assert '10,000</div><div class="k">refunded (KRW)' in date_page
     assert '22,000</div><div class="k">net collected (KRW)' in date_page
@@ -218,8 +245,8 @@ def test_attempts_filter(client, auth, params, expected):
 def test_attempts_are_paged_50_at_a_time(client, auth):
     first = page(client, auth, "/attempts", status="paid")
     second = page(client, auth, "/attempts", status="paid", page=2)
-    assert "65 attempts" in first and "page 1 of 2" in first
-    assert len(_rows(first)) == 50 and len(_rows(second)) == 15
+    assert "66 attempts" in first and "page 1 of 2" in first
+    assert len(_rows(first)) == 50 and len(_rows(second)) == 16
     assert not {r[0] for r in _rows(first)} & {r[0] for r in _rows(second)}
 
 
@@ -365,3 +392,21 @@ def test_the_chart_leaves_a_day_without_data_empty_and_does_not_draw_across_it()
 def _rows(html: str) -> list[list[str]]:
     body = html.split("<tbody>")[-1]
     return [cells(tr) for tr in re.findall(r"<tr>(.*?)</tr>", body, re.S)]
+
+
+def test_every_korean_term_the_product_knows_has_an_english_gloss():
+    from iamport_billing.emulator import app as emulator_app
+    from iamport_billing.emulator.config import HARD_DECLINE_REASON, SOFT_DECLINE_REASON
+    from iamport_billing.gateways.iamport_v1 import DUPLICATE_MARKERS
+    from iamport_billing.hooks.iamport import BILLING_KEY_MISSING_MARKERS
+    from iamport_billing.policy import DeclineTable
+    from iamport_billing.ui.glossary import HANGUL, english_for
+
+    emulator_messages = [v for k, v in vars(emulator_app).items() if k.startswith("MSG_")]
+    known = [
+        *DeclineTable().hard_patterns, *DUPLICATE_MARKERS, *BILLING_KEY_MISSING_MARKERS,
+        SOFT_DECLINE_REASON, HARD_DECLINE_REASON, *emulator_messages,
+    ]  # fmt: skip
+    korean = [term for term in known if HANGUL.search(term)]
+    assert len(korean) > 20
+    assert [term for term in korean if english_for(term) is None] == []

@@ -57,6 +57,7 @@ from iamport_billing.states import (
     CANCELLED,
     FAILED,
     HARD,
+    MISSING_BILLING_KEY,
     MONEY_MOVED,
     PAID,
     PENDING,
@@ -76,8 +77,6 @@ from iamport_billing.warehouse.ledger import (
 )
 
 log = logging.getLogger(__name__)
-
-MISSING_BILLING_KEY = "missing_billing_key"
 
 
 @dataclass(frozen=True)

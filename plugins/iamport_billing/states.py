@@ -51,6 +51,8 @@ MEANING = {
 HARD = "hard"  # the card cannot be charged again: a new card is needed
 SOFT = "soft"  # try again on the dunning schedule
 REFUSED = "refused"  # the gateway refused the request itself: never dunned, a person looks
+# error_code of a failed attempt whose customer has no card at the gateway: not a decline.
+MISSING_BILLING_KEY = "missing_billing_key"
 
 # -- subscription statuses (billing_subscriptions.status) --------------------------------------
 ACTIVE = "active"  # billed on next_billing_date

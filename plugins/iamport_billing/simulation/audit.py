@@ -12,7 +12,6 @@ from datetime import date, datetime, timedelta
 from statistics import mean, median
 from typing import Any
 
-from iamport_billing.charging import MISSING_BILLING_KEY
 from iamport_billing.policy import SEOUL, parse_merchant_uid
 from iamport_billing.simulation.scenario import Scenario
 from iamport_billing.simulation.world import World, expected_billing_dates
@@ -22,6 +21,7 @@ from iamport_billing.states import (
     CANCELLED,
     FAILED,
     HARD,
+    MISSING_BILLING_KEY,
     MONEY_MOVED,
     PAID,
     PAST_DUE,

@@ -25,8 +25,14 @@ from iamport_billing.states import ATTEMPT_STATES, FAILED, PAID, REJECTED
 from iamport_billing.ui import links
 from iamport_billing.ui.chart import ChartPoint, build_chart
 from iamport_billing.ui.csv_export import attempts_csv
+from iamport_billing.ui.glossary import glossed
 from iamport_billing.warehouse.ledger import Ledger
-from iamport_billing.warehouse.reports import AttemptFilter, BillingQueries, decline_rate
+from iamport_billing.warehouse.reports import (
+    AttemptFilter,
+    BillingQueries,
+    CustomerFigures,
+    decline_rate,
+)
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 STATUSES = ATTEMPT_STATES
@@ -44,8 +50,14 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{value:.1%}"
 
 
+def _days(value: float | None) -> str:
+    return "–" if value is None else f"{value:g} d"
+
+
 TEMPLATES.env.filters["krw"] = _krw
 TEMPLATES.env.filters["pct"] = _pct
+TEMPLATES.env.filters["days"] = _days
+TEMPLATES.env.filters["glossed"] = glossed
 
 
 def default_ledger() -> Ledger:
@@ -132,9 +144,10 @@ def create_app(ledger_factory: LedgerFactory = default_ledger) -> FastAPI:
                 for r in reversed(rows)
             ]
         )
+        window = sum((r.customers for r in rows), CustomerFigures())
         return render(
-            request, "overview.html", rows=rows, chart=chart, unsettled=q.unsettled(), PAID=PAID,
-            FAILED=FAILED, REJECTED=REJECTED,
+            request, "overview.html", rows=rows, chart=chart, unsettled=q.unsettled(),
+            window=window, PAID=PAID, FAILED=FAILED, REJECTED=REJECTED,
         )  # fmt: skip
 
     @app.get("/dates/{billing_date}", response_class=HTMLResponse)
@@ -142,7 +155,8 @@ def create_app(ledger_factory: LedgerFactory = default_ledger) -> FastAPI:
         day = _parse_date(billing_date)
         outcomes = q.outcomes_by_date([day])[day]
         return render(
-            request, "date.html", day=day, outcomes=outcomes, runs=q.runs_for([day])[day],
+            request, "date.html", day=day, outcomes=outcomes,
+            customers=q.customer_figures([day])[day], runs=q.runs_for([day])[day],
             reasons=q.ledger.top_reasons(billing_date=day, limit=10),
             PAID=PAID, FAILED=FAILED, REJECTED=REJECTED,
         )  # fmt: skip

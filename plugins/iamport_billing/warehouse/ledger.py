@@ -22,6 +22,7 @@ from iamport_billing.states import (
     ATTEMPT_MOVES,
     CANCELLED,
     FAILED,
+    MISSING_BILLING_KEY,
     MONEY_MOVED,
     PAID,
     PAST_DUE,
@@ -938,7 +939,7 @@ class Ledger(SqlSession):
         """(kind, count, amount) for a billing date, declines split hard/soft/no key."""
         counts: dict[str, list[int]] = {}
         for a in self._select_attempts("billing_date = %s", [billing_date.isoformat()]):
-            if a.status == FAILED and a.error_code == "missing_billing_key":
+            if a.status == FAILED and a.error_code == MISSING_BILLING_KEY:
                 kind = "no billing key"
             elif a.status == FAILED:
                 kind = f"declined ({a.decline_kind})"

@@ -7,12 +7,24 @@ however many attempts the ledger holds.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import date
+from statistics import median
 from typing import Any
 
-from iamport_billing.policy import to_date
-from iamport_billing.states import AMOUNT_MISMATCH, CANCELLED, FAILED, PAID, UNSETTLED
+from iamport_billing.policy import SEOUL, to_date, to_timestamp
+from iamport_billing.states import (
+    AMOUNT_MISMATCH,
+    CANCELLED,
+    FAILED,
+    HARD,
+    MISSING_BILLING_KEY,
+    MONEY_MOVED,
+    PAID,
+    REJECTED,
+    SOFT,
+    UNSETTLED,
+)
 from iamport_billing.warehouse.ledger import (
     ATTEMPT_COLUMNS,
     ATTEMPTS,
@@ -23,6 +35,12 @@ from iamport_billing.warehouse.ledger import (
     checked_identifier,
 )
 
+NOT_MISSING_KEY = "(error_code IS NULL OR error_code <> %s)"
+# CustomerFigures' counts in the order customer_figures selects them.
+FIGURE_COLUMNS = (
+    "customers", "paid_first", "failed_first", "failed_first_krw", "recovered", "recovered_krw",
+    "in_dunning", "lost", "lost_krw", "no_billing_key", "no_billing_key_krw", "unsettled",
+)  # fmt: skip
 FILTER_FIELDS = ("status", "billing_date", "customer_uid", "merchant_uid", "dag_id", "run_id")
 # The columns write-back relies on, so they exist in a custom subscriptions table too.
 SUBSCRIPTION_COLUMNS = ("subscription_id", "status", "next_billing_date", "billing_anchor_day")
@@ -72,6 +90,70 @@ class Outcomes:
         return self.count(*UNSETTLED)
 
 
+@dataclass
+class CustomerFigures:
+    """A billing date counted per customer (a subscription's period), not per attempt.
+
+    Every period charged at all (rejected rows aside) lands in exactly one of: paid on the
+    first attempt, recovered (paid on a later one), in dunning (a retry is scheduled), lost
+    (declined with no retry left: involuntary churn), no billing key, unknown/pending, or
+    other (refused requests and closed periods, for a person to read on the attempts view).
+    """
+
+    customers: int = 0
+    paid_first: int = 0
+    failed_first: int = 0  # the first attempt failed, for any reason: recovery's base
+    failed_first_krw: int = 0
+    recovered: int = 0
+    recovered_krw: int = 0
+    in_dunning: int = 0
+    lost: int = 0
+    lost_krw: int = 0
+    no_billing_key: int = 0
+    no_billing_key_krw: int = 0
+    unsettled: int = 0
+    days_to_recover: list[int] = field(default_factory=list)
+
+    @property
+    def other(self) -> int:
+        placed = (
+            self.paid_first + self.recovered + self.in_dunning + self.lost
+            + self.no_billing_key + self.unsettled
+        )  # fmt: skip
+        return self.customers - placed
+
+    @property
+    def first_attempt_success(self) -> float | None:
+        return self.paid_first / self.customers if self.customers else None
+
+    @property
+    def recovery_rate(self) -> float | None:
+        return self.recovered / self.failed_first if self.failed_first else None
+
+    @property
+    def recovery_rate_krw(self) -> float | None:
+        return self.recovered_krw / self.failed_first_krw if self.failed_first_krw else None
+
+    @property
+    def median_days_to_recover(self) -> float | None:
+        return median(self.days_to_recover) if self.days_to_recover else None
+
+    @property
+    def churned(self) -> int:
+        """Involuntary churn: periods that ended unpaid, declined or without a card."""
+        return self.lost + self.no_billing_key
+
+    @property
+    def churn_rate(self) -> float | None:
+        return self.churned / self.customers if self.customers else None
+
+    def __add__(self, other: CustomerFigures) -> CustomerFigures:
+        summed = {
+            f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)
+        }  # fmt: skip
+        return CustomerFigures(**summed)
+
+
 @dataclass(frozen=True)
 class RunPlan:
     """What a run's plan step recorded (billing_runs)."""
@@ -100,6 +182,7 @@ class DateRow:
 
     billing_date: date
     outcomes: Outcomes
+    customers: CustomerFigures
     runs: list[RunRow]
     top_reasons: list[tuple[str, int]]
 
@@ -136,6 +219,10 @@ class AttemptPage:
     @property
     def pages(self) -> int:
         return max(1, -(-self.total // self.page_size))
+
+
+def _in(values: Sequence[str]) -> str:
+    return "(" + ", ".join(["%s"] * len(values)) + ")"
 
 
 def _chunks(values: Sequence[str], size: int = 500) -> list[list[str]]:
@@ -176,6 +263,78 @@ class BillingQueries:
                 "refunded": int(refunded),
             }  # fmt: skip
         return found
+
+    def customer_figures(self, dates: Sequence[date]) -> dict[date, CustomerFigures]:
+        """Per billing date, its periods by how they ended (see CustomerFigures).
+
+        The inner query folds each period's attempts into flags; a period's end is read from
+        its latest attempt (the highest attempt_no) through the attempt_no each flag saw last.
+        """
+        if not dates:
+            return {}
+        iso = [d.isoformat() for d in dates]
+        marks = ", ".join(["%s"] * len(iso))
+        moved, open_ = _in(MONEY_MOVED), _in(UNSETTLED)
+        declined = "status = %s AND decline_kind IN (%s, %s) AND " + NOT_MISSING_KEY
+        period = (
+            "SELECT billing_date, MAX(attempt_no) AS last_no, "
+            f"MAX(CASE WHEN status IN {moved} THEN 1 ELSE 0 END) AS moved, "
+            f"MAX(CASE WHEN status IN {moved} THEN COALESCE(paid_amount, amount) ELSE 0 END) "
+            "AS taken, MAX(amount) AS asked, "
+            f"MAX(CASE WHEN attempt_no = 1 AND status IN {moved} THEN 1 ELSE 0 END) "
+            "AS first_paid, "
+            "MAX(CASE WHEN attempt_no = 1 AND status = %s THEN 1 ELSE 0 END) AS first_failed, "
+            f"MAX(CASE WHEN status IN {open_} THEN 1 ELSE 0 END) AS unsettled, "
+            "MAX(CASE WHEN status = %s AND next_retry_date IS NOT NULL THEN attempt_no "
+            "ELSE 0 END) AS retry_no, "
+            f"MAX(CASE WHEN {declined} AND next_retry_date IS NULL THEN attempt_no ELSE 0 END) "
+            "AS lost_no, "
+            "MAX(CASE WHEN status = %s AND error_code = %s THEN attempt_no ELSE 0 END) "
+            f"AS no_key_no FROM {ATTEMPTS} WHERE billing_date IN ({marks}) AND status <> %s "
+            "GROUP BY billing_date, subscription_id"
+        )
+        params = [
+            *MONEY_MOVED, *MONEY_MOVED, *MONEY_MOVED, FAILED, *UNSETTLED, FAILED,
+            FAILED, HARD, SOFT, MISSING_BILLING_KEY, FAILED, MISSING_BILLING_KEY, *iso, REJECTED,
+        ]  # fmt: skip
+        unpaid = "p.moved = 0 AND p.unsettled = 0"
+        rows = self.ledger.query(
+            "SELECT p.billing_date, COUNT(*), SUM(p.first_paid), SUM(p.first_failed), "
+            "SUM(CASE WHEN p.first_failed = 1 THEN p.asked ELSE 0 END), "
+            "SUM(CASE WHEN p.moved = 1 AND p.first_paid = 0 THEN 1 ELSE 0 END), "
+            "SUM(CASE WHEN p.moved = 1 AND p.first_paid = 0 THEN p.taken ELSE 0 END), "
+            f"SUM(CASE WHEN {unpaid} AND p.retry_no = p.last_no THEN 1 ELSE 0 END), "
+            f"SUM(CASE WHEN {unpaid} AND p.lost_no = p.last_no THEN 1 ELSE 0 END), "
+            f"SUM(CASE WHEN {unpaid} AND p.lost_no = p.last_no THEN p.asked ELSE 0 END), "
+            f"SUM(CASE WHEN {unpaid} AND p.no_key_no = p.last_no THEN 1 ELSE 0 END), "
+            f"SUM(CASE WHEN {unpaid} AND p.no_key_no = p.last_no THEN p.asked ELSE 0 END), "
+            f"SUM(p.unsettled) FROM ({period}) p GROUP BY p.billing_date",
+            params,
+        )
+        found = {d: CustomerFigures() for d in dates}
+        for day, *counts in rows:
+            found[to_date(day)] = CustomerFigures(
+                **{n: int(v or 0) for n, v in zip(FIGURE_COLUMNS, counts, strict=True)}
+            )
+        for day, completed_at in self._recoveries(iso):
+            paid_on = to_timestamp(completed_at)
+            if paid_on is not None:
+                billing_date = to_date(day)
+                days = (paid_on.astimezone(SEOUL).date() - billing_date).days
+                found[billing_date].days_to_recover.append(days)
+        return found
+
+    def _recoveries(self, iso_dates: Sequence[str]) -> list[tuple[Any, Any]]:
+        """(billing date, when paid) of each period paid after its first attempt failed."""
+        marks = ", ".join(["%s"] * len(iso_dates))
+        return self.ledger.query(
+            f"SELECT a.billing_date, a.completed_at FROM {ATTEMPTS} a "
+            f"WHERE a.billing_date IN ({marks}) AND a.attempt_no > 1 "
+            f"AND a.status IN {_in(MONEY_MOVED)} AND EXISTS (SELECT 1 FROM {ATTEMPTS} f "
+            "WHERE f.subscription_id = a.subscription_id AND f.billing_date = a.billing_date "
+            "AND f.attempt_no = 1 AND f.status = %s)",
+            [*iso_dates, *MONEY_MOVED, FAILED],
+        )
 
     def runs_for(self, dates: Sequence[date]) -> dict[date, list[RunRow]]:
         """Per billing date: the runs that planned it or wrote attempts for it.
@@ -235,11 +394,13 @@ class BillingQueries:
         """The overview table: the latest billing dates, newest first."""
         dates = self.billing_dates(limit)
         outcomes = self.outcomes_by_date(dates)
+        customers = self.customer_figures(dates)
         runs = self.runs_for(dates)
         return [
             DateRow(
                 billing_date=d,
                 outcomes=outcomes[d],
+                customers=customers[d],
                 runs=runs[d],
                 top_reasons=self.ledger.top_reasons(billing_date=d, limit=3),
             )
