@@ -222,7 +222,7 @@ def browser():
     profile = tempfile.mkdtemp(prefix="iamport-e2e-chromium-")
     for arg in (
         "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run", "--window-size=1400,1000",
+        "--disable-component-update", "--no-first-run", "--window-size=1280,1000",
         f"--user-data-dir={profile}",
     ):  # fmt: skip
         options.add_argument(arg)
@@ -279,3 +279,21 @@ def test_billing_page_in_headless_chromium(airflow, browser):
     browser.switch_to.frame(frame)
     WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "svg rect.bar"))
     assert "Billing runs by billing date" in browser.find_element(By.TAG_NAME, "body").text
+    browser.switch_to.default_content()
+
+
+def test_every_billing_page_fits_a_1280_pixel_window(airflow, browser):
+    """No page scrolls sideways in a 1280-px browser window (after the login test above)."""
+    url, day = airflow.stack.url, airflow.due.isoformat()
+    a_subscription = ledger_rows(airflow.warehouse)[0]["subscription_id"]
+    assert browser.execute_script("return window.outerWidth") == 1280
+    overflow = {}
+    for path in ("/", f"/dates/{day}", "/attempts", f"/subscriptions/{a_subscription}"):
+        browser.get(f"{url}/billing{path}")
+        assert "Iamport billing" in browser.title, path
+        wide, shown = browser.execute_script(
+            "return [document.documentElement.scrollWidth, document.documentElement.clientWidth]"
+        )
+        if wide > shown:
+            overflow[path] = (wide, shown)
+    assert overflow == {}
