@@ -1,6 +1,10 @@
 """Daily recurring billing through Iamport.
 
-reconcile -> plan -> charge (mapped per batch) -> write back -> report.
+reconcile -> plan -> approve -> charge (mapped per batch) -> write back -> report.
+
+``approve`` passes straight on when the plan is within its guardrails; over them, the run waits
+for a person (Airflow's Required Actions, or the HITL REST API) and charges exactly the plan
+shown only when approved.
 
 Wiring only: every step lives in the ``iamport_billing`` package. Billing date = the run's
 logical date in Asia/Seoul (``run_after`` for manual runs without one).
@@ -14,6 +18,7 @@ import pendulum
 from airflow.sdk import DAG, CronTriggerTimetable, Param, task
 from iamport_billing import alerts, tasks
 from iamport_billing.config import BillingConfig
+from iamport_billing.operators.approval import GuardrailApprovalOperator
 from iamport_billing.operators.charge import ChargeAgainOperator
 
 cfg = BillingConfig.from_env()
@@ -39,15 +44,16 @@ with DAG(
             None,
             type=["null", "number"],
             minimum=0,
-            description="Fail the plan above N x the previous run's total (default: config; "
-            "0: not for this run, e.g. after a person checked a month-end or catch-up day)",
+            description="Hold the plan for approval above N x the previous run's total (default: "
+            "config; 0: not for this run, e.g. after a person checked a month-end or catch-up day)",
         ),
         "max_rejected_share": Param(
             None,
             type=["null", "number"],
             minimum=0,
             maximum=1,
-            description="Fail the plan above this share of rejected due rows (default: config)",
+            description="Hold the plan for approval above this share of rejected due rows "
+            "(default: config)",
         ),
     },
     default_args={"retries": 0, "on_failure_callback": alerts.TaskFailureAlert(cfg)},
@@ -71,6 +77,11 @@ with DAG(
         return tasks.report_step(cfg, context)
 
     batches = plan()
+    approve = GuardrailApprovalOperator(
+        task_id="approve",
+        warehouse_conn_id=cfg.warehouse_conn_id,
+        response_timeout=cfg.approval_timeout,
+    )
     charge = ChargeAgainOperator.partial(
         task_id="charge",
         pool=cfg.pool,
@@ -92,5 +103,5 @@ with DAG(
         max_retry_delay=timedelta(minutes=30),
     ).expand(batch=batches)
 
-    reconcile() >> batches
+    reconcile() >> batches >> approve >> charge
     charge >> write_back() >> report()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from iamport_billing.warehouse.ledger import Ledger
 
 
@@ -34,6 +37,40 @@ def add_subscriptions(
             for r in rows
         ]
     )
+
+
+@contextmanager
+def airflow_api(home: Path, users: dict[str, tuple[str, str]]) -> Iterator[Any]:
+    """Airflow's API server app in-process (TestClient) on the test metadata DB, behind
+    SimpleAuthManager with these users (name -> (role, password))."""
+    from airflow.api_fastapi.app import create_app, purge_cached_app
+    from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
+    from fastapi.testclient import TestClient
+
+    passwords = home / "passwords.json"
+    passwords.write_text(json.dumps({name: pw for name, (_, pw) in users.items()}))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AIRFLOW__CORE__AUTH_MANAGER", f"{SimpleAuthManager.__module__}.SimpleAuthManager")
+    mp.setenv(
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS",
+        ",".join(f"{name}:{role}" for name, (role, _) in users.items()),
+    )
+    mp.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE", str(passwords))
+    mp.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "False")
+    mp.setenv("AIRFLOW__API_AUTH__JWT_SECRET", "test-jwt-secret-" + "x" * 64)
+    purge_cached_app()
+    try:
+        with TestClient(create_app()) as client:
+            yield client
+    finally:
+        purge_cached_app()
+        mp.undo()
+
+
+def bearer(client: Any, user: str, password: str) -> dict[str, str]:
+    r = client.post("/auth/token", json={"username": user, "password": password})
+    assert r.status_code == 201, r.text
+    return {"Authorization": f"Bearer {r.json()['access_token']}"}
 
 
 def attempt_row(merchant_uid: str, status: str, billing_date: date, **fields: Any) -> dict:

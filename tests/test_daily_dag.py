@@ -138,6 +138,7 @@ def test_clean_run_reports_success(daily_dag, ledger, emulator):
     assert states == {
         "reconcile": "success",
         "plan": "success",
+        "approve": "success",  # within its guardrails: nothing to ask
         "charge[0]": "success",
         "write_back": "success",
         "report": "success",

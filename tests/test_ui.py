@@ -11,7 +11,7 @@ import pytest
 from iamport_billing.ui.chart import ChartPoint, build_chart, nice_ceiling
 from iamport_billing.ui.links import BillingPageLink, split_task_id, task_log_url
 from iamport_billing.warehouse.ledger import Ledger
-from support import add_subscriptions, attempt_row
+from support import add_subscriptions, airflow_api, attempt_row, bearer
 
 # Screens and messages, not money: SQLite is enough.
 WAREHOUSES = ["sqlite"]
@@ -82,18 +82,9 @@ def seed_ledger(ledger: Ledger) -> None:
 @pytest.fixture(scope="module")
 def client(airflow_db, tmp_path_factory):
     """Airflow's API server app in-process, with SimpleAuthManager and one known user."""
-    from fastapi.testclient import TestClient
-
     home = tmp_path_factory.mktemp("ui")
-    passwords = home / "passwords.json"
-    passwords.write_text(json.dumps({USER: PASSWORD}))
     warehouse = home / "warehouse.db"
     mp = pytest.MonkeyPatch()
-    mp.setenv("AIRFLOW__CORE__AUTH_MANAGER", _simple_auth_manager())
-    mp.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", f"{USER}:viewer")
-    mp.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE", str(passwords))
-    mp.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "False")
-    mp.setenv("AIRFLOW__API_AUTH__JWT_SECRET", "test-ui-jwt-secret-" + "x" * 64)
     mp.setenv(
         "AIRFLOW_CONN_BILLING_WAREHOUSE",
         json.dumps({"conn_type": "sqlite", "host": str(warehouse)}),
@@ -101,26 +92,14 @@ def client(airflow_db, tmp_path_factory):
     with Ledger.from_conn_id("billing_warehouse") as ledger:
         ledger.init_schema()
         seed_ledger(ledger)
-    from airflow.api_fastapi.app import create_app, purge_cached_app
-
-    purge_cached_app()
-    with TestClient(create_app()) as c:
+    with airflow_api(home, {USER: ("viewer", PASSWORD)}) as c:
         yield c
-    purge_cached_app()
     mp.undo()
-
-
-def _simple_auth_manager() -> str:
-    from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
-
-    return f"{SimpleAuthManager.__module__}.{SimpleAuthManager.__name__}"
 
 
 @pytest.fixture(scope="module")
 def auth(client) -> dict[str, str]:
-    r = client.post("/auth/token", json={"username": USER, "password": PASSWORD})
-    assert r.status_code == 201, r.text
-    return {"Authorization": f"Bearer {r.json()['access_token']}"}
+    return bearer(client, USER, PASSWORD)
 
 
 def page(client, auth, path: str, **params) -> str:

@@ -93,10 +93,12 @@ def run_alerts(
     found: list[Alert] = []
     if report.get("guardrail"):
         counts, amounts = _split(by_status, [REJECTED])
+        alert = guardrail_alert(report["guardrail"], cfg=cfg, run=run,
+                                billing_date=report.get("billing_date"))  # fmt: skip
+        decided = report.get("approval") and report.get("approved_by")
         found.append(replace(
-            guardrail_alert(report["guardrail"], cfg=cfg, run=run,
-                            billing_date=report.get("billing_date")),
-            counts=counts, amounts=amounts,
+            alert, counts=counts, amounts=amounts,
+            details=alert.details + ((f"{report['approval']} by {decided}",) if decided else ()),
         ))  # fmt: skip
     counts, amounts = _split(by_status, [PAID, FAILED])
     tried = counts.get(PAID, 0) + counts.get(FAILED, 0)

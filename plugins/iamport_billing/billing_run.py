@@ -5,6 +5,7 @@ DAG files wire these into tasks; each takes explicit arguments so it can be test
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -36,10 +37,6 @@ from iamport_billing.warehouse.source import DueSource
 log = logging.getLogger(__name__)
 MAX_MAP_LENGTH = 1024
 REJECTED_SHOWN = 50  # rejected rows named in a report/alert; the ledger has them all
-
-
-class GuardrailTripped(Exception):
-    """The plan broke a limit: nothing was charged."""
 
 
 def run_info(context: Mapping[str, Any]) -> dict[str, Any]:
@@ -149,6 +146,7 @@ class Plan:
     dry_run: bool
     previous_total: int | None
     violations: list[str]
+    plan_digest: str = ""
 
     def as_xcom(self) -> dict[str, Any]:
         """Small and free of customer data beyond ids: safe for XCom."""
@@ -216,15 +214,17 @@ def plan_run(
         b["billing_date"] = billing_date.isoformat()
     previous = ledger.previous_run_total(str(run.get("dag_id")), billing_date)
     violations = guardrail_violations(totals, guardrails, previous)
-    if not dry_run and not violations:
+    digest = plan_digest(approved)
+    if not dry_run:
+        # Over its guardrails too: the frozen plan is what a person approves (ledger-gated).
         ledger.freeze_plan(run, approved)
     ledger.record_run(
         run, billing_date, totals.count, totals.total_amount, totals.rejected, dry_run,
-        "; ".join(violations) or None,
+        "; ".join(violations) or None, plan_digest=digest,
     )  # fmt: skip
     plan = Plan(
         billing_date=billing_date.isoformat(),
-        batches=[] if (dry_run or violations) else batches,
+        batches=[] if dry_run else batches,
         count=totals.count,
         total_amount=totals.total_amount,
         rejected=rejected_sample,
@@ -232,6 +232,7 @@ def plan_run(
         dry_run=dry_run,
         previous_total=previous,
         violations=violations,
+        plan_digest=digest,
     )
     lg.info(
         "plan for %s: %d charges, %s KRW in %d batches; %d rejected%s",
@@ -241,8 +242,14 @@ def plan_run(
     for r in rejected_sample:
         lg.warning("rejected %s: %s (%s)", r["subscription_id"], r["reason"], r["code"])
     if violations:
-        raise GuardrailTripped("guardrail tripped, nothing charged: " + "; ".join(violations))
+        lg.warning("guardrail tripped, nothing charged without a person: %s", violations)
     return plan
+
+
+def plan_digest(items: Iterable[tuple[str, date, int]]) -> str:
+    """sha256 of a plan's (subscription, billing date, amount) items, in a stable order."""
+    lines = sorted(f"{sub}|{day.isoformat()}|{amount}" for sub, day, amount in items)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def _fit_map_length(batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -348,7 +355,8 @@ def write_back(
 
 
 def run_report(ledger: Ledger, *, run: Mapping[str, Any], billing_date: date) -> dict[str, Any]:
-    """Counts and amounts by status for this run, and what is still unsettled."""
+    """Counts and amounts by status for this run, and what is still unsettled. ``guardrail``
+    is set while the plan is held: over its guardrails and not approved by a person."""
     recorded = ledger.run_record(run)
     return {
         "billing_date": billing_date.isoformat(),
@@ -364,8 +372,10 @@ def run_report(ledger: Ledger, *, run: Mapping[str, Any], billing_date: date) ->
             for s, c, r in ledger.refused_requests(run, limit=REJECTED_SHOWN)
         ],
         "not_charged": ledger.planned_without_attempt(run),
-        "guardrail": recorded[0] if recorded else None,
-        "dry_run": recorded[1] if recorded else False,
+        "guardrail": recorded.guardrail if recorded and recorded.held else None,
+        "approval": recorded.approval if recorded else None,
+        "approved_by": recorded.approved_by if recorded else None,
+        "dry_run": recorded.dry_run if recorded else False,
     }
 
 
@@ -375,7 +385,10 @@ def format_report(report: Mapping[str, Any]) -> str:
     if report.get("dry_run"):
         lines.append("  DRY RUN: nothing was charged")
     if report.get("guardrail"):
-        lines.append(f"  GUARDRAIL TRIPPED: {report['guardrail']}")
+        held = "rejected" if report.get("approval") == "rejected" else "not approved"
+        lines.append(f"  GUARDRAIL TRIPPED ({held}): {report['guardrail']}")
+    elif report.get("approval"):
+        lines.append(f"  over its guardrails, {report['approval']} by {report['approved_by']}")
     lines.append(f"  {'outcome':<12} {'count':>8} {'amount (KRW)':>16}")
     for status, v in sorted(report["by_status"].items()):
         lines.append(f"  {status:<12} {v['count']:>8,} {v['amount']:>16,}")

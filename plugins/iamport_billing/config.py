@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,9 @@ class BillingConfig:
     airflow_base_url: str | None = None
     reconcile_window_hours: int = 48
     precheck_days_ahead: int = 1
+    # How long a plan over its guardrails waits for a person (Airflow's approval task) before
+    # it is rejected by default; 0: no approvals, a tripped guardrail fails the plan.
+    approval_timeout_minutes: float = 240.0
 
     @classmethod
     def from_env(cls) -> BillingConfig:
@@ -116,6 +120,16 @@ class BillingConfig:
             airflow_base_url=_env("AIRFLOW_BASE_URL"),
             reconcile_window_hours=int(_env("RECONCILE_WINDOW_HOURS", "48")),  # type: ignore[arg-type]
             precheck_days_ahead=int(_env("PRECHECK_DAYS_AHEAD", "1")),  # type: ignore[arg-type]
+            approval_timeout_minutes=float(_env("APPROVAL_TIMEOUT_MINUTES", "240")),  # type: ignore[arg-type]
+        )
+
+    @property
+    def approval_timeout(self) -> timedelta | None:
+        """How long the approval task waits (None: approvals are off)."""
+        return (
+            timedelta(minutes=self.approval_timeout_minutes)
+            if self.approval_timeout_minutes
+            else None
         )
 
     @property

@@ -76,6 +76,14 @@ def may_move(source: str, target: str) -> bool:
     return source in ATTEMPT_MOVES.get(target, ())
 
 
+# -- plan approvals (billing_runs.approval) ----------------------------------------------------
+# A plan over its guardrails is frozen, then waits for a person; its charges go out only once
+# the ledger says approved (compare-and-set against the plan's digest: the plan shown).
+APPROVAL_AWAITING = "awaiting"
+APPROVAL_APPROVED = "approved"
+APPROVAL_REJECTED = "rejected"  # by a person, or by the timeout's default
+
+
 # -- refund states (billing_refunds.status) ----------------------------------------------------
 REFUND_PENDING = "pending"  # written ahead of the cancel POST; sent or about to be
 REFUND_UNKNOWN = "unknown"  # sent, no usable answer: settled from the cancel history, not resent

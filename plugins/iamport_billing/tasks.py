@@ -14,7 +14,6 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from iamport_billing import alerts
 from iamport_billing.billing_run import (
-    GuardrailTripped,
     billing_date_from_context,
     format_report,
     plan_run,
@@ -93,21 +92,22 @@ def plan_step(cfg: BillingConfig, context: dict[str, Any]) -> list[dict[str, Any
     )
     with Ledger.from_conn_id(cfg.warehouse_conn_id) as ledger, due_source(cfg, ledger) as source:
         ledger.init_schema()
-        try:
-            plan = plan_run(
-                ledger,
-                source=source,
-                due_query=cfg.due_query,
-                billing_date=billing_date_from_context(context),
-                batch_size=int(params.get("batch_size") or 500),
-                limits=cfg.limits,
-                guardrails=guardrails,
-                dry_run=bool(params.get("dry_run")),
-                run=run_info(context),
-            )
-        except GuardrailTripped as e:
-            raise AirflowFailException(str(e)) from None
+        plan = plan_run(
+            ledger,
+            source=source,
+            due_query=cfg.due_query,
+            billing_date=billing_date_from_context(context),
+            batch_size=int(params.get("batch_size") or 500),
+            limits=cfg.limits,
+            guardrails=guardrails,
+            dry_run=bool(params.get("dry_run")),
+            run=run_info(context),
+        )
     context["ti"].xcom_push(key="plan", value=plan.as_xcom())
+    if plan.violations and not plan.dry_run and cfg.approval_timeout_minutes == 0:
+        raise AirflowFailException(
+            "guardrail tripped, nothing charged (approvals are off): " + "; ".join(plan.violations)
+        )
     return plan.batches
 
 

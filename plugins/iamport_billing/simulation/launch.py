@@ -99,6 +99,9 @@ def _environment(
             # A task retry waits in wall-clock time; the next simulated day is the retry.
             "IAMPORT_BILLING_TASK_RETRIES": "0",
             "IAMPORT_BILLING_DAILY_DEADLINE": "none",
+            # No one answers Airflow's approval requests here: a tripped guardrail fails the
+            # plan, and the scenario's person re-runs it (settings.approve_tripped_multiple).
+            "IAMPORT_BILLING_APPROVAL_TIMEOUT_MINUTES": "0",
         }
     )
     if s.max_attempts is not None:

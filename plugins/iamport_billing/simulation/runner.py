@@ -341,7 +341,7 @@ class Simulation:
         """The run's plan stopped at the multiple-of-the-previous-run guardrail."""
         with self.warehouse() as ledger:
             record = ledger.run_record({"dag_id": dag_run.dag_id, "run_id": dag_run.run_id})
-        return bool(record and record[0] and "x the previous run" in record[0])
+        return bool(record and record.guardrail and "x the previous run" in record.guardrail)
 
     def run_dag(self, dag_id: str, moment: datetime, **conf: Any) -> Any:
         dag, run_conf = self.dags.get_dag(dag_id), conf or None

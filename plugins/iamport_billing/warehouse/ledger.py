@@ -19,6 +19,9 @@ from typing import Any
 from iamport_billing.policy import RejectedRow, rejected_key, to_date, to_timestamp
 from iamport_billing.states import (
     ACTIVE,
+    APPROVAL_APPROVED,
+    APPROVAL_AWAITING,
+    APPROVAL_REJECTED,
     ATTEMPT_MOVES,
     CANCELLED,
     FAILED,
@@ -122,6 +125,22 @@ class Attempt:
 
 
 @dataclass(frozen=True)
+class RunRecord:
+    """What a run's plan step recorded (billing_runs)."""
+
+    guardrail: str | None
+    dry_run: bool
+    approval: str | None
+    approved_by: str | None
+    plan_digest: str | None
+
+    @property
+    def held(self) -> bool:
+        """Over its guardrails and not approved: nothing of the plan may be charged."""
+        return bool(self.guardrail) and self.approval != APPROVAL_APPROVED
+
+
+@dataclass(frozen=True)
 class Outcome:
     """A move of one attempt to ``status``, with what the gateway said."""
 
@@ -183,7 +202,7 @@ class Ledger(SqlSession):
             except Exception as e:
                 if not self.dialect.is_duplicate_index(e):
                     raise
-        for table in (ATTEMPTS,):
+        for table in (ATTEMPTS, RUNS):
             have = set(self._column_names(f"SELECT * FROM {table} WHERE 1 = 0"))
             for column, kind in expected_columns(table, self.dialect).items():
                 if column not in have:
@@ -531,35 +550,60 @@ class Ledger(SqlSession):
 
     def record_run(
         self, run: Mapping[str, Any], billing_date: date, count: int, total: int, rejected: int,
-        dry_run: bool, guardrail: str | None,
+        dry_run: bool, guardrail: str | None, *, plan_digest: str | None = None,
     ) -> None:  # fmt: skip
+        """Record a run's plan; a real plan over its guardrails awaits a person's approval (a
+        re-planned run awaits it afresh: an approval is of the plan it was shown)."""
+        awaiting = APPROVAL_AWAITING if guardrail and not dry_run else None
         cols = (
             "dag_id", "run_id", "billing_date", "planned_count", "planned_total",
-            "rejected_count", "dry_run", "guardrail", "created_at",
+            "rejected_count", "dry_run", "guardrail", "approval", "approved_by", "approved_at",
+            "plan_digest", "created_at",
         )  # fmt: skip
         self.execute(
-            self.dialect.upsert(RUNS, cols, ["dag_id", "run_id"], cols[3:8]),
+            self.dialect.upsert(RUNS, cols, ["dag_id", "run_id"], cols[3:12]),
             [
                 run.get("dag_id"), run.get("run_id"), billing_date.isoformat(), count, total,
-                rejected, int(dry_run), guardrail, self.stamp(),
+                rejected, int(dry_run), guardrail, awaiting, None, None, plan_digest,
+                self.stamp(),
             ],
         )  # fmt: skip
 
-    def run_record(self, run: Mapping[str, Any]) -> tuple[str | None, bool] | None:
-        """(guardrail, dry_run) a run's plan recorded, or None."""
+    def run_record(self, run: Mapping[str, Any]) -> RunRecord | None:
+        """What a run's plan recorded, or None."""
         rows = self.query(
-            f"SELECT guardrail, dry_run FROM {RUNS} WHERE dag_id = %s AND run_id = %s",
+            f"SELECT guardrail, dry_run, approval, approved_by, plan_digest FROM {RUNS} "
+            "WHERE dag_id = %s AND run_id = %s",
             [run["dag_id"], run["run_id"]],
         )
-        return (rows[0][0], bool(rows[0][1])) if rows else None
+        if not rows:
+            return None
+        guardrail, dry_run, approval, approved_by, digest = rows[0]
+        return RunRecord(guardrail, bool(dry_run), approval, approved_by, digest)
+
+    def decide_plan(
+        self, run: Mapping[str, Any], *, approve: bool, by: str, plan_digest: str
+    ) -> bool:
+        """A person's answer to a plan awaiting approval: True when it applied, i.e. the run
+        still awaits one for exactly this plan (a re-planned run needs a new answer)."""
+        count = self.execute(
+            f"UPDATE {RUNS} SET approval = %s, approved_by = %s, approved_at = %s "
+            "WHERE dag_id = %s AND run_id = %s AND approval = %s AND plan_digest = %s",
+            [
+                APPROVAL_APPROVED if approve else APPROVAL_REJECTED, by[:250], self.stamp(),
+                run["dag_id"], run["run_id"], APPROVAL_AWAITING, plan_digest,
+            ],
+        )  # fmt: skip
+        return count == 1
 
     def previous_run_total(self, dag_id: str, billing_date: date) -> int | None:
-        """Planned total of the latest real run for an earlier billing date (guardrail base)."""
+        """Planned total of the latest real run for an earlier billing date (guardrail base):
+        within its guardrails, or approved over them by a person."""
         rows = self.query(
             f"SELECT planned_total FROM {RUNS} WHERE dag_id = %s AND billing_date < %s "
-            "AND dry_run = 0 AND guardrail IS NULL AND planned_count > 0 "
+            "AND dry_run = 0 AND (guardrail IS NULL OR approval = %s) AND planned_count > 0 "
             "ORDER BY billing_date DESC, created_at DESC LIMIT 1",
-            [dag_id, billing_date.isoformat()],
+            [dag_id, billing_date.isoformat(), APPROVAL_APPROVED],
         )
         return int(rows[0][0]) if rows else None
 
@@ -591,14 +635,16 @@ class Ledger(SqlSession):
     def planned_items(
         self, run: Mapping[str, Any], subscription_ids: Sequence[str]
     ) -> dict[str, tuple[date, int]]:
-        """What the run's plan approved for these subscriptions: id -> (billing date, amount)."""
+        """What the run's plan approved for these subscriptions: id -> (billing date, amount).
+        Nothing while the plan is over its guardrails and no person has approved it."""
         found: dict[str, tuple[date, int]] = {}
         for chunk in _chunks(list(dict.fromkeys(subscription_ids))):
             for sub, day, amount in self.query(
-                f"SELECT subscription_id, billing_date, amount FROM {PLAN_ITEMS} "
-                f"WHERE dag_id = %s AND run_id = %s AND subscription_id IN "
-                f"({_marks(len(chunk))})",
-                [run.get("dag_id"), run.get("run_id"), *chunk],
+                f"SELECT p.subscription_id, p.billing_date, p.amount FROM {PLAN_ITEMS} p "
+                f"JOIN {RUNS} r ON r.dag_id = p.dag_id AND r.run_id = p.run_id "
+                "WHERE p.dag_id = %s AND p.run_id = %s AND (r.guardrail IS NULL OR "
+                f"r.approval = %s) AND p.subscription_id IN ({_marks(len(chunk))})",
+                [run.get("dag_id"), run.get("run_id"), APPROVAL_APPROVED, *chunk],
             ):
                 found[str(sub)] = (to_date(day), int(amount))  # type: ignore[assignment]
         return found
@@ -608,10 +654,14 @@ class Ledger(SqlSession):
         return bool(self.query(f"SELECT 1 FROM {ATTEMPTS} LIMIT 1"))
 
     def planned_periods(self) -> dict[tuple[str, date], set[int]]:
-        """(subscription, billing date) -> every amount any run's plan approved for it."""
+        """(subscription, billing date) -> every amount any run's plan approved for it (a plan
+        over its guardrails only once a person approved it)."""
         found: dict[tuple[str, date], set[int]] = {}
         for sub, day, amount in self.query(
-            f"SELECT subscription_id, billing_date, amount FROM {PLAN_ITEMS}"
+            f"SELECT p.subscription_id, p.billing_date, p.amount FROM {PLAN_ITEMS} p "
+            f"JOIN {RUNS} r ON r.dag_id = p.dag_id AND r.run_id = p.run_id "
+            "WHERE r.guardrail IS NULL OR r.approval = %s",
+            [APPROVAL_APPROVED],
         ):
             found.setdefault((str(sub), to_date(day)), set()).add(int(amount))  # type: ignore[arg-type]
         return found

@@ -101,19 +101,41 @@ def _refund_types(d: Dialect) -> dict[str, str]:
     }
 
 
+def _run_types(d: Dialect) -> dict[str, str]:
+    return {
+        "dag_id": "VARCHAR(250) NOT NULL",
+        "run_id": "VARCHAR(250) NOT NULL",
+        "billing_date": f"{d.date_type} NOT NULL",
+        "planned_count": "INTEGER NOT NULL",
+        "planned_total": "BIGINT NOT NULL",
+        "rejected_count": "INTEGER NOT NULL",
+        "dry_run": "INTEGER NOT NULL",
+        "guardrail": "TEXT",
+        "created_at": d.timestamp_type,
+        # A plan over its guardrails waits for a person (states.APPROVAL_*); NULL: not needed.
+        "approval": "VARCHAR(16)",
+        "approved_by": "VARCHAR(250)",
+        "approved_at": d.timestamp_type,
+        # sha256 of the frozen plan's items: an approval names the plan it was shown.
+        "plan_digest": "VARCHAR(64)",
+    }
+
+
 def expected_columns(table: str, d: Dialect) -> dict[str, str]:
     """Columns (name -> type without constraints) that ``init_schema`` adds when missing."""
-    if table != ATTEMPTS:
+    types = {ATTEMPTS: _attempt_types, RUNS: _run_types}.get(table)
+    if types is None:
         return {}
     return {
         name: kind.replace(" PRIMARY KEY", "").replace(" NOT NULL", "")
-        for name, kind in _attempt_types(d).items()
+        for name, kind in types(d).items()
     }
 
 
 def ddl(d: Dialect) -> list[str]:
     attempt_cols = ",\n            ".join(f"{c} {t}" for c, t in _attempt_types(d).items())
     refund_cols = ",\n            ".join(f"{c} {t}" for c, t in _refund_types(d).items())
+    run_cols = ",\n            ".join(f"{c} {t}" for c, t in _run_types(d).items())
     statements = [
         f"""CREATE TABLE IF NOT EXISTS {SUBSCRIPTIONS} (
             subscription_id {d.key_type(64)} PRIMARY KEY,
@@ -131,15 +153,7 @@ def ddl(d: Dialect) -> list[str]:
         )""",
         f"CREATE TABLE IF NOT EXISTS {ATTEMPTS} (\n            {attempt_cols}\n        )",
         f"""CREATE TABLE IF NOT EXISTS {RUNS} (
-            dag_id VARCHAR(250) NOT NULL,
-            run_id VARCHAR(250) NOT NULL,
-            billing_date {d.date_type} NOT NULL,
-            planned_count INTEGER NOT NULL,
-            planned_total BIGINT NOT NULL,
-            rejected_count INTEGER NOT NULL,
-            dry_run INTEGER NOT NULL,
-            guardrail TEXT,
-            created_at {d.timestamp_type},
+            {run_cols},
             PRIMARY KEY (dag_id, run_id)
         )""",
         # What a plan approved, frozen: a charge task sends these rows at these amounts only.
