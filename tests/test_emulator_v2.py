@@ -627,6 +627,27 @@ def test_keys_survive_a_restart(tmp_path: Path) -> None:
     assert (again.status_code, again.content) == (200, first.content)
 
 
+def test_a_key_in_flight_when_the_process_dies_is_free_after_the_restart(tmp_path: Path) -> None:
+    """The claim of a request that never finished answers nothing: the retry runs."""
+    config = EmulatorConfig(db_path=str(tmp_path / "crash.db"), api="v2")
+    payment_id, k = uid("pay"), key()
+    with start_emulator_process(config, log_path=tmp_path / "first.log") as process:
+        api = ApiV2(process.url)
+        billing_key = api.issue(CARD_ALWAYS_PAID)
+        requests.post(f"{process.url}/__emulator__/hold", json={"charges": 1}, timeout=5)
+        threading.Thread(
+            target=lambda: pytest.raises(
+                requests.ConnectionError, api.pay, payment_id, billing_key, idempotency_key=k
+            ),
+            daemon=True,
+        ).start()
+        wait_for_held(process.url)
+        process.kill()
+    with start_emulator_process(config, log_path=tmp_path / "second.log") as process:
+        retry = ApiV2(process.url).pay(payment_id, billing_key, idempotency_key=k)
+    assert retry.status_code == 200
+
+
 # -- webhooks -------------------------------------------------------------------------------------
 
 
