@@ -42,7 +42,7 @@ from iamport_billing.emulator.core import (
     add_receipt_route,
 )
 from iamport_billing.emulator.rules import apply_cancel, build_payment
-from iamport_billing.emulator.store import CancelRefused, Store, customer_row
+from iamport_billing.emulator.store import CancelRefused, Store, customer_row, new_imp_uid
 from iamport_billing.emulator.webhooks import WebhookSender, iso, webhook_body
 
 MERCHANT_ID = "merchant-00000000-0000-0000-0000-000000000000"
@@ -374,7 +374,12 @@ def payment_json(p: dict[str, Any], config: EmulatorConfig) -> dict[str, Any]:
         },
         "currency": p["currency"],
         "customer": _drop_none(
-            {"name": p["buyer_name"], "email": p["buyer_email"], "phoneNumber": p["buyer_tel"]}
+            {
+                "name": p["buyer_name"],
+                "email": p["buyer_email"],
+                "phoneNumber": p["buyer_tel"],
+                "zipcode": p["buyer_postcode"],
+            }
         ),
         "origin": {"platformType": "API", "ipAddress": "127.0.0.1"},
         "customData": p["custom_data"],
@@ -430,13 +435,13 @@ def create_v2_app(config: EmulatorConfig, store: Store | None = None) -> V2App:
     if config.webhook_url and config.webhook_secret:
         em.webhooks = WebhookSender(db, config.webhook_url, config.webhook_secret, em.count)
 
-    def publish(type_: str, p: dict[str, Any], **extra: str) -> None:
+    async def publish(type_: str, p: dict[str, Any], **extra: str) -> None:
         """Queue a webhook for a change that has committed (never on the request path)."""
         if em.webhooks is None:
             return
         now = config.now()
         body = webhook_body(type_, now, p["merchant_uid"], config.store_id, p["imp_uid"], **extra)
-        em.webhooks.publish(type_, p["merchant_uid"], body, int(now))
+        await run_in_threadpool(em.webhooks.publish, type_, p["merchant_uid"], body, int(now))
 
     @app.exception_handler(V2Error)
     async def _v2_error(request: Request, exc: V2Error) -> Response:
@@ -550,7 +555,7 @@ def create_v2_app(config: EmulatorConfig, store: Store | None = None) -> V2App:
             raise
         billing_key = charge["customer_uid"]
         base = base_url(request)
-        transaction_id = f"imp_{secrets.randbelow(10**12):012d}"
+        transaction_id = new_imp_uid()
 
         def build(customer: dict[str, Any], imp_uid: str, ready: bool = False) -> dict[str, Any]:
             return build_payment(
@@ -587,12 +592,12 @@ def create_v2_app(config: EmulatorConfig, store: Store | None = None) -> V2App:
             request.scope["state"][DROP] = True
         if payment["status"] == "paid":
             if not charge["skip_webhook"]:
-                publish(webhooks.PAID, payment)
+                await publish(webhooks.PAID, payment)
             return JSONResponse(
                 {"payment": {"pgTxId": payment["pg_tid"], "paidAt": iso(payment["paid_at"])}}
             )
         if payment["status"] == "failed":
-            publish(webhooks.FAILED, payment)
+            await publish(webhooks.FAILED, payment)
             reason = payment["fail_reason"] or ""
             raise V2Error(
                 502, "PG_PROVIDER", reason, pgCode=DECLINE_PG_CODES.get(reason, "99"),
@@ -661,7 +666,7 @@ def create_v2_app(config: EmulatorConfig, store: Store | None = None) -> V2App:
         cancelled = payment_status(payment)
         entry = payment["cancel_history"][-1]
         type_ = webhooks.CANCELLED if cancelled == "CANCELLED" else webhooks.PARTIAL_CANCELLED
-        publish(type_, payment, cancellationId=entry["cancellation_id"])
+        await publish(type_, payment, cancellationId=entry["cancellation_id"])
         if config.drop_cancel_reply:
             em.count("faults", "drop_cancel_reply")
             request.scope["state"][DROP] = True
