@@ -32,6 +32,7 @@ from iamport_billing.emulator import (
     start_emulator_process,
 )
 from iamport_billing.emulator.__main__ import build_parser
+from iamport_billing.emulator.config import CARD_SHORT_PAID
 from iamport_billing.emulator.server import cli_args
 from standardwebhooks import Webhook
 
@@ -43,6 +44,7 @@ NO_FAULTS = {
     "latency_ms": 0, "latency_jitter_ms": 0, "error_rate": 0, "rate_limit_rate": 0,
     "drop_after_commit_rate": 0, "clock_offset_s": 0, "foreign_404_json": False,
     "charge_foreign_404": False, "charge_status_ready": False, "drop_cancel_reply": False,
+    "paid_amount_multiplier": 1,
 }  # fmt: skip
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"emulator-v2-test-webhook-secret!").decode()
 
@@ -288,6 +290,20 @@ def test_a_decline_is_502_pg_provider_and_the_payment_reads_failed(
     assert payment["status"] == "FAILED"
     assert payment["failure"] == {"reason": reason, "pgCode": pg_code, "pgMessage": reason}
     assert db_payments(emulator, payment_id) == ["failed"]
+
+
+@pytest.mark.parametrize(
+    ("card", "multiplier", "recorded"),
+    [(CARD_SHORT_PAID, 1.0, 9000), (CARD_ALWAYS_PAID, 2.0, 20_000)],
+    ids=["short-paid-card", "paid-amount-multiplier"],
+)
+def test_paid_with_another_amount_reads_so(
+    api: ApiV2, card: str, multiplier: float, recorded: int
+) -> None:
+    payment_id = uid("pay")
+    set_faults(api.url, paid_amount_multiplier=multiplier)
+    assert api.pay(payment_id, api.issue(card), total=10_000).status_code == 200
+    assert get_payment(api, payment_id)["amount"]["paid"] == recorded
 
 
 def test_pay_a_paid_payment_id_again_is_409_already_paid_and_charges_nothing(
