@@ -10,6 +10,7 @@ Swagger 2.0 is JSON Schema draft 4, so draft 4 rules apply (``1.0`` is not an ``
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -167,7 +168,7 @@ class Api:
 # each discriminated union becomes "the tag is one of the mapping's keys, and the member that key
 # names validates the body". Objects are closed (no property the spec does not name), so a
 # misspelt field fails; OpenAPI 3.0 has no null unless ``nullable``. An error member's
-# ``x-portone-status-code`` must be the HTTP status it came with.
+# ``x-portone-status-code`` must be the HTTP status it came with; date-times must be RFC 3339.
 
 _V2_BESIDE = Path(__file__).resolve().parents[2] / "shared" / "portone" / "v2.openapi.json"
 V2_SPEC_PATH = _V2_BESIDE if _V2_BESIDE.exists() else Path("/work/shared/portone/v2.openapi.json")
@@ -180,6 +181,18 @@ V2_ERROR_SHAPE = {
     "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
     "additionalProperties": False,
 }
+
+
+V2_FORMATS = jsonschema.FormatChecker(formats=())
+
+
+@V2_FORMATS.checks("date-time", raises=ValueError)
+def _is_date_time(value: object) -> bool:
+    """RFC 3339 with a zone (``...Z`` or ``+09:00``), as the spec's ``format: date-time``."""
+    if not isinstance(value, str):
+        return True
+    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return "T" in value and moment.tzinfo is not None
 
 
 def _v2_normalize(schema: Any) -> Any:
@@ -255,7 +268,7 @@ def validate_v2_response(method: str, template: str, status: int, body: Any) -> 
         return
     ref = v2_response_ref(method, template, status)
     schema = {"$ref": ref, "definitions": _v2_definitions()}
-    jsonschema.Draft7Validator(schema).validate(body)
+    jsonschema.Draft7Validator(schema, format_checker=V2_FORMATS).validate(body)
     if status >= 400:
         expected = _v2_error_status(body, ref.removeprefix("#/definitions/"))
         assert expected == status, f"{body['type']} is HTTP {expected} in the spec, got {status}"

@@ -905,6 +905,14 @@ def test_the_validator_rejects_a_payment_missing_a_required_field(
         validate_v2_response("GET", PAYMENT, 200, payment)
 
 
+def test_the_validator_rejects_a_date_time_that_is_not_rfc_3339(
+    api: ApiV2, billing_key: str
+) -> None:
+    payment = get_payment(api, paid(api, billing_key))
+    with pytest.raises(jsonschema.ValidationError):
+        validate_v2_response("GET", PAYMENT, 200, {**payment, "paidAt": "1764457221"})
+
+
 def test_the_validator_rejects_a_field_the_spec_does_not_name(api: ApiV2, billing_key: str) -> None:
     payment = get_payment(api, paid(api, billing_key))
     with pytest.raises(jsonschema.ValidationError):
