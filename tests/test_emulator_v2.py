@@ -28,6 +28,7 @@ from iamport_billing.emulator import (
     SOFT_DECLINE_REASON,
     EmulatorConfig,
     EmulatorHandle,
+    issue_billing_key,
     run_emulator_in_thread,
     start_emulator_process,
 )
@@ -855,6 +856,13 @@ def test_stats_count_v2_requests_charges_and_idempotency(api: ApiV2, billing_key
 
 
 # -- running it -----------------------------------------------------------------------------------
+
+
+def test_issue_billing_key_helper_issues_a_chargeable_key(api: ApiV2) -> None:
+    billing_key = issue_billing_key(api.url, CARD_SOFT_DECLINE)
+    assert api.pay(uid("pay"), billing_key).json()["pgMessage"] == SOFT_DECLINE_REASON
+    with pytest.raises(RuntimeError, match="HTTP 401"):
+        issue_billing_key(api.url, CARD_ALWAYS_PAID, api_secret="wrong")
 
 
 def test_cli_takes_api_v2_and_its_flags(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ import uvicorn
 
 from iamport_billing.emulator.app import create_v1_app
 from iamport_billing.emulator.config import (
+    DEFAULT_API_SECRET,
     DEFAULT_IMP_KEY,
     DEFAULT_IMP_SECRET,
     SWITCH_FIELDS,
@@ -282,3 +283,20 @@ def register_card(
     if reply["code"] != 0:
         raise RuntimeError(f"billing key registration failed: {reply['message']}")
     return reply["response"]
+
+
+def issue_billing_key(
+    url: str, card_number: str, api_secret: str = DEFAULT_API_SECRET, **fields: Any
+) -> str:
+    """V2's onboarding through the API: ``POST /billing-keys`` for a card; returns the key."""
+    digits = "".join(ch for ch in card_number if ch.isdigit())
+    credential = {"number": digits, "expiryYear": "30", "expiryMonth": "12"}
+    reply = requests.post(
+        f"{url}/billing-keys",
+        json={"method": {"card": {"credential": credential}}, **fields},
+        headers={"Authorization": f"PortOne {api_secret}"},
+        timeout=10,
+    )
+    if reply.status_code != 200:
+        raise RuntimeError(f"billing key issue failed: HTTP {reply.status_code} {reply.text[:200]}")
+    return reply.json()["billingKeyInfo"]["billingKey"]
