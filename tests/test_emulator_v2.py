@@ -30,6 +30,7 @@ from iamport_billing.emulator import (
     EmulatorHandle,
     issue_billing_key,
     run_emulator_in_thread,
+    seed_customers,
     start_emulator_process,
 )
 from iamport_billing.emulator.__main__ import build_parser
@@ -863,6 +864,12 @@ def test_issue_billing_key_helper_issues_a_chargeable_key(api: ApiV2) -> None:
     assert api.pay(uid("pay"), billing_key).json()["pgMessage"] == SOFT_DECLINE_REASON
     with pytest.raises(RuntimeError, match="HTTP 401"):
         issue_billing_key(api.url, CARD_ALWAYS_PAID, api_secret="wrong")
+
+
+def test_seeded_billing_keys_are_chargeable(api: ApiV2, emulator: EmulatorHandle) -> None:
+    billing_key = uid("seeded-key")
+    assert seed_customers(emulator.config.db_path, [(billing_key, CARD_ALWAYS_PAID)]) == 1
+    assert api.pay(uid("pay"), billing_key).status_code == 200
 
 
 def test_cli_takes_api_v2_and_its_flags(tmp_path: Path) -> None:
