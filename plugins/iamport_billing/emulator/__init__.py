@@ -1,11 +1,10 @@
-"""A faithful Iamport (PortOne V1) emulator for tests, demos and benchmarks.
+"""A faithful Iamport (PortOne V1) and PortOne V2 emulator for tests, demos and benchmarks.
 
 Test cards decide outcomes: ``CARD_ALWAYS_PAID`` (and any other number) is approved,
 ``CARD_SOFT_DECLINE`` fails with ``SOFT_DECLINE_REASON``, ``CARD_HARD_DECLINE`` with
 ``HARD_DECLINE_REASON``.
 """
 
-from iamport_billing.emulator.app import create_app
 from iamport_billing.emulator.config import (
     CARD_ALWAYS_PAID,
     CARD_HARD_DECLINE,
@@ -19,6 +18,8 @@ from iamport_billing.emulator.config import (
 from iamport_billing.emulator.server import (
     EmulatorHandle,
     EmulatorProcess,
+    create_app,
+    issue_billing_key,
     register_card,
     run_emulator_in_thread,
     start_emulator_process,
@@ -39,6 +40,7 @@ __all__ = [
     "Store",
     "create_app",
     "mask_card_number",
+    "issue_billing_key",
     "register_card",
     "run_emulator_in_thread",
     "seed_customers",

@@ -1,4 +1,4 @@
-"""``iamport-emulator`` console script: a local Iamport V1 server with fault injection."""
+"""``iamport-emulator`` console script: a local Iamport V1 or PortOne V2 server with faults."""
 
 from __future__ import annotations
 
@@ -6,29 +6,52 @@ import argparse
 import os
 
 from iamport_billing.emulator.config import (
+    API_MODES,
+    DEFAULT_API_SECRET,
     DEFAULT_IMP_KEY,
     DEFAULT_IMP_SECRET,
+    DEFAULT_STORE_ID,
     DEFAULT_TOKEN_TTL_S,
     EmulatorConfig,
 )
-from iamport_billing.emulator.server import SECRET_ENV, serve
+from iamport_billing.emulator.server import (
+    API_SECRET_ENV,
+    SECRET_ENV,
+    WEBHOOK_SECRET_ENV,
+    serve,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="iamport-emulator",
-        description="Emulated Iamport (PortOne V1) billing API backed by SQLite. The "
+        description="Emulated Iamport (PortOne V1) or PortOne V2 billing API backed by SQLite. The "
         "/__emulator__ admin endpoints (faults, stats) need no token and are only served on "
         "loopback binds.",
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     p.add_argument("--port", type=int, default=8099, help="0 picks a free port")
     p.add_argument("--db", default="iamport-emulator.db", help="SQLite file (created if missing)")
+    p.add_argument("--api", choices=API_MODES, default="v1", help="API spoken (default v1)")
     p.add_argument("--imp-key", default=DEFAULT_IMP_KEY)
     p.add_argument(
         "--imp-secret",
         default=os.environ.get(SECRET_ENV, DEFAULT_IMP_SECRET),
         help=f"default from ${SECRET_ENV}, else {DEFAULT_IMP_SECRET!r}",
+    )
+    v2 = p.add_argument_group("PortOne V2 (--api v2)")
+    v2.add_argument(
+        "--api-secret",
+        default=os.environ.get(API_SECRET_ENV, DEFAULT_API_SECRET),
+        help=f"'Authorization: PortOne <secret>'; default from ${API_SECRET_ENV}, "
+        f"else {DEFAULT_API_SECRET!r}",
+    )
+    v2.add_argument("--store-id", default=DEFAULT_STORE_ID, help="storeId in answers, webhooks")
+    v2.add_argument("--webhook-url", default=None, help="POST signed webhooks here (default: none)")
+    v2.add_argument(
+        "--webhook-secret",
+        default=os.environ.get(WEBHOOK_SECRET_ENV),
+        help=f"Standard Webhooks secret, whsec_ + base64; default from ${WEBHOOK_SECRET_ENV}",
     )
     p.add_argument("--latency-ms", type=float, default=0.0, help="mean added latency")
     p.add_argument("--latency-jitter-ms", type=float, default=0.0, help="latency std deviation")
@@ -114,6 +137,11 @@ def main(argv: list[str] | None = None) -> None:
             db_path=args.db,
             imp_key=args.imp_key,
             imp_secret=args.imp_secret,
+            api=args.api,
+            api_secret=args.api_secret,
+            store_id=args.store_id,
+            webhook_url=args.webhook_url,
+            webhook_secret=args.webhook_secret,
             latency_ms=args.latency_ms,
             latency_jitter_ms=args.latency_jitter_ms,
             error_rate=args.error_rate,

@@ -1,49 +1,42 @@
 """FastAPI app emulating the Iamport (PortOne V1) endpoints this project uses, with faults.
 
-Faults live in ``EmulatorApp.__call__``, the outermost ASGI layer, because only there is ``send``
-still uvicorn's own bound method: that gives access to the TCP transport, which the
-drop-after-commit fault aborts so the client gets no response at all (not a 500).
-
-Foreign and hostile switches (see ``config.SWITCH_FIELDS``) imitate what stands in front of, or
-goes wrong inside, a real gateway: a proxy's 404 on lookups, a wrong-shaped findAll, a cancel
-whose answer is lost, a getToken that fails or hands out an expired token, a server refusing
-the Bearer header style, charges stuck in 'ready' or paid with another amount.
+The fault layer and the admin endpoints are shared with V2 (``core``), the charge and cancel
+rules too (``rules``). Foreign and hostile switches (see ``config.SWITCH_FIELDS``) imitate what
+stands in front of, or goes wrong inside, a real gateway: a proxy's 404 on lookups, a
+wrong-shaped findAll, a cancel whose answer is lost, a getToken that fails or hands out an
+expired token, a server refusing the Bearer header style, charges stuck in 'ready' or paid with
+another amount.
 """
 
 from __future__ import annotations
 
-import asyncio
-import html
-import http
 import json
 import math
-import random
 import re
 import secrets
-import socket
-import struct
-import threading
-import time
-from collections import Counter
 from typing import Any
 from urllib.parse import parse_qsl
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
-from starlette.types import Message, Receive, Scope, Send
 
-from iamport_billing.emulator.config import (
-    BEHAVIOR_HARD_DECLINE,
-    BEHAVIOR_SHORT_PAID,
-    BEHAVIOR_SOFT_DECLINE,
-    HARD_DECLINE_REASON,
-    SHORT_PAID_SHARE,
-    SOFT_DECLINE_REASON,
-    EmulatorConfig,
-    card_digits,
+from iamport_billing.emulator.config import EmulatorConfig, card_digits
+from iamport_billing.emulator.core import (
+    DROP,
+    Dialect,
+    EmulatorApp,
+    EmulatorState,
+    add_admin_routes,
+    add_receipt_route,
+    html_error_page,
+    phrase,
+)
+from iamport_billing.emulator.rules import (
+    apply_cancel,
+    build_payment,
+    num,
 )
 from iamport_billing.emulator.store import SORTINGS, CancelRefused, Store, customer_row
 
@@ -56,18 +49,12 @@ MSG_DUPLICATE = (
 )
 MSG_PAYMENT_NOT_FOUND = "존재하지 않는 결제정보입니다."
 MSG_BAD_STATUS = "지원되지 않는 상태값입니다."
-MSG_NOTHING_TO_CANCEL = "취소할 결제건이 존재하지 않습니다."
 MSG_INVALID_CARD = "유효하지않은 카드번호를 입력하셨습니다."
 
 PAYMENT_STATUSES = ("ready", "paid", "cancelled", "failed")
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 1000
 DEFAULT_WINDOW_S = 90 * 86400
-ADMIN_PREFIX = "/__emulator__"
-# A held charge request goes on by itself after this long, released or not.
-HOLD_LIMIT_S = 60.0
-RECEIPT_PREFIX = "/receipts/"
-_DROP = "iamport_emulator_drop_connection"
 
 # Spec maxLength of request strings that end up in responses.
 STRING_LIMITS = {
@@ -87,26 +74,12 @@ CUSTOMER_FIELDS = (
     "customer_name", "customer_tel", "customer_email", "customer_addr", "customer_postcode",
     "customer_id", "channel_key", "pg",
 )  # fmt: skip
-HTML_5XX = (
-    "<html><head><title>{code} {reason}</title></head><body><center><h1>{code} {reason}</h1>"
-    "</center><hr><center>nginx</center></body></html>"
+V1_DIALECT = Dialect(
+    error_body=lambda status, message: {"code": -1, "message": message, "response": None},
+    lookup_prefixes=("/payments/", "/subscribe/customers"),
+    payment_lookup_prefixes=("/payments/",),
+    charge_route="POST /subscribe/payments/again",
 )
-REASONS = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
-FOREIGN_404_JSON = {"error": "not found"}
-# GET endpoints a proxy's foreign 404 applies to (lookups only: never charges, cancels, tokens).
-LOOKUP_PREFIXES = ("/payments/", "/subscribe/customers")
-
-
-def _phrase(status: int) -> str:
-    try:
-        return REASONS.get(status) or http.HTTPStatus(status).phrase
-    except ValueError:
-        return "Error"
-
-
-def html_error_page(status: int) -> str:
-    """The page nginx serves for an error status."""
-    return HTML_5XX.format(code=status, reason=_phrase(status))
 
 
 class ApiError(Exception):
@@ -121,183 +94,6 @@ def envelope(
     response: Any, status: int = 200, code: int = 0, message: str | None = None
 ) -> Response:
     return JSONResponse({"code": code, "message": message, "response": response}, status)
-
-
-def _num(value: float) -> int | float:
-    """JSON number as Iamport writes it: integral amounts as integers."""
-    return int(value) if float(value).is_integer() else float(value)
-
-
-class EmulatorState:
-    """Config, database, seeded randomness and counters shared by every request."""
-
-    def __init__(self, config: EmulatorConfig, store: Store) -> None:
-        self.config = config
-        self.store = store
-        self.rng = random.Random(config.seed)
-        self.counters: dict[str, Counter[str]] = {
-            "requests": Counter(),
-            "tokens": Counter(),
-            "faults": Counter(),
-            "charges": Counter(),
-        }
-        self._lock = threading.Lock()
-        self.holds = 0  # how many of the next charge requests to hold
-        self.held: dict[str, str] = {}  # merchant_uid -> customer_uid, held now
-
-    def count(self, group: str, key: str) -> None:
-        with self._lock:
-            self.counters[group][key] += 1
-
-    def reseed(self, seed: int | None) -> None:
-        self.rng = random.Random(seed)
-
-    def stats(self) -> dict[str, Any]:
-        with self._lock:
-            data: dict[str, Any] = {k: dict(v) for k, v in self.counters.items()}
-            data["held"] = dict(self.held)
-        data["payments"] = self.store.payment_counts()
-        return data
-
-    async def held_in_the_network(self, merchant_uid: str, customer_uid: str) -> None:
-        """A charge request stuck on its way, when a test asked for one: Iamport sees it only
-        once it is released (``POST /__emulator__/release``) or after ``HOLD_LIMIT_S``."""
-        with self._lock:
-            if not self.holds:
-                return
-            self.holds -= 1
-            self.held[merchant_uid] = customer_uid
-        deadline = time.monotonic() + HOLD_LIMIT_S
-        while merchant_uid in self.held and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        with self._lock:
-            self.held.pop(merchant_uid, None)
-
-    def hold(self, count: int) -> None:
-        with self._lock:
-            self.holds = count
-
-    def release(self) -> list[str]:
-        with self._lock:
-            released, self.held, self.holds = list(self.held), {}, 0
-        return released
-
-
-class EmulatorApp(FastAPI):
-    """FastAPI plus fault injection at the outermost ASGI layer."""
-
-    emulator: EmulatorState
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await super().__call__(scope, receive, send)
-            return
-        path: str = scope["path"]
-        if path.startswith(ADMIN_PREFIX) or path.startswith(RECEIPT_PREFIX):
-            await super().__call__(scope, receive, send)
-            return
-        em = self.emulator
-        em.count("requests", self._endpoint(scope))
-        cfg = em.config
-        # A real server has the whole request before its (PG) latency: a client that times
-        # out during the latency has still been charged.
-        receive = await _buffered(receive)
-        if cfg.latency_ms > 0 or cfg.latency_jitter_ms > 0:
-            delay_ms = max(0.0, em.rng.gauss(cfg.latency_ms, cfg.latency_jitter_ms))
-            em.count("faults", "latency")
-            await asyncio.sleep(delay_ms / 1000)
-        if cfg.rate_limit_rate and em.rng.random() < cfg.rate_limit_rate:
-            em.count("faults", "rate_limit")
-            body = {"code": -1, "message": "Too Many Requests", "response": None}
-            await JSONResponse(body, 429, headers={"Retry-After": "1"})(scope, receive, send)
-            return
-        if cfg.error_rate and em.rng.random() < cfg.error_rate:
-            em.count("faults", "error")
-            await self._server_error(em.rng)(scope, receive, send)
-            return
-        payments_only = cfg.foreign_404_payment_lookups and path.startswith("/payments/")
-        if (cfg.foreign_404_json or cfg.foreign_404_html or payments_only) and self._is_lookup(
-            scope
-        ):
-            # A proxy (or a misrouted gateway) answering for Iamport: nothing reached it.
-            em.count("faults", "foreign_404")
-            if cfg.foreign_404_html:
-                reply: Response = HTMLResponse(html_error_page(404), 404)
-            else:
-                reply = JSONResponse(FOREIGN_404_JSON, 404)
-            await reply(scope, receive, send)
-            return
-        if cfg.charge_foreign_404 and self._endpoint(scope) == "POST /subscribe/payments/again":
-            em.count("faults", "charge_foreign_404")
-            await HTMLResponse(html_error_page(404), 404)(scope, receive, send)
-            return
-        state = scope.setdefault("state", {})
-        dropped = False
-
-        async def guarded_send(message: Message) -> None:
-            nonlocal dropped
-            if not state.get(_DROP):
-                await send(message)
-            elif not dropped:
-                dropped = True
-                _abort_connection(send)
-
-        await super().__call__(scope, receive, guarded_send)
-        if dropped:
-            # Let uvicorn run connection_lost first so it does not answer the closed socket.
-            await asyncio.sleep(0)
-
-    def _endpoint(self, scope: Scope) -> str:
-        """Route template for the stats, e.g. ``GET /payments/{imp_uid}``."""
-        for route in self.router.routes:
-            match, _ = route.matches(scope)
-            if match is not Match.NONE:
-                return f"{scope['method']} {getattr(route, 'path', '?')}"
-        return f"{scope['method']} (no route)"
-
-    @staticmethod
-    def _is_lookup(scope: Scope) -> bool:
-        return scope["method"] == "GET" and scope["path"].startswith(LOOKUP_PREFIXES)
-
-    @staticmethod
-    def _server_error(rng: random.Random) -> Response:
-        """A 5xx before doing anything; half the time an HTML page, as from a proxy."""
-        status = rng.choice((500, 502, 503))
-        if rng.random() < 0.5:
-            return HTMLResponse(html_error_page(status), status)
-        return envelope(None, status, -1, "일시적인 서버 오류입니다. (emulated)")
-
-
-async def _buffered(receive: Receive) -> Receive:
-    """Read the request body now; replay it to the app, then pass through (disconnects)."""
-    messages: list[Message] = []
-    while True:
-        message = await receive()
-        messages.append(message)
-        if message["type"] != "http.request" or not message.get("more_body"):
-            break
-    replay = iter(messages)
-
-    async def replayed() -> Message:
-        message = next(replay, None)
-        return message if message is not None else await receive()
-
-    return replayed
-
-
-def _abort_connection(send: Send) -> None:
-    """Close the client's TCP connection with a reset, sending nothing.
-
-    uvicorn passes ``RequestResponseCycle.send`` (h11 and httptools alike), whose ``transport``
-    is the connection's asyncio transport.
-    """
-    transport = getattr(getattr(send, "__self__", None), "transport", None)
-    if transport is None:
-        raise RuntimeError("drop-after-commit needs uvicorn's transport; none found on send()")
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
 
 
 # -- request parsing --------------------------------------------------------------------------
@@ -361,7 +157,7 @@ def _number(body: dict[str, Any], name: str, *, positive: bool = False) -> int |
         raise ApiError(200, 1, f"{name} 파라미터는 숫자여야 합니다.") from None
     if not math.isfinite(number) or number < 0 or (positive and number <= 0):
         raise ApiError(200, 1, f"{name} 파라미터의 값이 올바르지 않습니다. ({value})")
-    return _num(number)
+    return num(number)
 
 
 def _query_int(request: Request, name: str, default: int, minimum: int = 1) -> int:
@@ -457,8 +253,8 @@ def payment_json(p: dict[str, Any]) -> dict[str, Any]:
         "vbank_date": 0,
         "vbank_issued_at": 0,
         "name": p["name"],
-        "amount": _num(p["amount"]),
-        "cancel_amount": _num(p["cancel_amount"]),
+        "amount": num(p["amount"]),
+        "cancel_amount": num(p["cancel_amount"]),
         "currency": p["currency"],
         "buyer_name": p["buyer_name"],
         "buyer_email": p["buyer_email"],
@@ -532,132 +328,15 @@ def parse_charge(body: dict[str, Any]) -> dict[str, Any]:
     return charge
 
 
-def build_payment(
-    charge: dict[str, Any],
-    customer: dict[str, Any],
-    imp_uid: str,
-    base_url: str,
-    *,
-    ready: bool = False,
-    amount_multiplier: float = 1.0,
-    now: int | None = None,
-) -> dict[str, Any]:
-    """The payment row for a charge; the billing key's card class decides paid or failed.
-
-    ``ready`` leaves it in status 'ready' (neither paid nor failed); ``amount_multiplier``
-    records a paid charge with amount * N (the switches of the same names); ``now`` is the
-    emulator's clock (machine time unless the clock is moved).
-    """
-    now = int(time.time()) if now is None else now
-    behavior = customer["card_behavior"]
-    declined = behavior in (BEHAVIOR_SOFT_DECLINE, BEHAVIOR_HARD_DECLINE)
-    reason = SOFT_DECLINE_REASON if behavior == BEHAVIOR_SOFT_DECLINE else HARD_DECLINE_REASON
-    buyer = ("buyer_name", "buyer_email", "buyer_tel", "buyer_addr", "buyer_postcode")
-    request_fields = {
-        k: v
-        for k, v in charge.items()
-        if v is not None
-        and k not in ("customer_uid", "merchant_uid", "amount", "name")
-        and k not in buyer
-    }
-    amount = charge["amount"]
-    if behavior == BEHAVIOR_SHORT_PAID:
-        amount_multiplier *= SHORT_PAID_SHARE
-    if not declined and not ready and amount_multiplier != 1:
-        amount = _num(amount * amount_multiplier)
-    payment = {
-        "imp_uid": imp_uid,
-        "merchant_uid": charge["merchant_uid"],
-        "customer_uid": customer["customer_uid"],
-        "status": "failed" if declined else "paid",
-        "amount": amount,
-        "cancel_amount": 0,
-        "currency": charge["currency"] or "KRW",
-        "name": charge["name"],
-        "pay_method": "card",
-        "channel": "api",
-        "pg_provider": customer["pg_provider"],
-        "pg_id": customer["pg_id"],
-        "pg_tid": f"{customer['pg_id']}{now}{imp_uid[4:]}",
-        "apply_num": None if declined else f"{secrets.randbelow(10**8):08d}",
-        "card_code": customer["card_code"],
-        "card_name": customer["card_name"],
-        "card_number": customer["card_number"],
-        "card_type": customer["card_type"],
-        "card_quota": charge["card_quota"],
-        **{k: charge[k] for k in buyer},
-        "custom_data": charge["custom_data"],
-        "customer_uid_usage": "payment",
-        "started_at": now,
-        "paid_at": 0 if declined else now,
-        "failed_at": now if declined else 0,
-        "cancelled_at": 0,
-        "updated_at": now,
-        "fail_reason": reason if declined else None,
-        "cancel_reason": None,
-        "receipt_url": None if declined else f"{base_url}{RECEIPT_PREFIX}{imp_uid}",
-        "cancel_history": [],
-        "request": request_fields,
-    }
-    if ready:
-        payment.update(
-            status="ready", paid_at=0, failed_at=0, apply_num=None, fail_reason=None,
-            receipt_url=None,
-        )  # fmt: skip
-    return payment
-
-
-def apply_cancel(
-    payment: dict[str, Any],
-    amount: int | float | None,
-    checksum: int | float | None,
-    reason: str | None,
-    base_url: str,
-    now: int | None = None,
-) -> dict[str, Any]:
-    """Full (amount None/0) or partial cancel; status becomes ``cancelled`` either way."""
-    if payment["status"] not in ("paid", "cancelled"):
-        raise CancelRefused(MSG_NOTHING_TO_CANCEL)
-    remaining = _num(payment["amount"] - payment["cancel_amount"])
-    if remaining <= 0:
-        raise CancelRefused(MSG_NOTHING_TO_CANCEL)
-    if checksum is not None and checksum != remaining:
-        raise CancelRefused(
-            f"[checksum 불일치] 요청하신 checksum({checksum})이 취소가능잔액({remaining})과 "
-            "일치하지 않습니다."
-        )
-    cancel = amount or remaining
-    if cancel > remaining:
-        raise CancelRefused(f"취소요청금액({cancel})이 취소가능잔액({remaining})보다 큽니다.")
-    now = int(time.time()) if now is None else now
-    history = payment["cancel_history"]
-    entry = {
-        "pg_tid": f"{payment['pg_tid']}C{len(history) + 1}",
-        "amount": cancel,
-        "cancelled_at": now,
-        "reason": reason or "",
-        "cancellation_id": secrets.token_hex(12),
-        "receipt_url": f"{base_url}{RECEIPT_PREFIX}{payment['imp_uid']}",
-    }
-    return {
-        **payment,
-        "status": "cancelled",
-        "cancel_amount": _num(payment["cancel_amount"] + cancel),
-        "cancelled_at": now,
-        "updated_at": now,
-        "cancel_reason": reason,
-        "cancel_history": [*history, entry],
-    }
-
-
 # -- the app ------------------------------------------------------------------------------------
 
 
-def create_app(config: EmulatorConfig, store: Store | None = None) -> EmulatorApp:
-    """Build the emulator app; it opens ``config.db_path`` unless a Store is given."""
+def create_v1_app(config: EmulatorConfig, store: Store | None = None) -> EmulatorApp:
+    """Build the V1 emulator app; it opens ``config.db_path`` unless a Store is given."""
     app = EmulatorApp(title="Iamport V1 emulator", docs_url=None, redoc_url=None, openapi_url=None)
     em = EmulatorState(config, store or Store(config.db_path))
     app.emulator = em
+    app.dialect = V1_DIALECT
     db = em.store
 
     @app.exception_handler(ApiError)
@@ -691,7 +370,7 @@ def create_app(config: EmulatorConfig, store: Store | None = None) -> EmulatorAp
                 return HTMLResponse(html_error_page(status), status)
             if status in (401, 403):
                 return envelope(None, status, -1, MSG_BAD_CREDENTIALS)
-            return envelope(None, status, -1, f"{_phrase(status)} (emulated)")
+            return envelope(None, status, -1, f"{phrase(status)} (emulated)")
         body = await read_body(request)
         key, secret = str(body.get("imp_key") or ""), str(body.get("imp_secret") or "")
         if not (
@@ -784,7 +463,7 @@ def create_app(config: EmulatorConfig, store: Store | None = None) -> EmulatorAp
         rate = config.drop_after_commit_rate
         if rate and em.rng.random() < rate:
             em.count("faults", "drop_after_commit")
-            request.scope["state"][_DROP] = True
+            request.scope["state"][DROP] = True
         return envelope(payment_json(payment))
 
     # -- lookups
@@ -858,7 +537,7 @@ def create_app(config: EmulatorConfig, store: Store | None = None) -> EmulatorAp
             raise ApiError(200, 1, str(e)) from None
         if config.drop_cancel_reply:
             em.count("faults", "drop_cancel_reply")
-            request.scope["state"][_DROP] = True
+            request.scope["state"][DROP] = True
         return envelope(payment_json(payment))
 
     @app.get("/payments/{imp_uid}", dependencies=auth)
@@ -868,58 +547,6 @@ def create_app(config: EmulatorConfig, store: Store | None = None) -> EmulatorAp
             raise ApiError(404, 1, MSG_PAYMENT_NOT_FOUND)
         return envelope(payment_json(payment))
 
-    # -- receipts (the receipt_url of a paid payment)
-
-    @app.get(RECEIPT_PREFIX + "{imp_uid}", response_class=HTMLResponse)
-    async def receipt(imp_uid: str) -> Response:
-        p = await run_in_threadpool(db.get_payment, imp_uid)
-        if p is None:
-            return HTMLResponse("<h1>영수증을 찾을 수 없습니다</h1>", 404)
-        rows = "".join(
-            f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(p[k]))}</td></tr>"
-            for k in ("imp_uid", "merchant_uid", "name", "amount", "cancel_amount", "status",
-                      "card_name", "card_number", "apply_num", "paid_at")
-        )  # fmt: skip
-        return HTMLResponse(
-            f"<!doctype html><meta charset=utf-8><title>매출전표 {html.escape(imp_uid)}</title>"
-            f"<h1>매출전표 (emulator)</h1><table>{rows}</table>"
-        )
-
-    # -- admin: no token, so only on loopback binds
-
-    if config.admin_enabled:
-
-        @app.get(ADMIN_PREFIX + "/stats")
-        async def stats() -> dict[str, Any]:
-            return await run_in_threadpool(em.stats)
-
-        @app.get(ADMIN_PREFIX + "/faults")
-        async def get_faults() -> dict[str, Any]:
-            return config.faults()
-
-        @app.post(ADMIN_PREFIX + "/faults")
-        async def set_faults(request: Request) -> Response:
-            body = await read_body(request)
-            try:
-                config.update_faults(body)
-            except ValueError as e:
-                return JSONResponse({"error": str(e)}, 400)
-            if "seed" in body:
-                em.reseed(config.seed)
-            return JSONResponse(config.faults())
-
-        @app.post(ADMIN_PREFIX + "/hold")
-        async def hold(request: Request) -> Response:
-            """Hold the next ``charges`` charge requests in the network (stats list them)."""
-            count = (await read_body(request)).get("charges", 1)
-            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-                return JSONResponse({"error": "charges must be a whole number >= 0"}, 400)
-            em.hold(count)
-            return JSONResponse({"holds": count})
-
-        @app.post(ADMIN_PREFIX + "/release")
-        async def release() -> dict[str, Any]:
-            """Let the held charge requests reach Iamport; hold no more."""
-            return {"released": em.release()}
-
+    add_receipt_route(app)
+    add_admin_routes(app)
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -12,6 +13,9 @@ from iamport_billing.net import is_loopback_host
 DEFAULT_IMP_KEY = "imp_test_key"
 DEFAULT_IMP_SECRET = "imp_test_secret"
 DEFAULT_TOKEN_TTL_S = 1800
+API_MODES = ("v1", "v2")
+DEFAULT_API_SECRET = "portone_test_api_secret"
+DEFAULT_STORE_ID = "store-00000000-0000-0000-0000-000000000000"
 # Real Iamport: a getToken in the last 60 s of a 30-minute token extends it by 300 s.
 REAL_TOKEN_TTL_S = 1800
 REAL_EXTEND_WINDOW_S = 60
@@ -27,6 +31,9 @@ CARD_SHORT_PAID = "4000-0000-0000-0036"
 SHORT_PAID_SHARE = 0.9
 SOFT_DECLINE_REASON = "[잔액부족] 카드 잔액이 부족합니다 (insufficient funds)"
 HARD_DECLINE_REASON = "[분실도난] 분실 또는 도난 카드입니다 (lost or stolen card)"
+# V2 answers a decline with 502 PG_PROVIDER: V1's reason is its pgMessage, with the card
+# network's response code (ISO 8583: 51 insufficient funds, 41 lost card) as pgCode.
+DECLINE_PG_CODES = {SOFT_DECLINE_REASON: "51", HARD_DECLINE_REASON: "41"}
 
 # Outcome classes stored with each billing key (the full card number is never stored).
 BEHAVIOR_PAID = "paid"
@@ -112,6 +119,13 @@ class EmulatorConfig:
     db_path: str = "iamport-emulator.db"
     imp_key: str = DEFAULT_IMP_KEY
     imp_secret: str = field(default=DEFAULT_IMP_SECRET, repr=False)
+    # Which API the emulator speaks: Iamport V1 or PortOne V2 (``Authorization: PortOne ...``).
+    api: str = "v1"
+    api_secret: str = field(default=DEFAULT_API_SECRET, repr=False)
+    store_id: str = DEFAULT_STORE_ID
+    # V2 webhooks: POSTed to this URL, signed with this Standard Webhooks secret (whsec_...).
+    webhook_url: str | None = None
+    webhook_secret: str | None = field(default=None, repr=False)
     latency_ms: float = 0.0
     latency_jitter_ms: float = 0.0
     error_rate: float = 0.0
@@ -139,6 +153,12 @@ class EmulatorConfig:
         self.validate()
 
     def validate(self) -> None:
+        if self.api not in API_MODES:
+            raise ValueError(f"api must be one of {API_MODES}, got {self.api!r}")
+        if self.webhook_url and not self.webhook_secret:
+            raise ValueError("webhook_url needs webhook_secret (whsec_ + base64)")
+        if self.webhook_secret is not None:
+            _check_webhook_secret(self.webhook_secret)
         for name in ("error_rate", "rate_limit_rate", "drop_after_commit_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -198,6 +218,18 @@ class EmulatorConfig:
         candidate = EmulatorConfig(**{**asdict(self), **coerced})
         for name in (*FAULT_FIELDS, "seed"):
             setattr(self, name, getattr(candidate, name))
+
+
+def _check_webhook_secret(secret: str) -> None:
+    """``whsec_`` + base64 of at least 24 bytes, as Standard Webhooks secrets are."""
+    if not secret.startswith("whsec_"):
+        raise ValueError("webhook_secret must start with whsec_")
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except ValueError:
+        raise ValueError("webhook_secret must be whsec_ followed by base64") from None
+    if len(key) < 24:
+        raise ValueError("webhook_secret must hold at least 24 bytes")
 
 
 _INT_FIELDS = {"token_ttl_s", "token_extend_window_s", "token_extend_s", "seed", "token_status"}

@@ -20,16 +20,28 @@ from urllib.parse import quote
 import requests
 import uvicorn
 
-from iamport_billing.emulator.app import EmulatorApp, create_app
+from iamport_billing.emulator.app import create_v1_app
 from iamport_billing.emulator.config import (
+    DEFAULT_API_SECRET,
     DEFAULT_IMP_KEY,
     DEFAULT_IMP_SECRET,
     SWITCH_FIELDS,
     EmulatorConfig,
 )
+from iamport_billing.emulator.core import EmulatorApp
 from iamport_billing.emulator.store import Store
+from iamport_billing.emulator.v2 import create_v2_app
 
 SECRET_ENV = "IAMPORT_EMULATOR_IMP_SECRET"
+API_SECRET_ENV = "PORTONE_EMULATOR_API_SECRET"
+WEBHOOK_SECRET_ENV = "PORTONE_EMULATOR_WEBHOOK_SECRET"
+
+
+def create_app(config: EmulatorConfig, store: Store | None = None) -> EmulatorApp:
+    """The app for ``config.api``: Iamport V1 or PortOne V2 (same store, faults and admin)."""
+    if config.api == "v2":
+        return create_v2_app(config, store)
+    return create_v1_app(config, store)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -61,8 +73,9 @@ def serve(config: EmulatorConfig) -> None:
     app = create_app(config)
     url = url_for(config.host, sock.getsockname()[1])
     admin = "on" if config.admin_enabled else "off (non-loopback bind)"
+    who = f"imp_key={config.imp_key}" if config.api == "v1" else f"storeId={config.store_id}"
     print(
-        f"iamport-emulator listening on {url} (db={config.db_path}, imp_key={config.imp_key}, "
+        f"iamport-emulator ({config.api}) listening on {url} (db={config.db_path}, {who}, "
         f"admin={admin})",
         file=sys.stderr,
         flush=True,
@@ -70,7 +83,7 @@ def serve(config: EmulatorConfig) -> None:
     try:
         _uvicorn_server(app, config).run(sockets=[sock])
     finally:
-        app.emulator.store.close()
+        app.emulator.close()
 
 
 @dataclass
@@ -93,7 +106,7 @@ class EmulatorHandle:
     def stop(self, timeout: float = 10.0) -> None:
         self.server.should_exit = True
         self.thread.join(timeout)
-        self.store.close()
+        self.app.emulator.close()
 
     def __enter__(self) -> EmulatorHandle:
         return self
@@ -114,7 +127,7 @@ def run_emulator_in_thread(config: EmulatorConfig, timeout: float = 10.0) -> Emu
     deadline = time.monotonic() + timeout
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
-            app.emulator.store.close()
+            app.emulator.close()
             raise RuntimeError("the emulator thread did not start")
         time.sleep(0.01)
     return EmulatorHandle(url_for(config.host, sock.getsockname()[1]), app, server, thread)
@@ -158,8 +171,9 @@ class EmulatorProcess:
 
 
 def cli_args(config: EmulatorConfig, port: int) -> list[str]:
-    """The command-line equivalent of ``config`` (without the secret, which goes by env)."""
+    """The command-line equivalent of ``config`` (without the secrets, which go by env)."""
     args = [
+        "--api", config.api, "--store-id", config.store_id,
         "--host", config.host, "--port", str(port), "--db", str(config.db_path),
         "--imp-key", config.imp_key, "--latency-ms", str(config.latency_ms),
         "--latency-jitter-ms", str(config.latency_jitter_ms), "--error-rate",
@@ -171,6 +185,7 @@ def cli_args(config: EmulatorConfig, port: int) -> list[str]:
         "--token-extend-window-s": config.token_extend_window_s,
         "--token-extend-s": config.token_extend_s,
         "--seed": config.seed,
+        "--webhook-url": config.webhook_url,
     }
     for flag, value in optional.items():
         if value is not None:
@@ -225,7 +240,9 @@ def start_emulator_process(
         os.close(fd)
         log_path = name
     log_path = Path(log_path)
-    env = {**os.environ, SECRET_ENV: config.imp_secret}
+    env = {**os.environ, SECRET_ENV: config.imp_secret, API_SECRET_ENV: config.api_secret}
+    if config.webhook_secret is not None:
+        env[WEBHOOK_SECRET_ENV] = config.webhook_secret
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "iamport_billing.emulator", *cli_args(config, port)],
@@ -266,3 +283,20 @@ def register_card(
     if reply["code"] != 0:
         raise RuntimeError(f"billing key registration failed: {reply['message']}")
     return reply["response"]
+
+
+def issue_billing_key(
+    url: str, card_number: str, api_secret: str = DEFAULT_API_SECRET, **fields: Any
+) -> str:
+    """V2's onboarding through the API: ``POST /billing-keys`` for a card; returns the key."""
+    digits = "".join(ch for ch in card_number if ch.isdigit())
+    credential = {"number": digits, "expiryYear": "30", "expiryMonth": "12"}
+    reply = requests.post(
+        f"{url}/billing-keys",
+        json={"method": {"card": {"credential": credential}}, **fields},
+        headers={"Authorization": f"PortOne {api_secret}"},
+        timeout=10,
+    )
+    if reply.status_code != 200:
+        raise RuntimeError(f"billing key issue failed: HTTP {reply.status_code} {reply.text[:200]}")
+    return reply.json()["billingKeyInfo"]["billingKey"]

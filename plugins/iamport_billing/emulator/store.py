@@ -73,6 +73,18 @@ CREATE TABLE IF NOT EXISTS tokens (
     expired_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tokens_key ON tokens (imp_key, expired_at);
+CREATE TABLE IF NOT EXISTS deleted_billing_keys (
+    billing_key TEXT PRIMARY KEY, customer TEXT NOT NULL, deleted_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, created_at REAL NOT NULL,
+    status INTEGER, content_type TEXT, body BLOB
+);
+CREATE TABLE IF NOT EXISTS webhooks (
+    id TEXT PRIMARY KEY, seq INTEGER NOT NULL, type TEXT NOT NULL, payment_id TEXT NOT NULL,
+    body TEXT NOT NULL, created_at INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    last_status INTEGER, delivered_at INTEGER
+);
 """
 
 # sorting query values of the find/findAll/status endpoints -> ORDER BY
@@ -99,7 +111,17 @@ _DEFAULT_BRAND = ("361", "BC카드")
 
 
 class CancelRefused(Exception):
-    """A cancel the API answers with code 1 (nothing to cancel, checksum, over-cancel)."""
+    """A cancel the API refuses; ``kind`` says why (V1 answers code 1 for all, V2 a type each)."""
+
+    NOT_FOUND = "not_found"
+    NOT_PAID = "not_paid"
+    ALREADY_CANCELLED = "already_cancelled"
+    CHECKSUM = "checksum"
+    EXCEEDS = "exceeds"
+
+    def __init__(self, message: str, kind: str = NOT_FOUND) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def mask_card_number(card_number: str) -> str:
@@ -260,11 +282,15 @@ class Store:
         customer_uid: str,
         merchant_uid: str,
         build: Callable[[dict[str, Any], str], dict[str, Any]],
+        max_attempts: int | None = None,
+        imp_uid: str | None = None,
     ) -> tuple[str, dict[str, Any] | None]:
         """Atomically: find the billing key, refuse a settled merchant_uid, insert the payment.
 
         ``build(customer, imp_uid)`` returns the payment row. Returns (``unknown_customer`` |
-        ``duplicate`` | ``committed``, payment or None).
+        ``duplicate`` | ``max_attempts`` | ``committed``, payment or None); ``max_attempts``
+        when the merchant_uid already has that many payments (V2's attempt limit). ``imp_uid``:
+        the one to use if still free (V2 shows it while the request is in flight).
         """
         with self._transaction() as conn:
             customer = conn.execute(
@@ -278,7 +304,13 @@ class Store:
             ).fetchone()
             if settled is not None:
                 return "duplicate", None
-            imp_uid = new_imp_uid()
+            if max_attempts is not None:
+                (attempts,) = conn.execute(
+                    "SELECT COUNT(*) FROM payments WHERE merchant_uid = ?", (merchant_uid,)
+                ).fetchone()
+                if attempts >= max_attempts:
+                    return "max_attempts", None
+            imp_uid = imp_uid or new_imp_uid()
             while conn.execute("SELECT 1 FROM payments WHERE imp_uid = ?", (imp_uid,)).fetchone():
                 imp_uid = new_imp_uid()
             payment = build(dict(customer), imp_uid)
@@ -382,6 +414,17 @@ class Store:
             )
         return payment
 
+    def payments_by_cursor(
+        self, since: int, until: int, after_seq: int, size: int
+    ) -> list[tuple[int, dict[str, Any]]]:
+        """Payments started in [since, until), in insertion order after ``after_seq``."""
+        rows = self._query(
+            "SELECT * FROM payments WHERE started_at >= ? AND started_at < ? AND seq > ? "
+            "ORDER BY seq LIMIT ?",
+            (since, until, after_seq, size),
+        )
+        return [(r["seq"], self._payment(r)) for r in rows]
+
     def payment_counts(self) -> dict[str, int]:
         rows = self._query("SELECT status, COUNT(*) AS n FROM payments GROUP BY status")
         return {r["status"]: r["n"] for r in rows}
@@ -389,6 +432,103 @@ class Store:
     def all_payments(self) -> list[dict[str, Any]]:
         """Every payment ever accepted, oldest first (for audits)."""
         return [self._payment(r) for r in self._query("SELECT * FROM payments ORDER BY seq")]
+
+    # -- V2: deleted billing keys --------------------------------------------------------------
+
+    def delete_billing_key(self, billing_key: str, now: int) -> dict[str, Any] | None:
+        """Move a billing key out of ``customers`` (no charge finds it) into the deleted list."""
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT * FROM customers WHERE customer_uid = ?", (billing_key,)
+            ).fetchone()
+            if row is None:
+                return None
+            conn.execute("DELETE FROM customers WHERE customer_uid = ?", (billing_key,))
+            conn.execute(
+                "INSERT OR REPLACE INTO deleted_billing_keys VALUES (?, ?, ?)",
+                (billing_key, json.dumps(dict(row), ensure_ascii=False), now),
+            )
+        return {**dict(row), "deleted_at": now}
+
+    def get_deleted_billing_key(self, billing_key: str) -> dict[str, Any] | None:
+        rows = self._query(
+            "SELECT * FROM deleted_billing_keys WHERE billing_key = ?", (billing_key,)
+        )
+        if not rows:
+            return None
+        return {**json.loads(rows[0]["customer"]), "deleted_at": rows[0]["deleted_at"]}
+
+    # -- V2: Idempotency-Key ----------------------------------------------------------------------
+
+    def claim_idempotency_key(
+        self, key: str, fingerprint: str, now: float, window_s: float
+    ) -> tuple[str, dict[str, Any] | None]:
+        """``claimed`` (go on), ``outstanding`` (its first request is in flight), ``replay``
+        (with the recorded answer) or ``mismatch`` (the key was used for another request).
+        A key older than ``window_s`` is forgotten and claimed anew."""
+        with self._transaction() as conn:
+            row = conn.execute("SELECT * FROM idempotency_keys WHERE key = ?", (key,)).fetchone()
+            if row is not None and now - row["created_at"] < window_s:
+                if row["fingerprint"] != fingerprint:
+                    return "mismatch", None
+                if row["status"] is None:
+                    return "outstanding", None
+                return "replay", dict(row)
+            conn.execute(
+                "INSERT OR REPLACE INTO idempotency_keys (key, fingerprint, created_at) "
+                "VALUES (?, ?, ?)",
+                (key, fingerprint, now),
+            )
+        return "claimed", None
+
+    def record_idempotent_answer(
+        self, key: str, status: int, content_type: str, body: bytes
+    ) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE idempotency_keys SET status = ?, content_type = ?, body = ? WHERE key = ?",
+                (status, content_type, body, key),
+            )
+
+    def release_idempotency_key(self, key: str) -> None:
+        """Forget a claim whose request was not answered by the API (nothing ran)."""
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM idempotency_keys WHERE key = ? AND status IS NULL", (key,))
+
+    def forget_unfinished_idempotency_keys(self) -> None:
+        """At start: claims left by a process that died mid-request answer nothing."""
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM idempotency_keys WHERE status IS NULL")
+
+    # -- V2: webhooks ---------------------------------------------------------------------------
+
+    def add_webhook(
+        self, webhook_id: str, type_: str, payment_id: str, body: str, now: int
+    ) -> None:
+        with self._transaction() as conn:
+            (seq,) = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM webhooks").fetchone()
+            conn.execute(
+                "INSERT INTO webhooks (id, seq, type, payment_id, body, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (webhook_id, seq, type_, payment_id, body, now),
+            )
+
+    def webhook_attempted(self, webhook_id: str, status: int | None, now: int) -> None:
+        """One delivery try: ``status`` is the receiver's HTTP status (None: no answer)."""
+        delivered = now if status is not None and 200 <= status < 300 else None
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE webhooks SET attempts = attempts + 1, last_status = ?, "
+                "delivered_at = COALESCE(?, delivered_at) WHERE id = ?",
+                (status, delivered, webhook_id),
+            )
+
+    def webhooks(self) -> list[dict[str, Any]]:
+        return self._query("SELECT * FROM webhooks ORDER BY seq")
+
+    def get_webhook(self, webhook_id: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM webhooks WHERE id = ?", (webhook_id,))
+        return rows[0] if rows else None
 
 
 def seed_customers(db_path: str | Path, cards: Iterable[tuple[str, str]], **fields: Any) -> int:
