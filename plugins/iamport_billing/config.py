@@ -69,6 +69,9 @@ class BillingConfig:
     airflow_base_url: str | None = None
     reconcile_window_hours: int = 48
     precheck_days_ahead: int = 1
+    # PortOne V2 webhook secrets: password = the current one, extra previous_secret = the one
+    # being rotated out (see docs/operations.md).
+    portone_webhook_conn_id: str = "portone_webhook"
 
     @classmethod
     def from_env(cls) -> BillingConfig:
@@ -116,6 +119,7 @@ class BillingConfig:
             airflow_base_url=_env("AIRFLOW_BASE_URL"),
             reconcile_window_hours=int(_env("RECONCILE_WINDOW_HOURS", "48")),  # type: ignore[arg-type]
             precheck_days_ahead=int(_env("PRECHECK_DAYS_AHEAD", "1")),  # type: ignore[arg-type]
+            portone_webhook_conn_id=_env("PORTONE_WEBHOOK_CONN_ID", cls.portone_webhook_conn_id),  # type: ignore[arg-type]
         )
 
     @property
