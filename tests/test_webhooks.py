@@ -306,6 +306,16 @@ def test_a_v1_webhook_is_only_a_reason_to_look_up(client, ledger, emulator, as_j
     assert lookups(emulator) == 1
 
 
+def test_a_v1_webhook_for_a_settled_charge_costs_no_lookup(client, ledger, emulator):
+    uid = unknown_charge(ledger, emulator)
+    assert client.post("/iamport", json={"merchant_uid": uid}).json() == {"result": "settled"}
+    settled = rows(ledger)
+    answers = [client.post("/iamport", json={"merchant_uid": uid}).json() for _ in range(20)]
+    assert answers == [{"result": "nothing_to_settle"}] * 20
+    assert rows(ledger) == settled
+    assert lookups(emulator) == 1
+
+
 @pytest.mark.parametrize("warehouse", ["sqlite"], indirect=True)
 def test_a_v1_flood_makes_one_lookup_at_a_time(client, ledger, emulator):
     """The gateway keeps the payment 'ready' (nothing settles) and answers slowly: twenty
@@ -351,3 +361,40 @@ def test_no_secret_reaches_a_log_or_an_answer(client, ledger, emulator, caplog, 
     text = caplog.text + "".join(a.text for a in answers)
     for secret in (CURRENT, PREVIOUS):
         assert secret[6:] not in text
+
+
+# -- mounted by Airflow ---------------------------------------------------------------------------
+
+
+@pytest.mark.airflow
+@pytest.mark.parametrize("warehouse", ["sqlite"], indirect=True)
+def test_airflow_mounts_the_receiver_outside_its_login(
+    airflow_db, ledger, emulator, secrets, tmp_path, monkeypatch
+):
+    """Airflow's own API server app (plugin loaded by entry point, SimpleAuthManager): the
+    Billing page wants a login, the webhook receiver does not and settles through it."""
+    from airflow.api_fastapi.app import create_app, purge_cached_app
+    from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
+    from fastapi.testclient import TestClient
+
+    passwords = tmp_path / "passwords.json"
+    passwords.write_text(json.dumps({"ops": "ops-password"}))
+    manager = f"{SimpleAuthManager.__module__}.{SimpleAuthManager.__name__}"
+    monkeypatch.setenv("AIRFLOW__CORE__AUTH_MANAGER", manager)
+    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", "ops:viewer")
+    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE", str(passwords))
+    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "False")
+    monkeypatch.setenv("AIRFLOW__API_AUTH__JWT_SECRET", "test-webhooks-jwt-" + "x" * 64)
+    uid = unknown_charge(ledger, emulator)
+    body = transaction_event(uid)
+    purge_cached_app()
+    try:
+        with TestClient(create_app()) as airflow:
+            assert airflow.get("/billing/").status_code == 401
+            r = airflow.post("/billing-hooks/iamport", data={"merchant_uid": "not-ours-1"})
+            assert (r.status_code, r.json()) == (200, {"result": "nothing_to_settle"})
+            r = airflow.post("/billing-hooks/portone", content=body, headers=signed(body))
+            assert (r.status_code, r.json()) == (200, {"result": "settled"})
+    finally:
+        purge_cached_app()
+    assert rows(ledger)[uid][0] == "paid"
