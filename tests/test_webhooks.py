@@ -207,6 +207,15 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(client):
     assert client.post("/iamport", content=body).status_code == 413
 
 
+def test_malformed_bodies_are_refused(client):
+    body = b"not json"
+    assert post_v2(client, body, signed(body)).status_code == 400
+    body = json.dumps({"type": "Transaction.Paid", "data": {}}).encode()
+    assert post_v2(client, body, signed(body)).status_code == 400
+    assert client.post("/iamport", data={"imp_uid": "imp_1"}).status_code == 400
+    assert client.post("/iamport", json={"merchant_uid": "x" * 65}).status_code == 400
+
+
 # -- PortOne V2 -----------------------------------------------------------------------------------
 
 

@@ -165,7 +165,7 @@ def create_app(
         data = event.get("data")
         payment_id = _id(data.get("paymentId") if isinstance(data, dict) else None)
         if payment_id is None:
-            return _answer(400, detail="data.paymentId is missing")
+            return _answer(400, detail="data.paymentId is missing or too long")
         return await run_in_threadpool(handle, cfg, f"portone:{webhook_id}", payment_id, keep=True)
 
     @app.post("/iamport")
@@ -178,7 +178,7 @@ def create_app(
             return _answer(400, detail="body is neither JSON nor a form")
         merchant_uid = _id(fields.get("merchant_uid"))
         if merchant_uid is None:
-            return _answer(400, detail="merchant_uid is missing")
+            return _answer(400, detail="merchant_uid is missing or too long")
         cfg = BillingConfig.from_env()
         # One lookup per merchant_uid at a time, however many deliveries arrive.
         return await run_in_threadpool(
