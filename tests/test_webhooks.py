@@ -20,6 +20,7 @@ from iamport_billing.policy import ChargeCandidate, merchant_uid_for
 from standardwebhooks.webhooks import Webhook
 from support import (
     PAYING_CARD,
+    SOFT_DECLINE_CARD,
     crashed_pending_row,
     emulator_payments,
     faults,
@@ -270,6 +271,27 @@ def test_an_unreachable_gateway_answers_503_and_the_redelivery_settles(client, l
     again = post_v2(client, body, headers)
     assert (again.status_code, again.json()) == (200, {"result": "settled"})
     assert rows(ledger)[uid][0] == "paid"
+
+
+@pytest.mark.parametrize("card", [SOFT_DECLINE_CARD, PAYING_CARD], ids=["declined", "paid"])
+def test_a_charge_its_engine_is_sending_is_settled_only_by_money_moving(
+    client, ledger, emulator, card
+):
+    """A fresh pending row (its engine is between the POST and recording the answer): a
+    decline is the engine's to record; a payment is recorded whoever brings it."""
+    register_cards(emulator, [("cust-f", card)])
+    gateway = gateway_for("iamport_default")
+    try:
+        engine = ChargeEngine(gateway, ledger, ChargeSettings(), RUN)
+        planned, _ = engine.plan([ChargeCandidate("f", "cust-f", 1000, DAY, name="p")])
+        (owned,) = engine.claim(planned)
+        gateway.hook.charge_again("cust-f", owned.merchant_uid, 1000, "p")  # type: ignore[attr-defined]
+    finally:
+        gateway.close()
+    body = transaction_event(owned.merchant_uid)
+    r = post_v2(client, body, signed(body))
+    expected = ("left_to_owner", "pending") if card == SOFT_DECLINE_CARD else ("settled", "paid")
+    assert (r.json()["result"], rows(ledger)[owned.merchant_uid][0]) == expected
 
 
 @pytest.mark.parametrize("warehouse", ["sqlite"], indirect=True)

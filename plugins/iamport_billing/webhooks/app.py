@@ -111,8 +111,8 @@ def create_app(
                 return _answer(200, result="nothing_to_settle")
             events = WebhookEvents(ledger)
             token = new_claim_token()
-            claimed = events.claim(event_key, token, stale_before=lease_cutoff(
-                CLAIM_LEASE.total_seconds()))  # fmt: skip
+            stale_before = lease_cutoff(CLAIM_LEASE.total_seconds())
+            claimed = events.claim(event_key, token, stale_before=stale_before)
             if claimed == DONE:
                 return _answer(200, result="duplicate")
             if claimed == BUSY and not keep:

@@ -61,7 +61,8 @@ def settle_hint(
     if in_flight and outcome.status not in MONEY_MOVED:
         # Its engine is sending it now and records the answer under its claim.
         return LEFT_TO_OWNER
-    if ledger.record_outcomes([outcome]):
+    refused = ledger.record_outcomes([outcome])
+    if refused:
         return ALREADY_SETTLED  # someone settled it between the read and the write
     log.info(
         "webhook settled %s (was %s): %s imp_uid=%s",
