@@ -246,6 +246,29 @@ def test_an_event_replayed_100_times_changes_one_row_and_costs_one_lookup(client
     assert lookups(emulator) == 1
 
 
+def test_concurrent_deliveries_of_one_event_make_one_lookup(client, ledger, emulator):
+    """Twenty deliveries at once while the gateway answers slowly: one handler looks up, the
+    others are told to come back (409) or find the row settled."""
+    uid = unknown_charge(ledger, emulator)
+    body = transaction_event(uid)
+    headers = signed(body, msg_id="msg_burst")
+    faults(emulator, latency_ms=800)
+    answers: list = []
+
+    def deliver() -> None:
+        answers.append(post_v2(client, body, headers))
+
+    threads = [threading.Thread(target=deliver) for _ in range(20)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    faults(emulator, latency_ms=0)
+    results = sorted(str(a.json().get("result", a.status_code)) for a in answers)
+    assert results.count("settled") == 1, results
+    assert set(results) <= {"settled", "409", "nothing_to_settle", "duplicate"}, results
+    assert rows(ledger)[uid][0] == "paid"
+    assert lookups(emulator) == 1
+
+
 def test_replays_of_an_event_the_gateway_cannot_settle_look_up_once(client, ledger, emulator):
     """A pending row the gateway never saw: the first delivery looks, the id is then done."""
     uid = crashed_pending_row(ledger, "never-sent", DAY)
