@@ -73,6 +73,9 @@ class BillingConfig:
     # How long a plan over its guardrails waits for a person (Airflow's approval task) before
     # it is rejected by default; 0: no approvals, a tripped guardrail fails the plan.
     approval_timeout_minutes: float = 240.0
+    # PortOne V2 webhook secrets: password = the current one, extra previous_secret = the one
+    # being rotated out (see docs/operations.md).
+    portone_webhook_conn_id: str = "portone_webhook"
 
     @classmethod
     def from_env(cls) -> BillingConfig:
@@ -121,6 +124,7 @@ class BillingConfig:
             reconcile_window_hours=int(_env("RECONCILE_WINDOW_HOURS", "48")),  # type: ignore[arg-type]
             precheck_days_ahead=int(_env("PRECHECK_DAYS_AHEAD", "1")),  # type: ignore[arg-type]
             approval_timeout_minutes=float(_env("APPROVAL_TIMEOUT_MINUTES", "240")),  # type: ignore[arg-type]
+            portone_webhook_conn_id=_env("PORTONE_WEBHOOK_CONN_ID", cls.portone_webhook_conn_id),  # type: ignore[arg-type]
         )
 
     @property

@@ -1,4 +1,5 @@
-"""The Airflow plugin: the Billing page (a FastAPI app) and its "Billing" nav entry.
+"""The Airflow plugin: the Billing page (a FastAPI app) and its "Billing" nav entry, and the
+gateway webhook receiver (a second FastAPI app, not behind Airflow's login).
 
 Registered through the ``airflow.plugins`` entry point in pyproject.toml (the plugins folder is
 ignored by ``plugins/.airflowignore``), so it loads wherever the distribution is installed.
@@ -10,6 +11,7 @@ from airflow.plugins_manager import AirflowPlugin
 
 from iamport_billing.ui.app import create_app
 from iamport_billing.ui.links import URL_PREFIX, billing_url
+from iamport_billing.webhooks import app as webhooks
 
 # A card icon, inline so nothing is fetched from outside.
 ICON = (
@@ -21,7 +23,14 @@ ICON = (
 
 class IamportBillingPlugin(AirflowPlugin):
     name = "iamport_billing"
-    fastapi_apps = [{"app": create_app(), "url_prefix": URL_PREFIX, "name": "Billing"}]
+    fastapi_apps = [
+        {"app": create_app(), "url_prefix": URL_PREFIX, "name": "Billing"},
+        {
+            "app": webhooks.create_app(),
+            "url_prefix": webhooks.URL_PREFIX,
+            "name": "Billing webhooks",
+        },
+    ]
     external_views = [
         {
             "name": "Billing",

@@ -108,3 +108,7 @@ REFUND_MEANING = {
     REFUND_DONE: "refunded: Iamport's cancel history carries this refund's marker",
     REFUND_REFUSED: "not refunded: refused, or the balance moved under it; a person decides",
 }
+
+# -- webhook deliveries (billing_webhook_events.status) ----------------------------------------
+WEBHOOK_PROCESSING = "processing"  # a handler holds it (its lookup is under way)
+WEBHOOK_DONE = "done"  # handled: a redelivery of the same event id does nothing

@@ -16,6 +16,7 @@ RUNS = "billing_runs"
 PLAN_ITEMS = "billing_plan_items"
 PUT_BACKS = "billing_put_backs"
 REFUNDS = "billing_refunds"
+WEBHOOK_EVENTS = "billing_webhook_events"
 
 ATTEMPT_COLUMNS = (
     "merchant_uid", "subscription_id", "billing_date", "attempt_no", "customer_uid", "amount",
@@ -177,6 +178,16 @@ def ddl(d: Dialect) -> list[str]:
             after_attempt_no INTEGER NOT NULL,
             created_at {d.timestamp_type},
             PRIMARY KEY (subscription_id, billing_date, after_attempt_no)
+        )"""
+    )
+    # Webhook deliveries being handled or done (see warehouse/webhook_events.py).
+    statements.append(
+        f"""CREATE TABLE IF NOT EXISTS {WEBHOOK_EVENTS} (
+            event_key {d.key_type(200)} PRIMARY KEY,
+            status VARCHAR(16) NOT NULL,
+            claim_token {d.key_type(64)},
+            claimed_at {d.timestamp_type},
+            result VARCHAR(32)
         )"""
     )
     indexes = [
