@@ -23,8 +23,8 @@ class HttpReceiver:
 
 
 @contextmanager
-def http_receiver() -> Iterator[HttpReceiver]:
-    """Records every POST (path, headers, JSON body) and answers 200 like Slack does."""
+def http_receiver(status: int = 200) -> Iterator[HttpReceiver]:
+    """Records every POST (path, headers, JSON body) and answers ``status`` (200 like Slack)."""
     received: list[dict[str, Any]] = []
 
     class Handler(BaseHTTPRequestHandler):
@@ -34,7 +34,7 @@ def http_receiver() -> Iterator[HttpReceiver]:
                 {"path": self.path, "headers": dict(self.headers), "raw": raw.decode(),
                  "json": json.loads(raw or b"null")}
             )  # fmt: skip
-            self.send_response(200)
+            self.send_response(status)
             self.end_headers()
             self.wfile.write(b"ok")
 
@@ -55,14 +55,21 @@ def http_receiver() -> Iterator[HttpReceiver]:
 class SmtpReceiver:
     port: int
     messages: list[Any] = field(default_factory=list)
+    logins: list[tuple[str, str]] = field(default_factory=list)
 
 
 @contextmanager
 def smtp_receiver() -> Iterator[SmtpReceiver]:
-    """aiosmtpd on loopback, keeping every message it receives."""
+    """aiosmtpd on loopback, keeping every message it receives and every login it accepts
+    (plain-text AUTH allowed: there is no TLS on loopback)."""
     from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import AuthResult
 
     box = SmtpReceiver(0)
+
+    def authenticate(server, session, envelope, mechanism, auth_data):
+        box.logins.append((auth_data.login.decode(), auth_data.password.decode()))
+        return AuthResult(success=True)
 
     class Handler:
         async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd API
@@ -73,7 +80,10 @@ def smtp_receiver() -> Iterator[SmtpReceiver]:
     probe.bind(("127.0.0.1", 0))  # aiosmtpd cannot start on port 0: pick a free one
     box.port = probe.getsockname()[1]
     probe.close()
-    controller = Controller(Handler(), hostname="127.0.0.1", port=box.port)
+    controller = Controller(
+        Handler(), hostname="127.0.0.1", port=box.port, authenticator=authenticate,
+        auth_require_tls=False,
+    )  # fmt: skip
     controller.start()
     try:
         yield box

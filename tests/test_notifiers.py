@@ -1,10 +1,17 @@
-"""Alerts: content (counts, amounts, billing date, run link, no secrets) and delivery to a
-Slack webhook, a generic webhook and SMTP, all received on loopback; and which alerts fire."""
+"""Alerts: content (counts, amounts, billing date, run link, no secrets) and delivery through
+Airflow's Slack, HTTP and SMTP providers to receivers on loopback, from a task and from the
+triggerer; and which alerts fire."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import copy
+import html
 import json
+import logging
+import socket
+import traceback
 from datetime import date, datetime
 from types import SimpleNamespace
 
@@ -73,8 +80,10 @@ def webhook(monkeypatch):
 def mailbox(monkeypatch):
     with smtp_receiver() as box:
         conn(monkeypatch, "alert_mail", conn_type="smtp", host="127.0.0.1", port=box.port,
+             login="ops", password=SMTP_PASSWORD,
              extra={"to": "ops@example.com, billing@example.com",
-                    "from_email": "airflow@example.com"})  # fmt: skip
+                    "from_email": "airflow@example.com", "disable_ssl": True,
+                    "disable_tls": True})  # fmt: skip
         yield box
 
 
@@ -95,6 +104,22 @@ def assert_no_secret(text: str) -> None:
         assert secret not in text
 
 
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def email_text(msg) -> str:
+    """The alert text of an email: the provider sends it as HTML (``<pre>``, escaped)."""
+    (part,) = [p for p in msg.walk() if p.get_content_type() == "text/html"]
+    return html.unescape(part.get_payload(decode=True).decode())
+
+
+def slack_text(req) -> str:
+    return req["json"]["text"]
+
+
 # -- delivery ----------------------------------------------------------------------------------
 
 
@@ -102,7 +127,7 @@ def test_slack_webhook_gets_the_alert_text(slack):
     SlackWebhookNotifier("alert_slack").deliver(ALERT)
     (req,) = slack.requests
     assert req["path"] == f"/services/{SLACK_TOKEN}"
-    text = req["json"]["text"]
+    text = slack_text(req)
     for expected in ("decline rate 40%", "billing date: 2026-11-26", "paid: 3 (30,000 KRW)",
                      "failed: 2 (12,000 KRW)", "link: http://airflow.example/dags/"):  # fmt: skip
         assert expected in text
@@ -112,7 +137,9 @@ def test_slack_webhook_gets_the_alert_text(slack):
 def test_webhook_gets_the_alert_as_json_with_a_bearer_token(webhook):
     WebhookNotifier("alert_hook").deliver(ALERT)
     (req,) = webhook.requests
+    assert req["path"] == "/alerts"
     assert req["headers"]["Authorization"] == f"Bearer {WEBHOOK_TOKEN}"
+    assert req["headers"]["Content-Type"] == "application/json"
     body = req["json"]
     assert (body["kind"], body["billing_date"], body["counts"], body["amounts"]) == (
         "decline_rate", "2026-11-26", {"paid": 3, "failed": 2}, {"paid": 30_000, "failed": 12_000}
@@ -121,46 +148,128 @@ def test_webhook_gets_the_alert_as_json_with_a_bearer_token(webhook):
     assert_no_secret(req["raw"])
 
 
+def test_webhook_connection_headers_and_basic_auth_are_sent(monkeypatch):
+    """HttpHook's own connection semantics: extra = headers, login/password = basic auth."""
+    with http_receiver() as rx:
+        conn(monkeypatch, "alert_hook", conn_type="http", host=rx.url + "/alerts",
+             login="billing", password=WEBHOOK_TOKEN,
+             extra={"X-Team": "payments"})  # fmt: skip
+        WebhookNotifier("alert_hook").deliver(ALERT)
+    (req,) = rx.requests
+    assert req["headers"]["X-Team"] == "payments"
+    basic = base64.b64encode(f"billing:{WEBHOOK_TOKEN}".encode()).decode()
+    assert req["headers"]["Authorization"] == f"Basic {basic}"
+
+
 def test_email_goes_to_every_recipient(mailbox):
     EmailNotifier("alert_mail").deliver(ALERT)
     (msg,) = mailbox.messages
+    assert mailbox.logins == [("ops", SMTP_PASSWORD)]
     assert msg["To"] == "ops@example.com, billing@example.com"
+    assert msg["From"] == "airflow@example.com"
     assert msg["Subject"] == "[billing warning] decline rate 40% is over 20%"
-    body = msg.get_payload(decode=True).decode()
+    body = email_text(msg)
     assert "paid: 3 (30,000 KRW)" in body and "link: http://airflow.example" in body
-    assert_no_secret(body)
+    assert "1 x [잔액부족] insufficient funds" in body
+    assert_no_secret(msg.as_string())
 
 
-def test_a_channel_that_is_down_does_not_stop_the_others(webhook, monkeypatch):
-    conn(monkeypatch, "alert_slack", conn_type="slackwebhook", host="http://127.0.0.1:9",
-         password=SLACK_TOKEN)  # fmt: skip
-    cfg = BillingConfig(alert_slack_conn_id="alert_slack", alert_webhook_conn_id="alert_hook")
+def test_a_channel_that_is_down_does_not_stop_the_others(webhook, monkeypatch, caplog, capfd):
+    """Slack and SMTP refuse connections; the webhook still gets the alert, and the log says
+    which connections failed without any token, password or URL path."""
+    conn(monkeypatch, "alert_slack", conn_type="slackwebhook",
+         host=f"http://127.0.0.1:{closed_port()}/services", password=SLACK_TOKEN)  # fmt: skip
+    conn(monkeypatch, "alert_mail", conn_type="smtp", host="127.0.0.1", port=closed_port(),
+         login="ops", password=SMTP_PASSWORD,
+         extra={"to": "ops@example.com", "disable_ssl": True, "disable_tls": True})  # fmt: skip
+    cfg = BillingConfig(alert_slack_conn_id="alert_slack", alert_email_conn_id="alert_mail",
+                        alert_webhook_conn_id="alert_hook")  # fmt: skip
+    caplog.set_level(logging.DEBUG)
     assert alerts.send([ALERT], cfg) == 1
     assert len(webhook.requests) == 1
+    errors = [r.getMessage() for r in caplog.records if r.name == alerts.log.name and
+              r.levelno >= logging.ERROR]  # fmt: skip
+    assert sorted(errors) == [
+        "alert decline_rate not delivered via alert_mail: ConnectionRefusedError sending an "
+        "alert via connection 'alert_mail'",
+        "alert decline_rate not delivered via alert_slack: URLError sending an alert via "
+        "connection 'alert_slack'",
+    ]
+    assert_no_secret(caplog.text + "".join(capfd.readouterr()))
 
 
-def test_delivery_errors_never_show_the_webhook_url(monkeypatch):
-    conn(monkeypatch, "alert_slack", conn_type="slackwebhook", host="http://127.0.0.1:9",
-         password=SLACK_TOKEN)  # fmt: skip
-    with pytest.raises(Exception) as err:
-        SlackWebhookNotifier("alert_slack").deliver(ALERT)
-    assert "alert_slack" in str(err.value)
-    assert_no_secret(str(err.value))
+@pytest.mark.parametrize("channel", ["slack", "webhook", "email"])
+def test_delivery_errors_never_show_a_secret(channel, monkeypatch):
+    """A receiver that answers 500 (or a mail server that is gone): the error names the
+    connection; no token, password or URL in it or in its traceback."""
+    with http_receiver(status=500) as rx:
+        conn(monkeypatch, "alert_slack", conn_type="slackwebhook", host=rx.url + "/services",
+             password=SLACK_TOKEN)  # fmt: skip
+        conn(monkeypatch, "alert_hook", conn_type="http",
+             host=f"{rx.url}/alerts/{WEBHOOK_TOKEN}", password=WEBHOOK_TOKEN)  # fmt: skip
+        conn(monkeypatch, "alert_mail", conn_type="smtp", host="127.0.0.1", port=closed_port(),
+             login="ops", password=SMTP_PASSWORD, extra={"to": "ops@example.com"})  # fmt: skip
+        notifier = {"slack": SlackWebhookNotifier("alert_slack"),
+                    "webhook": WebhookNotifier("alert_hook"),
+                    "email": EmailNotifier("alert_mail")}[channel]  # fmt: skip
+        with pytest.raises(Exception) as err:  # noqa: B017 - which type is not the point
+            notifier.deliver(ALERT)
+    assert_no_secret("".join(traceback.format_exception(err.value)))
+    assert notifier.conn_id in str(err.value)
+    assert channel == "email" or len(rx.requests) == 1
 
 
-def test_missed_deadline_is_sent_from_the_triggerer_path(webhook):
-    context = {
-        "dag_run": {"dag_id": "iamport_billing_daily", "run_id": "scheduled__2026-11-26",
-                    "logical_date": "2026-11-26T01:00:00Z", "run_after": "2026-11-26T01:00:00Z"},
-        "deadline": {"id": "d1", "deadline_time": "2026-11-26T03:00:00Z"},
-    }  # fmt: skip
-    notifier = WebhookNotifier(conn_id="alert_hook", base_url="http://airflow.example",
-                               context=context)  # fmt: skip
-    asyncio.run(notifier.async_notify(context))
-    (body,) = webhook.bodies()
+# -- the triggerer path (deadline alerts) ------------------------------------------------------
+
+DEADLINE_CONTEXT = {
+    "dag_run": {"dag_id": "iamport_billing_daily", "run_id": "scheduled__2026-11-26",
+                "logical_date": "2026-11-26T01:00:00Z", "run_after": "2026-11-26T01:00:00Z"},
+    "deadline": {"id": "d1", "deadline_time": "2026-11-26T03:00:00Z"},
+}  # fmt: skip
+
+
+def run_in_triggerer(notifier: type, conn_id: str, context: dict) -> list[dict]:
+    """What the triggerer runs for an ``AsyncCallback`` deadline: its ``CallbackTrigger``."""
+    from airflow.triggers.callback import CallbackTrigger
+
+    trigger = CallbackTrigger(
+        f"{notifier.__module__}.{notifier.__qualname__}",
+        {"conn_id": conn_id, "base_url": "http://airflow.example", "context": context},
+    )
+
+    async def events() -> list[dict]:
+        return [e.payload async for e in trigger.run()]
+
+    return asyncio.run(events())
+
+
+def test_missed_deadline_reaches_every_channel_from_the_triggerer(all_channels):
+    channels = ((SlackWebhookNotifier, "alert_slack"), (WebhookNotifier, "alert_hook"),
+                (EmailNotifier, "alert_mail"))  # fmt: skip
+    for notifier, conn_id in channels:
+        events = run_in_triggerer(notifier, conn_id, copy.deepcopy(DEADLINE_CONTEXT))
+        assert events[-1]["state"] == "success", events
+    (body,) = all_channels.webhook.bodies()
     assert (body["kind"], body["billing_date"]) == ("deadline_missed", "2026-11-26")
     assert "2026-11-26T03:00:00Z" in body["title"]
     assert body["run_url"].startswith("http://airflow.example/dags/iamport_billing_daily/runs/")
+    assert all_channels.webhook.requests[0]["headers"]["Authorization"] == f"Bearer {WEBHOOK_TOKEN}"
+    (req,) = all_channels.slack.requests
+    (msg,) = all_channels.mailbox.messages
+    for text in (slack_text(req), email_text(msg)):
+        assert "[CRITICAL] iamport_billing_daily run is not done by its deadline" in text
+        assert "billing date: 2026-11-26" in text
+        assert "link: http://airflow.example/dags/iamport_billing_daily/runs/" in text
+
+
+def test_a_channel_down_in_the_triggerer_fails_its_callback_cleanly(monkeypatch, caplog, capfd):
+    conn(monkeypatch, "alert_slack", conn_type="slackwebhook",
+         host=f"http://127.0.0.1:{closed_port()}/services", password=SLACK_TOKEN)  # fmt: skip
+    caplog.set_level(logging.DEBUG)
+    (*_, event) = run_in_triggerer(SlackWebhookNotifier, "alert_slack", DEADLINE_CONTEXT)
+    assert event["state"] == "failed"
+    assert "alert_slack" in event["body"]
+    assert_no_secret(event["body"] + caplog.text + "".join(capfd.readouterr()))
 
 
 def test_missed_deadline_of_a_backfill_run_is_not_sent(webhook):
@@ -169,7 +278,8 @@ def test_missed_deadline_of_a_backfill_run_is_not_sent(webhook):
                     "run_type": "backfill", "logical_date": "2026-11-20T01:00:00Z"},
         "deadline": {"id": "d1", "deadline_time": "2026-11-20T03:00:00Z"},
     }  # fmt: skip
-    asyncio.run(WebhookNotifier(conn_id="alert_hook", context=context).async_notify(context))
+    (*_, event) = run_in_triggerer(WebhookNotifier, "alert_hook", context)
+    assert event["state"] == "success"
     assert webhook.requests == []
 
 

@@ -60,7 +60,7 @@ class BillingConfig:
     task_retry_delay_seconds: float = 60.0
     # Dunning: attempts per billing date including the first charge (retry schedule + 1).
     max_attempts: int = len(DEFAULT_RETRY_SCHEDULE_DAYS) + 1
-    # Alerting: connection ids of the channels (unset = that channel is off).
+    # Alerting: ids of the channels' slackwebhook, smtp and http connections (unset = off).
     alert_slack_conn_id: str | None = None
     alert_email_conn_id: str | None = None
     alert_webhook_conn_id: str | None = None

@@ -1,33 +1,43 @@
-"""Alert delivery: the alert model and Airflow notifiers for Slack, email and HTTP webhooks.
+"""Alert delivery: the alert model, and notifiers that hand it to Airflow's providers.
 
-Each notifier is configured by one connection id, so the webhook URL, SMTP password or bearer
-token stays in the connection (and out of DAG files, logs and the alert itself). A notifier
-works as a task/DAG callback (``notify``), in the triggerer for deadline alerts
-(``async_notify``), and with an explicit ``Alert`` from a task (``deliver``).
+Slack goes through the Slack provider's ``SlackWebhookHook`` (a ``slackwebhook`` connection),
+email through the SMTP provider's ``SmtpHook`` (an ``smtp`` connection), HTTP webhooks through
+the HTTP provider's ``HttpHook`` / ``HttpAsyncHook`` (an ``http`` connection). Each notifier is
+configured by one connection id, so the webhook URL, SMTP password or bearer token stays in the
+connection (and out of DAG files, logs and the alert itself). A notifier works as a task/DAG
+callback (``notify``), in the triggerer for deadline alerts (``async_notify``, through the
+providers' async clients), and with an explicit ``Alert`` from a task (``deliver``).
 """
 
 from __future__ import annotations
 
-import asyncio
+import html
 import json
-import smtplib
-import ssl
-from collections.abc import Mapping
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from email.message import EmailMessage
 from typing import Any
 from urllib.parse import quote
 
-import requests
+import aiohttp
+from airflow.providers.http.hooks.http import HttpAsyncHook, HttpHook
+from airflow.providers.slack.hooks.slack_webhook import SlackWebhookHook
+from airflow.providers.smtp.hooks.smtp import SmtpHook
 from airflow.sdk import BaseHook, BaseNotifier
 
 from iamport_billing.policy import billing_date_of_run
 
 CRITICAL, WARNING = "critical", "warning"
 DEFAULT_BASE_URL = "http://localhost:8080"
-SLACK_DEFAULT_HOST = "https://hooks.slack.com/services"
-TIMEOUT_S = 10.0
+DEFAULT_FROM_EMAIL = "airflow-billing@localhost"
+WEBHOOK_TIMEOUT_S = 10.0
+
+# slack_sdk's webhook client logs the webhook URL, its token included, at INFO when it retries
+# and at DEBUG on every send: it gets a logger that keeps its warnings and errors only.
+SLACK_CLIENT_LOG = logging.getLogger(f"{__name__}.slack_sdk")
+SLACK_CLIENT_LOG.setLevel(logging.WARNING)
 
 
 def _redact(text: str) -> str:
@@ -189,124 +199,114 @@ class AlertNotifier(BaseNotifier):
         self.deliver(self._alert(context))
 
     async def async_notify(self, context: Any) -> None:
-        """Triggerer path (deadline alerts): fetch the connection async, send in a thread."""
+        """Triggerer path (deadline alerts): the provider's async client, no thread."""
         if not deadline_applies(context or {}):
             self.log.info("deadline passed for a backfill run: no alert")
             return
-        conn = await BaseHook.aget_connection(self.conn_id)
-        await asyncio.to_thread(self.send, self._alert(context), conn)
+        alert = self._alert(context)
+        with self._named_errors():
+            await self.asend(alert)
 
     def deliver(self, alert: Alert) -> None:
-        self.send(alert, BaseHook.get_connection(self.conn_id))
+        with self._named_errors():
+            self.send(alert)
 
-    def send(self, alert: Alert, conn: Any) -> None:
+    def send(self, alert: Alert) -> None:
         raise NotImplementedError
 
-    def _post(self, url: str, payload: Any, headers: Mapping[str, str] | None = None) -> None:
-        """POST JSON; errors name the connection, never the URL (it may hold a token)."""
+    async def asend(self, alert: Alert) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def _named_errors(self) -> Iterator[None]:
+        """Provider errors may quote the request URL (a webhook token) or the server's answer:
+        re-raise as the error's type and the connection id, without the original chained."""
         try:
-            resp = requests.post(url, json=payload, headers=dict(headers or {}), timeout=TIMEOUT_S)
-        except requests.RequestException as e:
+            yield
+        except AlertDeliveryError:
+            raise
+        except Exception as e:
             raise AlertDeliveryError(
-                f"{type(e).__name__} posting an alert via connection {self.conn_id!r}"
+                f"{type(e).__name__} sending an alert via connection {self.conn_id!r}"
             ) from None
-        if resp.status_code >= 300:
-            raise AlertDeliveryError(
-                f"connection {self.conn_id!r} answered HTTP {resp.status_code} to an alert"
-            )
 
 
 class AlertDeliveryError(RuntimeError):
     """A channel did not take the alert; the message names the connection, not its secrets."""
 
 
-def _mask(value: str | None) -> None:
-    if value:
-        try:
-            from airflow.sdk.log import mask_secret
-
-            mask_secret(value)
-        except Exception:  # pragma: no cover
-            pass
-
-
-def _http_url(conn: Any) -> str:
-    """A URL from host (a full URL, or a host name with schema/port)."""
-    host = (conn.host or "").strip()
-    if "://" in host:
-        return host
-    scheme = conn.schema or "https"
-    return f"{scheme}://{host}" + (f":{conn.port}" if conn.port else "")
-
-
 class SlackWebhookNotifier(AlertNotifier):
-    """Slack incoming webhook. Connection: password = the webhook URL, or host = the webhook
-    base (default ``https://hooks.slack.com/services``) and password = the ``T../B../..`` path,
-    as in Airflow's Slack provider."""
+    """Slack incoming webhook through the Slack provider's ``SlackWebhookHook``: a
+    ``slackwebhook`` connection with the webhook URL as password, or host =
+    ``https://hooks.slack.com/services`` and password = the ``T../B../..`` token."""
 
-    def send(self, alert: Alert, conn: Any) -> None:
-        secret = conn.password or ""
-        _mask(secret)
-        if secret.startswith(("http://", "https://")):
-            url = secret
-        else:
-            base = _http_url(conn) if conn.host else SLACK_DEFAULT_HOST
-            url = f"{base.rstrip('/')}/{secret.lstrip('/')}" if secret else base
-        self._post(url, {"text": alert.text()})
+    def _hook(self) -> SlackWebhookHook:
+        return SlackWebhookHook(slack_webhook_conn_id=self.conn_id, logger=SLACK_CLIENT_LOG)
+
+    def send(self, alert: Alert) -> None:
+        self._hook().send_text(alert.text())
+
+    async def asend(self, alert: Alert) -> None:
+        await self._hook().async_send(text=alert.text())
 
 
 class WebhookNotifier(AlertNotifier):
-    """Generic HTTP webhook: POSTs the alert as JSON. Connection: host = URL (or host name with
-    schema/port), password = optional bearer token, extra ``headers`` = extra headers."""
+    """Generic HTTP webhook through the HTTP provider's ``HttpHook``: POSTs the alert as JSON.
 
-    def send(self, alert: Alert, conn: Any) -> None:
-        _mask(conn.password)
-        headers = dict((conn.extra_dejson or {}).get("headers") or {})
-        if conn.password:
-            headers["Authorization"] = f"Bearer {conn.password}"
-        self._post(_http_url(conn), alert.as_dict(), headers)
+    An ``http`` connection, read as ``HttpHook`` reads it: host = URL (or host name with
+    schema/port), login/password = basic auth, extra = headers (plus ``timeout``). A password
+    without a login is sent as a bearer token.
+    """
+
+    def send(self, alert: Alert) -> None:
+        conn = BaseHook.get_connection(self.conn_id)
+        HttpHook(method="POST", http_conn_id=self.conn_id).run(
+            json=alert.as_dict(),
+            headers=_bearer(conn),
+            extra_options={"timeout": conn.extra_dejson.get("timeout", WEBHOOK_TIMEOUT_S)},
+        )
+
+    async def asend(self, alert: Alert) -> None:
+        conn = await BaseHook.aget_connection(self.conn_id)
+        timeout = float(conn.extra_dejson.get("timeout", WEBHOOK_TIMEOUT_S))
+        await HttpAsyncHook(method="POST", http_conn_id=self.conn_id).run(
+            json=alert.as_dict(),
+            headers=_bearer(conn),
+            extra_options={"timeout": aiohttp.ClientTimeout(total=timeout)},
+        )
+
+
+def _bearer(conn: Any) -> dict[str, str]:
+    """``HttpHook`` sends login/password as basic auth; a lone password is a bearer token."""
+    if conn.password and not conn.login:
+        return {"Authorization": f"Bearer {conn.password}"}
+    return {}
 
 
 class EmailNotifier(AlertNotifier):
-    """SMTP email. Connection: host, port, login/password (optional); extra ``to`` (list or
-    comma-separated), ``from_email``, ``ssl`` (SMTPS) or ``starttls`` (both default false)."""
+    """Email through the SMTP provider's ``SmtpHook``: an ``smtp`` connection read as the hook
+    reads it (host, port, login/password; extra ``from_email``, ``timeout``, ``disable_ssl``,
+    ``disable_tls``: SSL and STARTTLS are on unless disabled), plus extra ``to``: the
+    recipients (a list, or comma-separated)."""
 
-    def send(self, alert: Alert, conn: Any) -> None:
-        extra = conn.extra_dejson or {}
-        to = extra.get("to") or []
-        recipients = [a.strip() for a in (to.split(",") if isinstance(to, str) else to) if a]
-        if not recipients:
+    def send(self, alert: Alert) -> None:
+        with SmtpHook(smtp_conn_id=self.conn_id) as smtp:
+            smtp.send_email_smtp(**self._email(alert, smtp))
+
+    async def asend(self, alert: Alert) -> None:
+        async with SmtpHook(smtp_conn_id=self.conn_id) as smtp:
+            await smtp.asend_email_smtp(**self._email(alert, smtp))
+
+    def _email(self, alert: Alert, smtp: SmtpHook) -> dict[str, Any]:
+        to = smtp.conn.extra_dejson.get("to")
+        if not to:
             raise AlertDeliveryError(f"connection {self.conn_id!r} has no 'to' in its extra")
-        _mask(conn.password)
-        msg = EmailMessage()
-        msg["Subject"] = f"[billing {alert.severity}] {alert.title}"
-        msg["From"] = extra.get("from_email") or conn.login or "airflow-billing@localhost"
-        msg["To"] = ", ".join(recipients)
-        msg.set_content(alert.text())
-        port = int(conn.port or (465 if extra.get("ssl") else 25))
-        try:
-            if _flag(extra.get("ssl")):
-                smtp: smtplib.SMTP = smtplib.SMTP_SSL(
-                    conn.host, port, timeout=TIMEOUT_S, context=ssl.create_default_context()
-                )
-            else:
-                smtp = smtplib.SMTP(conn.host, port, timeout=TIMEOUT_S)
-            with smtp:
-                if _flag(extra.get("starttls")):
-                    smtp.starttls(context=ssl.create_default_context())
-                if conn.login and conn.password:
-                    smtp.login(conn.login, conn.password)
-                smtp.send_message(msg)
-        except (OSError, smtplib.SMTPException) as e:
-            raise AlertDeliveryError(
-                f"{type(e).__name__} sending an alert via connection {self.conn_id!r}"
-            ) from None
-
-
-def _flag(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
+        return {
+            "to": to,
+            "from_email": smtp.from_email or smtp.smtp_user or DEFAULT_FROM_EMAIL,
+            "subject": _redact(f"[billing {alert.severity}] {alert.title}"),
+            "html_content": f"<pre>{html.escape(alert.text())}</pre>",
+        }
 
 
 CHANNELS: dict[str, type[AlertNotifier]] = {
