@@ -1,0 +1,652 @@
+"""The PortOne V2 gateway through the gateway interface, against a spec-shaped loopback server:
+status and body per route, a reply dropped after the request was read, a slow reply, and the
+Idempotency-Key headers it saw."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from iamport_billing import api_types as api
+from iamport_billing.gateways import gateway_for
+from iamport_billing.gateways.base import (
+    ABSENT,
+    DECLINED,
+    FOREIGN_REPLY,
+    FOUND,
+    NO_BILLING_KEY,
+    NOT_SENT,
+    PAID,
+    RATE_LIMITED,
+    REFUSED,
+    UNKNOWN,
+    UNREACHABLE,
+    ChargeRequest,
+    CredentialsRefused,
+    GatewayUnavailable,
+    PaymentAbsent,
+    RefundOutcomeUnknown,
+    RefundRefused,
+)
+from iamport_billing.gateways.iamport_v1 import IamportV1Gateway
+from iamport_billing.gateways.portone_v2 import PortOneV2Gateway
+from iamport_billing.hooks.portone import PortOneHook, settings_from_connection
+
+SECRET = "portone-v2-secret-DO-NOT-LEAK-1234567890"
+CONN_ID = "portone_test"
+UID = "sub1-20261201-01"
+BILLING_KEY = "billing-key-abc"
+
+
+@dataclass
+class Act:
+    """One answer: a status and body, or a dropped reply, optionally after a delay."""
+
+    status: int = 200
+    body: Any = None
+    content_type: str = "application/json"
+    drop: bool = False
+    delay: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    body: Any
+
+
+class V2Server:
+    """Routes ``(method, raw path)`` to answers, consumed in order (the last one repeats)."""
+
+    def __init__(self) -> None:
+        self.routes: dict[tuple[str, str], list[Act]] = {}
+        self.seen: list[Seen] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                parts = urlsplit(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                server.seen.append(
+                    Seen(
+                        self.command, parts.path, parse_qs(parts.query), dict(self.headers),
+                        json.loads(raw) if raw else None,
+                    )
+                )  # fmt: skip
+                acts = server.routes.get((self.command, parts.path))
+                act = (acts.pop(0) if len(acts) > 1 else acts[0]) if acts else None
+                if act is None:
+                    act = Act(404, "<html><body>404 Not Found nginx</body></html>", "text/html")
+                if act.delay:
+                    time.sleep(act.delay)
+                if act.drop:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                body = act.body if isinstance(act.body, str) else json.dumps(act.body)
+                data = body.encode() if act.body is not None else b""
+                self.send_response(act.status)
+                self.send_header("Content-Type", act.content_type)
+                self.send_header("Content-Length", str(len(data)))
+                for name, value in act.headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def on(self, method: str, path: str, *acts: Act) -> None:
+        self.routes[(method, path)] = list(acts)
+
+    def requests(self, method: str, path: str) -> list[Seen]:
+        return [s for s in self.seen if s.method == method and s.path == path]
+
+    def keys(self, method: str, path: str) -> list[str | None]:
+        return [s.headers.get("Idempotency-Key") for s in self.requests(method, path)]
+
+
+def error(status: int, type_: str, message: str = "", **extra: Any) -> Act:
+    return Act(status, {"type": type_, "message": message or type_.lower(), **extra})
+
+
+def v2_payment(
+    payment_id: str = UID, status: str = "PAID", total: int = 9900, **over: Any
+) -> dict[str, Any]:
+    """A spec-shaped V2 Payment (the required fields of its status's variant)."""
+    doc: dict[str, Any] = {
+        "status": status, "id": payment_id, "transactionId": f"tx-{payment_id}",
+        "merchantId": "merchant-1", "storeId": "store-1", "version": "V2",
+        "requestedAt": "2026-12-01T00:00:05Z", "updatedAt": "2026-12-01T00:00:07Z",
+        "statusChangedAt": "2026-12-01T00:00:07Z", "orderName": "Monthly plan",
+        "amount": {"total": total, "taxFree": 0, "discount": 0, "paid": total, "cancelled": 0,
+                   "cancelledTaxFree": 0},
+        "currency": "KRW", "customer": {}, "billingKey": BILLING_KEY,
+        "channel": {"type": "LIVE", "pgProvider": "NICEPAY_V2", "pgMerchantId": "nice-1"},
+        "origin": {"type": "API"},
+    }  # fmt: skip
+    if status in ("PAID", "PARTIAL_CANCELLED", "CANCELLED"):
+        doc |= {"paidAt": "2026-12-01T00:00:07Z", "pgTxId": "pg-tx-1", "disputes": []}
+    if status == "FAILED":
+        failure = {"reason": "declined", "pgCode": "51", "pgMessage": "잔액 부족"}
+        doc |= {"failedAt": "2026-12-01T00:00:07Z", "failure": failure}
+    return doc | over
+
+
+def cancellation(total: int, reason: str, status: str = "SUCCEEDED") -> dict[str, Any]:
+    return {
+        "status": status, "id": f"c-{total}-{len(reason)}", "totalAmount": total,
+        "taxFreeAmount": 0, "vatAmount": 0, "reason": reason,
+        "requestedAt": "2026-12-02T00:00:00Z", "cancelledAt": "2026-12-02T00:00:01Z",
+    }  # fmt: skip
+
+
+@pytest.fixture
+def server(monkeypatch):
+    s = V2Server()
+    threading.Thread(target=s.httpd.serve_forever, daemon=True).start()
+    monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", _conn_json(s.url))
+    monkeypatch.setattr("iamport_billing.hooks.portone.OUTSTANDING_WAIT_S", 0.05)
+    yield s
+    s.httpd.shutdown()
+    s.httpd.server_close()
+
+
+def _conn_json(url: str, **extra: Any) -> str:
+    return json.dumps(
+        {
+            "conn_type": "portone",
+            "host": url,
+            "password": SECRET,
+            "extra": {
+                "store_id": "store-1",
+                "channel_key": "channel-1",
+                "read_timeout": 0.5,
+                "connect_timeout": 1,
+                "max_retries": 2,
+                **extra,
+            },
+        }  # fmt: skip
+    )
+
+
+@pytest.fixture
+def gateway(server):
+    g = gateway_for(CONN_ID)
+    yield g
+    g.close()
+
+
+def charge_path(uid: str = UID) -> str:
+    return f"/payments/{uid}/billing-key"
+
+
+def request(uid: str = UID, **over: Any) -> ChargeRequest:
+    return ChargeRequest(
+        **{
+            "merchant_uid": uid,
+            "customer_uid": BILLING_KEY,
+            "amount": 9900,
+            "name": "Monthly plan",
+            **over,
+        }  # fmt: skip
+    )
+
+
+# -- choosing the gateway, the connection ------------------------------------------------------
+
+
+def test_gateway_for_picks_v2_for_a_portone_connection_and_v1_otherwise(server, monkeypatch):
+    assert isinstance(gateway_for(CONN_ID), PortOneV2Gateway)
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_IAMPORT_OTHER",
+        json.dumps({"conn_type": "iamport", "host": server.url, "login": "k", "password": "s"}),
+    )
+    assert isinstance(gateway_for("iamport_other"), IamportV1Gateway)
+
+
+def test_connection_defaults_read_timeout_60s_and_refuses_remote_plain_http():
+    from airflow.sdk import Connection
+
+    s = settings_from_connection(Connection(conn_id="x", conn_type="portone", password="p"))
+    assert (s.base_url, s.read_timeout, s.verify_tls) == ("https://api.portone.io", 60.0, True)
+    remote = Connection(conn_id="x", conn_type="portone", host="http://pay.example", password="p")
+    with pytest.raises(ValueError, match="plain http"):
+        settings_from_connection(remote)
+
+
+def test_provider_declares_the_portone_connection_form():
+    from iamport_billing.provider_info import get_provider_info
+
+    types = {t["connection-type"]: t for t in get_provider_info()["connection-types"]}
+    portone = types["portone"]
+    assert portone["hook-class-name"] == "iamport_billing.hooks.portone.PortOneHook"
+    fields = portone["conn-fields"]
+    assert {"store_id", "channel_key", "read_timeout", "verify_tls"} <= fields.keys()
+    assert fields["read_timeout"]["schema"]["default"] >= 60
+
+
+def test_the_test_button_reads_with_the_secret(server):
+    server.on("GET", "/payments-by-cursor", Act(200, {"items": []}))
+    ok, message = PortOneHook(CONN_ID).test_connection()
+    assert ok, message
+    seen = server.requests("GET", "/payments-by-cursor")[0]
+    assert seen.headers["Authorization"] == f"PortOne {SECRET}"
+
+
+def test_the_test_button_says_the_secret_was_refused(server):
+    server.on("GET", "/payments-by-cursor", error(401, "UNAUTHORIZED", "bad secret"))
+    ok, message = PortOneHook(CONN_ID).test_connection()
+    assert not ok and "secret was refused" in message
+    assert SECRET not in message
+
+
+# -- charges ----------------------------------------------------------------------------------
+
+
+def test_a_200_charge_is_paid_with_the_record_and_sends_the_v2_request(server, gateway):
+    server.on("POST", charge_path(), Act(200, {"payment": {"pgTxId": "pg-1", "paidAt": "x"}}))
+    server.on("GET", f"/payments/{UID}", Act(200, v2_payment(total=9900)))
+    buyer = {"buyer_name": "Kim", "buyer_email": "k@example.com", "buyer_tel": ""}
+    result = gateway.charge(request(buyer=buyer))
+    assert result.kind == PAID
+    assert (result.payment.imp_uid, result.payment.amount) == (UID, 9900)
+    assert result.payment.paid_at == 1796083207
+    sent = server.requests("POST", charge_path())[0]
+    assert sent.body == {
+        "billingKey": BILLING_KEY, "orderName": "Monthly plan", "amount": {"total": 9900},
+        "currency": "KRW", "channelKey": "channel-1", "storeId": "store-1",
+        "customer": {"name": {"full": "Kim"}, "email": "k@example.com"},
+    }  # fmt: skip
+    assert sent.headers["Authorization"] == f"PortOne {SECRET}"
+    assert sent.headers["Idempotency-Key"] == f'"charge-{UID}"'
+
+
+def test_a_200_charge_whose_record_cannot_be_read_is_paid_from_the_reply(server, gateway):
+    summary = {"pgTxId": "pg-1", "paidAt": "2026-12-01T00:00:07Z"}
+    server.on("POST", charge_path(), Act(200, {"payment": summary}))
+    server.on("GET", f"/payments/{UID}", Act(503, "<html>busy</html>", "text/html"))
+    result = gateway.charge(request())
+    assert result.kind == PAID
+    assert (result.payment.status, result.payment.amount, result.payment.pg_tid) == (
+        api.PAID, 9900, "pg-1",
+    )  # fmt: skip
+
+
+def test_a_paid_record_of_another_amount_is_reported_as_it_is(server, gateway):
+    server.on("POST", charge_path(), Act(200, {"payment": {"pgTxId": "p", "paidAt": "x"}}))
+    server.on("GET", f"/payments/{UID}", Act(200, v2_payment(total=5000)))
+    assert gateway.charge(request()).payment.amount == 5000
+
+
+def test_the_payment_id_is_url_escaped(server, gateway):
+    uid = "sub/1 x-20261201-01"
+    server.on("POST", "/payments/sub%2F1%20x-20261201-01/billing-key",
+              error(409, "BILLING_KEY_ALREADY_DELETED"))  # fmt: skip
+    assert gateway.charge(request(uid)).kind == NO_BILLING_KEY
+
+
+def test_a_pg_decline_is_declined_with_pg_code_and_message(server, gateway):
+    server.on("POST", charge_path(), error(502, "PG_PROVIDER", pgCode="51", pgMessage="잔액 부족"))
+    result = gateway.charge(request())
+    assert (result.kind, result.code, result.reason) == (DECLINED, "51", "잔액 부족")
+    assert result.payment.status == api.FAILED and result.payment.fail_reason == "잔액 부족"
+    assert len(server.requests("POST", charge_path())) == 1  # an answer: never resent
+
+
+@pytest.mark.parametrize(
+    "status, type_", [(404, "BILLING_KEY_NOT_FOUND"), (409, "BILLING_KEY_ALREADY_DELETED")]
+)
+def test_a_missing_or_deleted_billing_key_is_no_billing_key(server, gateway, status, type_):
+    server.on("POST", charge_path(), error(status, type_))
+    assert gateway.charge(request()).kind == NO_BILLING_KEY
+
+
+def test_already_paid_reports_what_the_record_says(server, gateway):
+    server.on("POST", charge_path(), error(409, "ALREADY_PAID"))
+    server.on("GET", f"/payments/{UID}", Act(200, v2_payment()))
+    result = gateway.charge(request())
+    assert result.kind == PAID and result.payment.merchant_uid == UID
+
+
+def test_already_paid_without_a_readable_record_is_unknown(server, gateway):
+    server.on("POST", charge_path(), error(409, "ALREADY_PAID"))
+    server.on("GET", f"/payments/{UID}", error(404, "PAYMENT_NOT_FOUND"))
+    assert gateway.charge(request()).kind == UNKNOWN
+
+
+def test_max_transaction_count_is_refused(server, gateway):
+    server.on("POST", charge_path(), error(400, "MAX_TRANSACTION_COUNT_REACHED"))
+    assert gateway.charge(request()).kind == REFUSED
+
+
+def test_an_invalid_request_is_refused_on_a_first_send_and_unknown_on_a_resend(server, gateway):
+    server.on("POST", charge_path(), error(400, "INVALID_REQUEST", "bad orderName"))
+    server.on("GET", f"/payments/{UID}", error(404, "PAYMENT_NOT_FOUND"))
+    assert gateway.charge(request()).kind == REFUSED
+    assert gateway.charge(request(resend=True)).kind == UNKNOWN
+
+
+def test_a_refused_secret_raises_credentials_refused(server, gateway):
+    server.on("POST", charge_path(), error(401, "UNAUTHORIZED"))
+    with pytest.raises(CredentialsRefused):
+        gateway.charge(request())
+
+
+def test_a_429_is_rate_limited(server, gateway):
+    server.on("POST", charge_path(), Act(429, {"type": "TOO_MANY"}, headers={"Retry-After": "3"}))
+    result = gateway.charge(request())
+    assert (result.kind, result.retry_after) == (RATE_LIMITED, 3.0)
+
+
+def test_a_4xx_not_in_portones_shape_is_a_foreign_reply(server, gateway):
+    server.on("POST", charge_path(), Act(404, "<html>Not Found</html>", "text/html"))
+    result = gateway.charge(request())
+    assert (result.kind, result.code) == (UNKNOWN, FOREIGN_REPLY)
+
+
+def test_an_unexpected_error_type_is_unknown(server, gateway):
+    server.on("POST", charge_path(), error(409, "SOMETHING_NEW"))
+    assert gateway.charge(request()).kind == UNKNOWN
+
+
+def test_a_dropped_reply_is_resent_with_the_same_key(server, gateway):
+    server.on("POST", charge_path(), Act(drop=True),
+              Act(200, {"payment": {"pgTxId": "p", "paidAt": "x"}}))  # fmt: skip
+    server.on("GET", f"/payments/{UID}", Act(200, v2_payment()))
+    assert gateway.charge(request()).kind == PAID
+    keys = server.keys("POST", charge_path())
+    assert keys == [f'"charge-{UID}"'] * 2
+
+
+def test_a_charge_that_never_answers_is_unknown_after_bounded_resends(server, gateway):
+    server.on("POST", charge_path(), Act(delay=1.0))
+    result = gateway.charge(request())
+    assert result.kind == UNKNOWN  # never NOT_SENT: the bytes left
+    keys = server.keys("POST", charge_path())
+    assert len(keys) == 3 and len(set(keys)) == 1  # 1 + max_retries, one key
+
+
+def test_an_outstanding_request_is_waited_out_with_the_same_key(server, gateway):
+    outstanding = error(409, "IDEMPOTENCY_OUTSTANDING_REQUEST")
+    server.on("POST", charge_path(), outstanding,
+              Act(200, {"payment": {"pgTxId": "p", "paidAt": "x"}}))  # fmt: skip
+    server.on("GET", f"/payments/{UID}", Act(200, v2_payment()))
+    assert gateway.charge(request()).kind == PAID
+    assert len(set(server.keys("POST", charge_path()))) == 1
+
+
+def test_an_outstanding_request_that_never_finishes_is_unknown(server, gateway):
+    server.on("POST", charge_path(), error(409, "IDEMPOTENCY_OUTSTANDING_REQUEST"))
+    assert gateway.charge(request()).kind == UNKNOWN
+    assert len(server.requests("POST", charge_path())) == 3
+
+
+def test_a_server_that_cannot_be_reached_is_not_sent(monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", _conn_json(f"http://127.0.0.1:{port}"))
+    assert gateway_for(CONN_ID).charge(request()).kind == NOT_SENT
+
+
+def test_idempotency_keys_fit_the_header_and_are_stable(server, gateway):
+    long_uid = "x" * 300
+    odd_uid = 'sub "q"-20261201-01'
+    for uid in (long_uid, odd_uid, "short", long_uid):
+        gateway.charge(request(uid))
+    keys = [s.headers["Idempotency-Key"] for s in server.seen if s.method == "POST"]
+    for key in keys:
+        assert key.startswith('"') and key.endswith('"')
+        inner = key[1:-1]
+        assert 16 <= len(inner) <= 256 and inner.replace("-", "").replace("_", "").isalnum()
+    assert keys[0] == keys[3] and len(set(keys[:3])) == 3
+
+
+# -- lookups ----------------------------------------------------------------------------------
+
+
+def test_look_up_maps_a_v2_payment(server, gateway):
+    cancelled = v2_payment(
+        status="PARTIAL_CANCELLED", cancelledAt="2026-12-02T00:00:01Z",
+        amount={"total": 9900, "taxFree": 0, "discount": 0, "paid": 9900, "cancelled": 1000,
+                "cancelledTaxFree": 0},
+        cancellations=[cancellation(1000, "refund r1")],
+    )  # fmt: skip
+    server.on("GET", f"/payments/{UID}", Act(200, cancelled))
+    found = gateway.look_up(UID)
+    assert found.kind == FOUND
+    p = found.decisive
+    assert (p.imp_uid, p.merchant_uid, p.status, p.amount, p.cancel_amount) == (
+        UID, UID, api.PAID, 9900, 1000,
+    )  # fmt: skip
+    assert (p.customer_uid, p.pg_provider, p.pg_tid) == (BILLING_KEY, "NICEPAY_V2", "pg-tx-1")
+    assert (p.started_at, p.paid_at, p.cancelled_at) == (1796083205, 1796083207, 1796169601)
+
+
+def test_a_v1_payment_keeps_its_imp_uid(server, gateway):
+    server.on("GET", f"/payments/{UID}",
+              Act(200, v2_payment(version="V1", transactionId="imp_123")))  # fmt: skip
+    assert gateway.look_up(UID).decisive.imp_uid == "imp_123"
+
+
+def test_a_failed_payment_carries_the_pg_message(server, gateway):
+    server.on("GET", f"/payments/{UID}", Act(200, v2_payment(status="FAILED")))
+    p = gateway.look_up(UID).decisive
+    assert (p.status, p.fail_reason, p.failed_at) == (api.FAILED, "잔액 부족", 1796083207)
+
+
+@pytest.mark.parametrize("status", ["READY", "PAY_PENDING"])
+def test_ready_and_pending_are_in_progress(server, gateway, status):
+    server.on("GET", f"/payments/{UID}", Act(200, v2_payment(status=status)))
+    assert gateway.look_up(UID).decisive.status == api.READY
+
+
+def test_portones_payment_not_found_is_absent(server, gateway):
+    server.on("GET", f"/payments/{UID}", error(404, "PAYMENT_NOT_FOUND"))
+    assert gateway.look_up(UID).kind == ABSENT
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Act(404, "<html>Not Found</html>", "text/html"),
+        Act(404, {"error": "no route"}),
+        Act(404, {"type": "ROUTE_NOT_FOUND"}),
+        Act(200, {"id": UID}),
+    ],
+)
+def test_a_404_in_another_shape_is_unreachable(server, gateway, reply):
+    server.on("GET", f"/payments/{UID}", reply)
+    assert gateway.look_up(UID).kind == UNREACHABLE
+
+
+def test_payments_between_reads_every_page_of_the_window(server, gateway):
+    since, until = 1796083200, 1796169600  # 2026-12-01T00:00Z .. 2026-12-02T00:00Z
+    late = v2_payment("late-20261202-01", requestedAt="2026-12-02T00:00:00Z")
+    server.on(
+        "GET", "/payments-by-cursor",
+        Act(200, {"items": [{"payment": v2_payment("a-20261201-01"), "cursor": "c1"},
+                            {"payment": v2_payment("b-20261201-01"), "cursor": "c2"}]}),
+        Act(200, {"items": [{"payment": late, "cursor": "c3"}]}),
+        Act(200, {"items": []}),
+    )  # fmt: skip
+    ids = [p.merchant_uid for p in gateway.payments_between(since, until)]
+    assert ids == ["a-20261201-01", "b-20261201-01"]  # until is exclusive
+    bodies = [json.loads(s.query["requestBody"][0]) for s in server.seen]
+    assert bodies[0] == {"from": "2026-12-01T00:00:00Z", "until": "2026-12-02T00:00:00Z",
+                         "size": 1000, "storeId": "store-1"}  # fmt: skip
+    assert [b.get("cursor") for b in bodies] == [None, "c2", "c3"]
+
+
+def test_payments_between_raises_rather_than_end_early(server, gateway):
+    server.on(
+        "GET", "/payments-by-cursor",
+        Act(200, {"items": [{"payment": v2_payment(), "cursor": "c1"}]}),
+        Act(502, "<html>Bad Gateway</html>", "text/html"),
+    )  # fmt: skip
+    with pytest.raises(GatewayUnavailable):
+        list(gateway.payments_between(1796083200, 1796169600))
+
+
+def test_missing_billing_keys_are_the_deleted_and_unknown_ones(server, gateway):
+    issued = {"status": "ISSUED", "billingKey": "k1", "merchantId": "m", "storeId": "s",
+              "channels": [], "customer": {}, "issuedAt": "2026-11-01T00:00:00Z"}  # fmt: skip
+    server.on("GET", "/billing-keys/k1", Act(200, issued))
+    server.on("GET", "/billing-keys/k2", Act(200, {**issued, "billingKey": "k2",
+                                                   "status": "DELETED"}))  # fmt: skip
+    server.on("GET", "/billing-keys/k3", error(404, "BILLING_KEY_NOT_FOUND"))
+    assert gateway.missing_billing_keys(["k1", "k2", "k3"]) == ["k2", "k3"]
+
+
+def test_a_billing_key_check_behind_a_foreign_404_raises(server, gateway):
+    server.on("GET", "/billing-keys/k1", Act(404, "<html>nope</html>", "text/html"))
+    with pytest.raises(GatewayUnavailable):
+        gateway.missing_billing_keys(["k1"])
+
+
+# -- payment and cancel -----------------------------------------------------------------------
+
+
+def test_payment_comes_with_its_succeeded_cancellations(server, gateway):
+    doc = v2_payment(cancellations=[cancellation(1000, "r1"), cancellation(500, "r2", "FAILED")])
+    server.on("GET", f"/payments/{UID}", Act(200, doc))
+    payment, history = gateway.payment(UID)
+    assert payment.imp_uid == UID
+    assert [(h.amount, h.reason) for h in history] == [(1000, "r1")]
+
+
+def test_payment_absent_and_unavailable(server, gateway):
+    server.on("GET", "/payments/gone", error(404, "PAYMENT_NOT_FOUND"))
+    server.on("GET", "/payments/proxy", Act(404, "<html>x</html>", "text/html"))
+    with pytest.raises(PaymentAbsent):
+        gateway.payment("gone")
+    with pytest.raises(GatewayUnavailable):
+        gateway.payment("proxy")
+
+
+def _refundable(server) -> None:
+    after = v2_payment(
+        status="PARTIAL_CANCELLED", cancelledAt="2026-12-02T00:00:01Z",
+        amount={"total": 9900, "taxFree": 0, "discount": 0, "paid": 9900, "cancelled": 1000,
+                "cancelledTaxFree": 0},
+        cancellations=[cancellation(1000, "[r1] refund")],
+    )  # fmt: skip
+    server.on("GET", f"/payments/{UID}", Act(200, after))
+
+
+def test_cancel_sends_the_checksum_and_returns_the_balance(server, gateway):
+    _refundable(server)
+    server.on("POST", f"/payments/{UID}/cancel",
+              Act(200, {"cancellation": cancellation(1000, "[r1] refund")}))  # fmt: skip
+    payment = gateway.cancel(UID, amount=1000, reason="[r1] refund", checksum=9900)
+    assert payment.cancel_amount == 1000
+    sent = server.requests("POST", f"/payments/{UID}/cancel")[0]
+    assert sent.body == {"amount": 1000, "reason": "[r1] refund",
+                         "currentCancellableAmount": 9900, "storeId": "store-1"}  # fmt: skip
+
+
+def test_cancel_keys_replay_a_retry_and_separate_another_refund(server, gateway):
+    _refundable(server)
+    server.on("POST", f"/payments/{UID}/cancel",
+              Act(200, {"cancellation": cancellation(1000, "[r1] refund")}))  # fmt: skip
+    gateway.cancel(UID, amount=1000, reason="[r1] refund", checksum=9900)
+    gateway.cancel(UID, amount=1000, reason="[r1] refund", checksum=9900)  # the same refund
+    gateway.cancel(UID, amount=1000, reason="[r1] refund", checksum=8900)  # after the first
+    gateway.cancel(UID, amount=500, reason="[r1] refund", checksum=9900)
+    gateway.cancel(UID, amount=1000, reason="[r2] refund", checksum=9900)  # another refund
+    keys = server.keys("POST", f"/payments/{UID}/cancel")
+    assert keys[0] == keys[1]
+    assert len(set(keys)) == 4
+
+
+@pytest.mark.parametrize(
+    "type_, status",
+    [("CANCELLABLE_AMOUNT_CONSISTENCY_BROKEN", 409), ("PAYMENT_ALREADY_CANCELLED", 409),
+     ("CANCEL_AMOUNT_EXCEEDS_CANCELLABLE_AMOUNT", 409)],
+)  # fmt: skip
+def test_a_refused_cancel_is_refund_refused(server, gateway, type_, status):
+    server.on("POST", f"/payments/{UID}/cancel", error(status, type_))
+    with pytest.raises(RefundRefused, match=type_):
+        gateway.cancel(UID, amount=1000, reason="r", checksum=9900)
+
+
+def test_a_cancel_without_an_answer_is_unknown_after_resends_with_one_key(server, gateway):
+    server.on("POST", f"/payments/{UID}/cancel", Act(drop=True))
+    with pytest.raises(RefundOutcomeUnknown):
+        gateway.cancel(UID, amount=1000, reason="r", checksum=9900)
+    keys = server.keys("POST", f"/payments/{UID}/cancel")
+    assert len(keys) == 3 and len(set(keys)) == 1
+
+
+def test_a_requested_but_unfinished_cancel_is_unknown(server, gateway):
+    server.on("POST", f"/payments/{UID}/cancel",
+              Act(200, {"cancellation": cancellation(1000, "r", "REQUESTED")}))  # fmt: skip
+    with pytest.raises(RefundOutcomeUnknown):
+        gateway.cancel(UID, amount=1000, reason="r", checksum=9900)
+
+
+def test_a_cancel_that_could_not_be_sent_is_unavailable(monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", _conn_json(f"http://127.0.0.1:{port}"))
+    with pytest.raises(GatewayUnavailable):
+        gateway_for(CONN_ID).cancel(UID, amount=1000, reason="r", checksum=9900)
+
+
+def test_a_refused_secret_on_cancel_is_credentials_refused(server, gateway):
+    server.on("POST", f"/payments/{UID}/cancel", error(403, "FORBIDDEN"))
+    with pytest.raises(CredentialsRefused):
+        gateway.cancel(UID, amount=1000, reason="r", checksum=9900)
+
+
+# -- secrets ----------------------------------------------------------------------------------
+
+
+def test_no_secret_in_any_error_or_log(server, gateway, caplog):
+    caplog.set_level(logging.DEBUG)
+    echo = f"<html>echo Authorization: PortOne {SECRET}</html>"
+    server.on("POST", charge_path(), Act(401, echo, "text/html"))
+    server.on("POST", charge_path("u2-20261201-01"), Act(400, echo, "text/html"))
+    server.on("POST", charge_path("u3-20261201-01"), Act(503, echo, "text/html"))
+    server.on("GET", f"/payments/{UID}", Act(500, {"type": "X", "message": SECRET}))
+    server.on("GET", "/payments-by-cursor", Act(403, echo, "text/html"))
+    server.on("POST", f"/payments/{UID}/cancel", Act(502, echo, "text/html"))
+    texts = []
+    with pytest.raises(CredentialsRefused) as refused:
+        gateway.charge(request())
+    texts.append(str(refused.value))
+    for uid in ("u2-20261201-01", "u3-20261201-01"):
+        result = gateway.charge(request(uid))
+        texts.append(f"{result.code} {result.reason}")
+    texts.append(str(gateway.look_up(UID).reason))
+    for call in (
+        lambda: list(gateway.payments_between(0, 1)),
+        lambda: gateway.cancel(UID, amount=1, reason="r", checksum=2),
+        lambda: gateway.payment(UID),
+    ):
+        with pytest.raises(Exception) as raised:
+            call()
+        texts.append(str(raised.value))
+    texts.append(PortOneHook(CONN_ID).test_connection()[1])
+    assert all(t and t != "None" for t in texts)
+    assert not [t for t in texts + [caplog.text] if SECRET in t]
