@@ -162,7 +162,7 @@ def cancellation(total: int, reason: str, status: str = "SUCCEEDED") -> dict[str
 @pytest.fixture
 def server(monkeypatch):
     s = V2Server()
-    threading.Thread(target=s.httpd.serve_forever, daemon=True).start()
+    threading.Thread(target=s.httpd.serve_forever, args=(0.05,), daemon=True).start()
     monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", _conn_json(s.url))
     monkeypatch.setattr("iamport_billing.hooks.portone.OUTSTANDING_WAIT_S", 0.05)
     yield s
@@ -345,6 +345,12 @@ def test_an_invalid_request_is_refused_on_a_first_send_and_unknown_on_a_resend(s
     assert gateway.charge(request(resend=True)).kind == UNKNOWN
 
 
+def test_a_refusal_after_a_resend_is_unknown(server, gateway):
+    server.on("POST", charge_path(), Act(drop=True), error(400, "INVALID_REQUEST"))
+    server.on("GET", f"/payments/{UID}", error(404, "PAYMENT_NOT_FOUND"))
+    assert gateway.charge(request()).kind == UNKNOWN
+
+
 def test_a_refused_secret_raises_credentials_refused(server, gateway):
     server.on("POST", charge_path(), error(401, "UNAUTHORIZED"))
     with pytest.raises(CredentialsRefused):
@@ -463,6 +469,7 @@ def test_ready_and_pending_are_in_progress(server, gateway, status):
 def test_portones_payment_not_found_is_absent(server, gateway):
     server.on("GET", f"/payments/{UID}", error(404, "PAYMENT_NOT_FOUND"))
     assert gateway.look_up(UID).kind == ABSENT
+    assert server.requests("GET", f"/payments/{UID}")[0].query == {"storeId": ["store-1"]}
 
 
 @pytest.mark.parametrize(
@@ -595,6 +602,13 @@ def test_a_cancel_without_an_answer_is_unknown_after_resends_with_one_key(server
         gateway.cancel(UID, amount=1000, reason="r", checksum=9900)
     keys = server.keys("POST", f"/payments/{UID}/cancel")
     assert len(keys) == 3 and len(set(keys)) == 1
+
+
+def test_a_cancel_refused_after_a_resend_is_unknown(server, gateway):
+    broken = error(409, "CANCELLABLE_AMOUNT_CONSISTENCY_BROKEN")
+    server.on("POST", f"/payments/{UID}/cancel", Act(drop=True), broken)
+    with pytest.raises(RefundOutcomeUnknown):
+        gateway.cancel(UID, amount=1000, reason="r", checksum=9900)
 
 
 def test_a_requested_but_unfinished_cancel_is_unknown(server, gateway):

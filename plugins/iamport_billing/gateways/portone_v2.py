@@ -212,7 +212,7 @@ class PortOneV2Gateway:
         found = self.look_up(request.merchant_uid)
         if found.kind == FOUND:
             return result_of(found.decisive)  # type: ignore[arg-type]
-        if found.kind == UNREACHABLE or not refusal or request.resend:
+        if found.kind == UNREACHABLE or not refusal or request.resend or reply.resent:
             return unclear
         return ChargeResult(REFUSED, code=kind, reason=reply.message or kind)
 
@@ -330,7 +330,10 @@ class PortOneV2Gateway:
                     f"the cancel succeeded but the payment could not be read back: {e}"
                 ) from None
         if reply.error_type is not None and 400 <= reply.status < 600:
-            raise RefundRefused(f"{reply.error_type}: {reply.message or reply.excerpt}")
+            refusal = f"{reply.error_type}: {reply.message or reply.excerpt}"
+            if reply.resent:  # e.g. the balance moved because the first send applied
+                raise RefundOutcomeUnknown(f"refused on a resend, the first may apply: {refusal}")
+            raise RefundRefused(refusal)
         raise RefundOutcomeUnknown(f"HTTP {reply.status}: {reply.excerpt}")
 
 

@@ -123,6 +123,9 @@ class Reply:
     status: int
     body: Any
     excerpt: str
+    # A write sent again after an earlier send may have been processed: PortOne replays the
+    # first answer, but a refusal now may still be about the first send having applied.
+    resent: bool = False
 
     @property
     def error_type(self) -> str | None:
@@ -243,6 +246,7 @@ class PortOneHook(BaseHook):
 
         while True:
             tries += 1
+            resent = write and may_have_left
             try:
                 resp = self.get_conn().request(
                     method, s.base_url + path, body=data, headers=headers, timeout=timeout,
@@ -262,7 +266,7 @@ class PortOneHook(BaseHook):
                 raise give_up(f"{type(e).__name__}, no reply after {tries} tries") from None
             may_have_left = True if write else may_have_left
             excerpt = scrub(clean_excerpt(resp.data), (s.secret,)) or ""
-            reply = Reply(resp.status, parse_body(resp), excerpt)
+            reply = Reply(resp.status, parse_body(resp), excerpt, resent)
             if reply.status in (401, 403):
                 shape = "" if reply.error_type else " (not PortOne's reply: a proxy may refuse it)"
                 raise PortOneAuthError(
