@@ -306,10 +306,17 @@ def test_the_payment_id_is_url_escaped(server, gateway):
 
 def test_a_pg_decline_is_declined_with_pg_code_and_message(server, gateway):
     server.on("POST", charge_path(), error(502, "PG_PROVIDER", pgCode="51", pgMessage="잔액 부족"))
+    server.on("GET", f"/payments/{UID}", Act(200, v2_payment(status="FAILED")))
     result = gateway.charge(request())
     assert (result.kind, result.code, result.reason) == (DECLINED, "51", "잔액 부족")
     assert result.payment.status == api.FAILED and result.payment.fail_reason == "잔액 부족"
     assert len(server.requests("POST", charge_path())) == 1  # an answer: never resent
+
+
+def test_a_pg_error_whose_payment_is_still_in_progress_is_unknown(server, gateway):
+    server.on("POST", charge_path(), error(502, "PG_PROVIDER", pgCode="TIMEOUT", pgMessage="지연"))
+    server.on("GET", f"/payments/{UID}", Act(200, v2_payment(status="READY")))
+    assert gateway.charge(request()).kind == UNKNOWN
 
 
 @pytest.mark.parametrize(

@@ -191,8 +191,13 @@ class PortOneV2Gateway:
         return ChargeResult(PAID, payment)
 
     def _declined(self, request: ChargeRequest, reply: Reply) -> ChargeResult:
-        """502 PG_PROVIDER: the card company declined; pgCode/pgMessage feed the decline
-        table (as a failed payment's fail_reason, as V1 reports a decline)."""
+        """502 PG_PROVIDER: the PG refused; pgCode/pgMessage feed the decline table (as a
+        failed payment's fail_reason, as V1 reports a decline). A PG error is also how a PG
+        timeout comes back, so a record still in progress or paid decides instead."""
+        found = self.look_up(request.merchant_uid)
+        record = found.decisive if found.kind == FOUND else None
+        if record is not None and record.status != api.FAILED:
+            return result_of(record)
         body = reply.body
         code, message = str(body.get("pgCode") or ""), str(body.get("pgMessage") or "")
         reason = message or reply.message or "declined by the PG"
