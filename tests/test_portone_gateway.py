@@ -671,3 +671,102 @@ def test_no_secret_in_any_error_or_log(server, gateway, caplog):
     texts.append(PortOneHook(CONN_ID).test_connection()[1])
     assert all(t and t != "None" for t in texts)
     assert not [t for t in texts + [caplog.text] if SECRET in t]
+
+
+# -- against the emulator's V2 mode (``iamport-emulator --api v2``) ----------------------------
+
+
+@pytest.fixture
+def emulator_v2(tmp_path, monkeypatch):
+    """The emulator in V2 mode over real HTTP on loopback, as the ``portone_test`` connection."""
+    pytest.importorskip("iamport_billing.emulator.v2", reason="the emulator has no V2 mode here")
+    from iamport_billing.emulator import EmulatorConfig, run_emulator_in_thread
+
+    config = EmulatorConfig(db_path=str(tmp_path / "emulator.db"), api="v2", seed=7)
+    with run_emulator_in_thread(config) as handle:
+        conn = {
+            "conn_type": "portone", "host": handle.url, "password": config.api_secret,
+            "extra": {"store_id": config.store_id, "read_timeout": 5, "connect_timeout": 2},
+        }  # fmt: skip
+        monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", json.dumps(conn))
+        yield handle
+
+
+def issue(emulator, card: str) -> str:
+    """A billing key for a test card, issued through the emulator's POST /billing-keys."""
+    import requests
+
+    card = {"number": card.replace("-", ""), "expiryYear": "30", "expiryMonth": "12"}
+    r = requests.post(
+        f"{emulator.url}/billing-keys",
+        json={"method": {"card": {"credential": card}}},
+        headers={"Authorization": f"PortOne {emulator.config.api_secret}"},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    return r.json()["billingKeyInfo"]["billingKey"]
+
+
+def emulator_stats(emulator) -> dict[str, Any]:
+    import requests
+
+    return requests.get(f"{emulator.url}/__emulator__/stats", timeout=5).json()
+
+
+def test_emulator_charge_look_up_and_refund(emulator_v2):
+    from iamport_billing.emulator import CARD_ALWAYS_PAID
+
+    key = issue(emulator_v2, CARD_ALWAYS_PAID)
+    gateway = gateway_for(CONN_ID)
+    result = gateway.charge(request(customer_uid=key))
+    assert result.kind == PAID and result.payment.amount == 9900
+    found = gateway.look_up(UID)
+    assert found.kind == FOUND and found.decisive.status == api.PAID
+    refunded = gateway.cancel(
+        result.payment.imp_uid, amount=1000, reason="[r1] part", checksum=9900
+    )
+    assert refunded.cancel_amount == 1000
+    payment, history = gateway.payment(result.payment.imp_uid)
+    assert payment.net_amount == 8900 and [(h.amount, h.reason) for h in history] == [
+        (1000, "[r1] part")
+    ]
+    assert [p.merchant_uid for p in gateway.payments_between(0, 2**31)] == [UID]
+
+
+def test_emulator_decline_and_missing_billing_key(emulator_v2):
+    from iamport_billing.emulator import CARD_SOFT_DECLINE, SOFT_DECLINE_REASON
+
+    key = issue(emulator_v2, CARD_SOFT_DECLINE)
+    gateway = gateway_for(CONN_ID)
+    declined = gateway.charge(request(customer_uid=key))
+    assert (declined.kind, declined.payment.fail_reason) == (DECLINED, SOFT_DECLINE_REASON)
+    assert gateway.charge(request("u2-20261201-01", customer_uid="no-such-key")).kind == (
+        NO_BILLING_KEY
+    )
+    assert gateway.look_up("never-charged-20261201-01").kind == ABSENT
+    assert gateway.missing_billing_keys([key, "no-such-key"]) == ["no-such-key"]
+
+
+def test_emulator_a_dropped_reply_is_replayed_under_the_same_key(emulator_v2):
+    import requests
+    from iamport_billing.emulator import CARD_ALWAYS_PAID
+
+    key = issue(emulator_v2, CARD_ALWAYS_PAID)
+    requests.post(
+        f"{emulator_v2.url}/__emulator__/faults", json={"drop_after_commit_rate": 1.0}, timeout=5
+    ).raise_for_status()
+    result = gateway_for(CONN_ID).charge(request(customer_uid=key))
+    assert result.kind == PAID and result.payment.amount == 9900
+    stats = emulator_stats(emulator_v2)
+    assert stats["faults"] == {"drop_after_commit": 1}  # the first reply was lost
+    assert stats["idempotency"] == {"claimed": 1, "replay": 1}  # the resend was replayed
+    assert stats["charges"] == {"committed": 1}  # charged once
+
+
+def test_emulator_refuses_a_wrong_secret(emulator_v2, monkeypatch):
+    conn = json.loads(_conn_json(emulator_v2.url))  # SECRET is not the emulator's
+    monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", json.dumps(conn))
+    with pytest.raises(CredentialsRefused):
+        gateway_for(CONN_ID).charge(request())
+    ok, message = PortOneHook(CONN_ID).test_connection()
+    assert not ok and "refused" in message
