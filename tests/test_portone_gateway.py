@@ -40,6 +40,8 @@ from iamport_billing.gateways.iamport_v1 import IamportV1Gateway
 from iamport_billing.gateways.portone_v2 import PortOneV2Gateway
 from iamport_billing.hooks.portone import PortOneHook, settings_from_connection
 
+# The one DAG test here checks the gateway, not the ledger: SQLite is enough.
+WAREHOUSES = ["sqlite"]
 SECRET = "portone-v2-secret-DO-NOT-LEAK-1234567890"
 CONN_ID = "portone_test"
 UID = "sub1-20261201-01"
@@ -770,3 +772,48 @@ def test_emulator_refuses_a_wrong_secret(emulator_v2, monkeypatch):
         gateway_for(CONN_ID).charge(request())
     ok, message = PortOneHook(CONN_ID).test_connection()
     assert not ok and "refused" in message
+
+
+@pytest.fixture
+def v2_dag_world(emulator_v2, airflow_db, ledger, monkeypatch):
+    """The DAGs billing through the ``portone`` connection on the V2 emulator."""
+    monkeypatch.setenv("IAMPORT_BILLING_IAMPORT_CONN_ID", CONN_ID)
+    monkeypatch.setenv("IAMPORT_BILLING_UNKNOWN_SETTLE_SECONDS", "0.1")
+    monkeypatch.setenv("IAMPORT_BILLING_TASK_RETRIES", "0")
+    # dag.test() cannot finish a run with deadline alerts (see RELIABILITY.md).
+    monkeypatch.setattr("iamport_billing.alerts.deadline_alerts", lambda cfg, *, starts_at: [])
+    return ledger, emulator_v2
+
+
+@pytest.mark.airflow
+def test_emulator_the_daily_dag_bills_through_v2(v2_dag_world):
+    from datetime import date
+
+    from iamport_billing.emulator import CARD_ALWAYS_PAID, CARD_HARD_DECLINE, CARD_SOFT_DECLINE
+    from support import add_subscriptions, run_daily
+
+    ledger, emulator = v2_dag_world
+    day = date(2026, 11, 26)
+    keys = {c: issue(emulator, c) for c in (CARD_ALWAYS_PAID, CARD_SOFT_DECLINE, CARD_HARD_DECLINE)}
+    add_subscriptions(
+        ledger,
+        [("p1", keys[CARD_ALWAYS_PAID], 9900), ("soft1", keys[CARD_SOFT_DECLINE], 5000),
+         ("hard1", keys[CARD_HARD_DECLINE], 7000), ("nokey1", "billing-key-unknown", 3000)],
+        day,
+    )  # fmt: skip
+    run_daily(day)
+    subs = dict(ledger.query("SELECT subscription_id, status FROM billing_subscriptions"))
+    assert subs == {
+        "p1": "active", "soft1": "active", "hard1": "payment_method_required",
+        "nokey1": "payment_method_required",
+    }  # fmt: skip
+    rows = ledger.query(
+        "SELECT merchant_uid, status, imp_uid, paid_amount FROM billing_charge_attempts "
+        "WHERE subscription_id IN ('p1', 'soft1', 'hard1')"
+    )
+    outcomes = {r[0]: tuple(r[1:]) for r in rows}
+    assert outcomes["p1-20261126-01"] == ("paid", "p1-20261126-01", 9900)
+    assert outcomes["soft1-20261126-01"][0] == "failed"
+    assert outcomes["hard1-20261126-01"][0] == "failed"
+    # Each sent once: three charges, one refused for its unknown billing key.
+    assert emulator_stats(emulator)["charges"] == {"committed": 3, "unknown_customer": 1}
