@@ -360,6 +360,12 @@ def test_a_refusal_after_a_resend_is_unknown(server, gateway):
     assert gateway.charge(request()).kind == UNKNOWN
 
 
+@pytest.mark.parametrize("refusal", [error(401, "UNAUTHORIZED"), Act(429, {"type": "X"})])
+def test_a_refused_or_rate_limited_resend_is_unknown(server, gateway, refusal):
+    server.on("POST", charge_path(), Act(drop=True), refusal)
+    assert gateway.charge(request()).kind == UNKNOWN
+
+
 def test_a_refused_secret_raises_credentials_refused(server, gateway):
     server.on("POST", charge_path(), error(401, "UNAUTHORIZED"))
     with pytest.raises(CredentialsRefused):

@@ -268,6 +268,8 @@ class PortOneHook(BaseHook):
             excerpt = scrub(clean_excerpt(resp.data), (s.secret,)) or ""
             reply = Reply(resp.status, parse_body(resp), excerpt, resent)
             if reply.status in (401, 403):
+                if resent:  # refused now, and an earlier send may have been processed
+                    raise give_up(f"HTTP {reply.status} on a resend", http_status=reply.status)
                 shape = "" if reply.error_type else " (not PortOne's reply: a proxy may refuse it)"
                 raise PortOneAuthError(
                     f"{what}: PortOne refused the V2 API secret{shape}",
@@ -286,7 +288,7 @@ class PortOneHook(BaseHook):
                 if not write and tries <= s.max_retries:
                     self._pause(tries, hint)
                     continue
-                if write and tries > 1:  # an earlier try of this write may have been processed
+                if resent:  # an earlier send of this write may have been processed
                     raise give_up("rate limited on a resend", http_status=429)
                 raise PortOneRateLimited(
                     f"{what}: rate limited", retry_after=hint, http_status=429,
