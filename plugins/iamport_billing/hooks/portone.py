@@ -1,13 +1,14 @@
 """PortOneHook: owns a ``portone`` connection and speaks the PortOne V2 REST API.
 
 Our own urllib3 client, not the official ``portone-server-sdk`` (0.21.0, read in its source):
-its clients build the headers of every call themselves (``Authorization`` and ``User-Agent``
-only), so it cannot send an ``Idempotency-Key``, the one thing that makes a V2 charge safe to
-send again; it has one 60 s timeout for connect and read alike, calls ``response.json()`` on
-any non-200 (a proxy's HTML page becomes a JSONDecodeError, not a typed "could not ask"),
-tries up to fifteen error deserializers per failed call, and would add httpx beside the urllib3
-pool the V1 hook already tuned for the charge path. What the two hooks share (base-URL rule,
-pool, masking, excerpts) is in ``hooks.transport``.
+its clients build the headers of every call themselves (``Authorization`` and ``User-Agent``;
+no per-call headers in its API), so it cannot send an ``Idempotency-Key``, the one thing that
+makes a V2 charge safe to send again. It also has one 60 s timeout for connect and read alike,
+calls ``response.json()`` on any non-200 (a proxy's HTML page becomes a JSONDecodeError, not a
+typed "could not ask"), tries every error type's deserializer in turn (13 for a charge) on each
+failed call, and would add httpx beside the urllib3 pool the V1 hook already tuned for the
+charge path. What the two hooks share (base-URL rule, pool, masking, excerpts) is in
+``hooks.transport``.
 
 The hook answers every exchange as a :class:`Reply` (status and JSON body, PortOne's error
 ``type`` when it is PortOne's shape) and raises only when there is no answer to map: the
