@@ -293,6 +293,13 @@ def test_a_200_charge_whose_record_cannot_be_read_is_paid_from_the_reply(server,
     )  # fmt: skip
 
 
+def test_a_200_charge_with_an_odd_paid_at_and_no_record_is_still_paid(server, gateway):
+    server.on("POST", charge_path(), Act(200, {"payment": {"pgTxId": "p", "paidAt": "soon"}}))
+    server.on("GET", f"/payments/{UID}", Act(404, "<html>x</html>", "text/html"))
+    result = gateway.charge(request())
+    assert (result.kind, result.payment.paid_at) == (PAID, 0)
+
+
 def test_a_paid_record_of_another_amount_is_reported_as_it_is(server, gateway):
     server.on("POST", charge_path(), Act(200, {"payment": {"pgTxId": "p", "paidAt": "x"}}))
     server.on("GET", f"/payments/{UID}", Act(200, v2_payment(total=5000)))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
@@ -146,7 +147,10 @@ class PortOneV2Gateway:
             return ChargeResult(UNKNOWN, code="outcome_unknown", reason=_text(e))
         except Exception as e:  # noqa: BLE001 - money may have moved: unknown, never lost
             return ChargeResult(UNKNOWN, code="client_error", reason=f"{type(e).__name__}: {e}")
-        return self._charge_result(request, reply)
+        try:
+            return self._charge_result(request, reply)
+        except Exception as e:  # noqa: BLE001 - an answer we could not read: unknown, never lost
+            return ChargeResult(UNKNOWN, code="client_error", reason=f"{type(e).__name__}: {e}")
 
     def _charge_result(self, request: ChargeRequest, reply: Reply) -> ChargeResult:
         kind = reply.error_type
@@ -186,8 +190,11 @@ class PortOneV2Gateway:
             amount=request.amount, currency=request.currency, status=api.PAID,
             customer_uid=request.customer_uid, name=request.name,
             pg_tid=summary.get("pgTxId") if isinstance(summary.get("pgTxId"), str) else None,
-            paid_at=_unix(summary.get("paidAt")),
         )  # fmt: skip
+        try:  # the moment is a detail; the 200 is what proves the charge
+            payment = replace(payment, paid_at=_unix(summary["paidAt"]))
+        except ShapeError:
+            pass
         return ChargeResult(PAID, payment)
 
     def _declined(self, request: ChargeRequest, reply: Reply) -> ChargeResult:
