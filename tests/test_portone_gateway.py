@@ -830,3 +830,42 @@ def test_emulator_the_daily_dag_bills_through_v2(v2_dag_world):
     assert outcomes["hard1-20261126-01"][0] == "failed"
     # Each sent once: three charges, one refused for its unknown billing key.
     assert emulator_stats(emulator)["charges"] == {"committed": 3, "unknown_customer": 1}
+
+
+def test_emulator_refunds_through_the_cancel_operator(emulator_v2, ledger):
+    from datetime import date
+
+    import requests
+    from iamport_billing.charging import ChargeEngine
+    from iamport_billing.emulator import CARD_ALWAYS_PAID
+    from iamport_billing.operators.cancel import CancelPaymentOperator
+    from iamport_billing.policy import ChargeCandidate
+    from ops_support import RUN, SETTINGS
+    from support import add_subscriptions
+
+    day, uid = date(2026, 11, 26), "c1-20261126-01"
+    key = issue(emulator_v2, CARD_ALWAYS_PAID)
+    add_subscriptions(ledger, [("c1", key, 10_000)], day)
+    gateway = gateway_for(CONN_ID)
+    ChargeEngine(gateway, ledger, SETTINGS, RUN).charge_batch(
+        [ChargeCandidate("c1", key, 10_000, day, name="plan")]
+    )
+    paid = ledger.get_attempt(uid).imp_uid
+    assert paid == uid  # a V2 payment is known by its paymentId
+
+    def cancel(request_id: str, amount: int):
+        return CancelPaymentOperator(
+            task_id="cancel", reason="customer asked", request_id=request_id, imp_uid=paid,
+            amount=amount, iamport_conn_id=CONN_ID,
+        ).execute({})  # fmt: skip
+
+    cancel("rq-1", 3000)
+    assert cancel("rq-2", 2000)["remaining"] == 5000
+    cancel("rq-2", 2000)  # the same refund again: settled from the cancel history
+    stats = requests.get(f"{emulator_v2.url}/__emulator__/stats", timeout=5).json()
+    assert stats["requests"]["POST /payments/{payment_id}/cancel"] == 2
+    payment, history = gateway.payment(paid)
+    assert (payment.cancel_amount, [h.amount for h in history]) == (5000, [3000, 2000])
+    gateway.close()
+    attempt = ledger.get_attempt(uid)
+    assert (attempt.status, attempt.cancel_amount) == ("cancelled", 5000)
