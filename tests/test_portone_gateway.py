@@ -607,6 +607,18 @@ def test_cancel_keys_replay_a_retry_and_separate_another_refund(server, gateway)
     assert len(set(keys)) == 4
 
 
+def test_cancel_keys_of_different_refunds_never_coincide(server, gateway):
+    refused = error(409, "PAYMENT_NOT_PAID")
+    server.on("POST", "/payments/p-1/cancel", refused)
+    server.on("POST", "/payments/p/cancel", refused)
+    # Joined with "-", these two refunds' words read the same: "p-1-2-3-refund".
+    for payment_id, checksum, amount, reason in (("p-1", 2, 3, "refund"), ("p", 1, 2, "3-refund")):
+        with pytest.raises(RefundRefused):
+            gateway.cancel(payment_id, amount=amount, reason=reason, checksum=checksum)
+    keys = server.keys("POST", "/payments/p-1/cancel") + server.keys("POST", "/payments/p/cancel")
+    assert len(set(keys)) == 2
+
+
 @pytest.mark.parametrize(
     "type_, status",
     [("CANCELLABLE_AMOUNT_CONSISTENCY_BROKEN", 409), ("PAYMENT_ALREADY_CANCELLED", 409),

@@ -88,9 +88,10 @@ _KEY_SAFE = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def idempotency_key(kind: str, *parts: Any) -> str:
-    """``{kind}-{uid}`` when that is 16-256 letters, digits, ``-`` or ``_``; otherwise
-    ``{kind}-`` and the SHA-256 of the parts (the same request always gets the same key)."""
-    plain = f"{kind}-{'-'.join(str(p) for p in parts)}"
+    """``{kind}-{uid}`` for one uid of 16-256 letters, digits, ``-`` or ``_`` in all; otherwise
+    ``{kind}-`` and the SHA-256 of the parts (several parts are always hashed: joined, they
+    could spell another request's). The same request always gets the same key."""
+    plain = f"{kind}-{parts[0]}" if len(parts) == 1 else ""
     if 16 <= len(plain) <= 256 and _KEY_SAFE.fullmatch(plain):
         return plain
     digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()
