@@ -546,6 +546,16 @@ def test_missing_billing_keys_are_the_deleted_and_unknown_ones(server, gateway):
     assert gateway.missing_billing_keys(["k1", "k2", "k3"]) == ["k2", "k3"]
 
 
+def test_billing_keys_are_looked_up_a_few_at_a_time(server, gateway):
+    issued = {"status": "ISSUED", "billingKey": "k", "merchantId": "m", "storeId": "s",
+              "channels": [], "customer": {}, "issuedAt": "2026-11-01T00:00:00Z"}  # fmt: skip
+    for i in range(8):
+        server.on("GET", f"/billing-keys/k{i}", Act(200, issued, delay=0.3))
+    started = time.monotonic()
+    assert gateway.missing_billing_keys([f"k{i}" for i in range(8)]) == []
+    assert time.monotonic() - started < 1.5  # one at a time takes 2.4 s
+
+
 def test_a_billing_key_check_behind_a_foreign_404_raises(server, gateway):
     server.on("GET", "/billing-keys/k1", Act(404, "<html>nope</html>", "text/html"))
     with pytest.raises(GatewayUnavailable):

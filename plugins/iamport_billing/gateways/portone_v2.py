@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -84,6 +85,8 @@ STATUSES = {
     "VIRTUAL_ACCOUNT_ISSUED": api.READY,
 }
 PAGE_SIZE = 1000
+# Billing-key lookups in flight at once (one GET per key).
+KEY_LOOKUP_THREADS = 8
 _KEY_SAFE = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -275,26 +278,32 @@ class PortOneV2Gateway:
             cursor = last
 
     def missing_billing_keys(self, customer_uids: Sequence[str]) -> list[str]:
-        """GET /billing-keys/{billingKey} each: missing on 404 BILLING_KEY_NOT_FOUND or a
-        DELETED key; anything else that is not an issued key raises GatewayUnavailable."""
-        missing = []
-        for key in dict.fromkeys(customer_uids):
-            try:
-                reply = self.hook.get(_path("/billing-keys/{}", key))
-            except PortOneAuthError as e:
-                raise CredentialsRefused(_text(e)) from None
-            except PortOneError as e:
-                raise GatewayUnavailable(f"could not check billing keys: {_text(e)}") from None
-            status = reply.body.get("status") if isinstance(reply.body, dict) else None
-            if reply.status == 404 and reply.error_type == "BILLING_KEY_NOT_FOUND":
-                missing.append(key)
-            elif reply.status == 200 and status == "DELETED":
-                missing.append(key)
-            elif reply.status != 200 or status != "ISSUED":
-                raise GatewayUnavailable(
-                    f"could not check billing keys: HTTP {reply.status}: {reply.excerpt}"
-                )
-        return missing
+        """GET /billing-keys/{billingKey} each (V2 has no bulk lookup by key), a few at a
+        time: missing on 404 BILLING_KEY_NOT_FOUND or a DELETED key; anything else that is
+        not an issued key raises GatewayUnavailable (CredentialsRefused for the secret)."""
+        wanted = list(dict.fromkeys(customer_uids))
+        if not wanted:
+            return []
+        workers = max(1, min(KEY_LOOKUP_THREADS, self.hook.pool_maxsize, len(wanted)))
+        with ThreadPoolExecutor(workers, thread_name_prefix="billing-key") as pool:
+            gone = list(pool.map(self._billing_key_gone, wanted))
+        return [key for key, missing in zip(wanted, gone, strict=True) if missing]
+
+    def _billing_key_gone(self, key: str) -> bool:
+        try:
+            reply = self.hook.get(_path("/billing-keys/{}", key))
+        except PortOneAuthError as e:
+            raise CredentialsRefused(_text(e)) from None
+        except PortOneError as e:
+            raise GatewayUnavailable(f"could not check billing keys: {_text(e)}") from None
+        status = reply.body.get("status") if isinstance(reply.body, dict) else None
+        if reply.status == 404 and reply.error_type == "BILLING_KEY_NOT_FOUND":
+            return True
+        if reply.status == 200 and status in ("ISSUED", "DELETED"):
+            return status == "DELETED"
+        raise GatewayUnavailable(
+            f"could not check billing keys: HTTP {reply.status}: {reply.excerpt}"
+        )
 
     def payment(self, payment_id: str) -> tuple[Payment, list[CancelEntry]]:
         try:
