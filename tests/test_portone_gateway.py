@@ -824,6 +824,8 @@ def v2_dag_world(emulator_v2, airflow_db, ledger, monkeypatch):
 def test_emulator_the_daily_dag_bills_through_v2(v2_dag_world):
     from datetime import date
 
+    import pendulum
+    from chaos_support import load_dags, run_dag
     from iamport_billing.emulator import CARD_ALWAYS_PAID, CARD_HARD_DECLINE, CARD_SOFT_DECLINE
     from support import add_subscriptions, run_daily
 
@@ -852,6 +854,8 @@ def test_emulator_the_daily_dag_bills_through_v2(v2_dag_world):
     assert outcomes["hard1-20261126-01"][0] == "failed"
     # Each sent once: three charges, one refused for its unknown billing key.
     assert emulator_stats(emulator)["charges"] == {"committed": 3, "unknown_customer": 1}
+    _, states = run_dag(load_dags().get_dag("iamport_billing_reconcile"), pendulum.now("UTC"))
+    assert states["reconcile"] == "success"  # the V2 listing agrees with the ledger
 
 
 def test_emulator_refunds_through_the_cancel_operator(emulator_v2, ledger):
