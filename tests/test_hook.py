@@ -398,6 +398,7 @@ def test_provider_registers_the_iamport_connection_type(airflow_db):
     ).stdout
     types = {h["connection_type"]: h for h in json.loads(out[out.index("[{") :])}
     assert types["iamport"]["class"] == "iamport_billing.hooks.iamport.IamportHook"
+    assert types["portone"]["class"] == "iamport_billing.hooks.portone.PortOneHook"
 
 
 def test_a_404_that_is_not_iamports_envelope_on_charge_is_unknown(stub):

@@ -64,21 +64,62 @@ CONNECTION_EXTRA_FIELDS: dict[str, dict[str, Any]] = {
 }
 
 
+PORTONE_CONN_TYPE = "portone"
+
+# The shared transport extras keep the iamport form's wording; the read timeout's default is
+# PortOne's recommended minimum (a charge waits on the card company).
+PORTONE_CONNECTION_EXTRA_FIELDS: dict[str, dict[str, Any]] = {
+    "store_id": {
+        "label": "Store ID",
+        "description": "storeId sent with every call (multi-store accounts). Leave empty to "
+        "use the secret's own store.",
+        "schema": {"type": ["string", "null"]},
+    },
+    "channel_key": {
+        "label": "Channel key",
+        "description": "channelKey of billing-key charges. Leave empty for the key's channel.",
+        "schema": {"type": ["string", "null"]},
+    },
+    "connect_timeout": CONNECTION_EXTRA_FIELDS["connect_timeout"],
+    "read_timeout": {
+        "label": "Read timeout (s)",
+        "description": "Seconds to wait for a response; PortOne recommends at least 60. A "
+        "charge that times out is sent again with the same Idempotency-Key (PortOne replays "
+        "its first answer) and is 'unknown' when no answer comes.",
+        "schema": {"type": ["number", "null"], "minimum": 0.1, "default": 60},
+    },
+    "max_retries": {
+        "label": "Max retries",
+        "description": "Retries of a read (5xx, 429, connection errors), and of a charge or "
+        "cancel whose reply was lost (same Idempotency-Key).",
+        "schema": {"type": ["integer", "null"], "minimum": 0, "maximum": 10, "default": 3},
+    },
+    "verify_tls": CONNECTION_EXTRA_FIELDS["verify_tls"],
+    "allow_insecure_http": CONNECTION_EXTRA_FIELDS["allow_insecure_http"],
+}
+
+
 def get_provider_info() -> dict[str, Any]:
     return {
         "package-name": "airflow-iamport-billing",
         "name": "Iamport Billing",
-        "description": "Recurring card billing through Iamport (PortOne V1).",
+        "description": "Recurring card billing through Iamport (PortOne V1) or PortOne V2.",
         "versions": [__version__],
         "integrations": [
             {
                 "integration-name": "Iamport",
                 "external-doc-url": "https://developers.portone.io/api/rest-v1",
                 "tags": ["service"],
-            }
+            },
+            {
+                "integration-name": "PortOne",
+                "external-doc-url": "https://developers.portone.io/api/rest-v2",
+                "tags": ["service"],
+            },
         ],
         "hooks": [
-            {"integration-name": "Iamport", "python-modules": ["iamport_billing.hooks.iamport"]}
+            {"integration-name": "Iamport", "python-modules": ["iamport_billing.hooks.iamport"]},
+            {"integration-name": "PortOne", "python-modules": ["iamport_billing.hooks.portone"]},
         ],
         "operators": [
             {
@@ -111,6 +152,24 @@ def get_provider_info() -> dict[str, Any]:
                     },
                 },
                 "conn-fields": CONNECTION_EXTRA_FIELDS,
-            }
+            },
+            {
+                "connection-type": PORTONE_CONN_TYPE,
+                "hook-class-name": "iamport_billing.hooks.portone.PortOneHook",
+                "hook-name": "PortOne V2",
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "port", "login"],
+                    "relabeling": {"host": "API base URL", "password": "V2 API secret"},
+                    "placeholders": {
+                        "host": "https://api.portone.io",
+                        "password": "V2 API secret from the PortOne console",
+                        "store_id": "store-... (multi-store accounts only)",
+                        "channel_key": "channel-key-... (optional)",
+                        "connect_timeout": "10",
+                        "read_timeout": "60",
+                    },
+                },
+                "conn-fields": PORTONE_CONNECTION_EXTRA_FIELDS,
+            },
         ],
     }

@@ -101,7 +101,8 @@ class Lookup:
 
 
 class Gateway(Protocol):
-    """One gateway connection. Implementations: ``iamport_v1.IamportV1Gateway``."""
+    """One gateway connection. Implementations: ``iamport_v1.IamportV1Gateway``,
+    ``portone_v2.PortOneV2Gateway``."""
 
     def charge(self, request: ChargeRequest) -> ChargeResult: ...
 

@@ -9,22 +9,17 @@ than requests because the charge path is CPU-bound on our side: requests' sessio
 from __future__ import annotations
 
 import hashlib
-import html
 import json as jsonlib
 import logging
-import os
-import random
 import re
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, urlencode
 
-import certifi
 import urllib3
 from airflow.sdk import BaseHook
 from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError
@@ -51,7 +46,19 @@ from iamport_billing.errors import (
     IamportTransportError,
     IamportUnexpectedReply,
 )
-from iamport_billing.net import is_loopback_host
+from iamport_billing.hooks.transport import (
+    EXCERPT_CHARS,
+    UNPARSEABLE,
+    backoff_delay,
+    base_url_of,
+    bool_extra,
+    build_pool,
+    clean_excerpt,
+    mask,
+    parse_body,
+    retry_after,
+    scrub,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +67,6 @@ TOKEN_REFRESH_MARGIN_S = 60.0
 # A token Iamport issues already expired (expired_at <= its own now) is used for this long,
 # measured on the local monotonic clock, before getToken is asked again (see get_token).
 EXPIRED_TOKEN_GRACE_S = 60.0
-EXCERPT_CHARS = 120
 BODY_EXCERPT_CHARS = EXCERPT_CHARS  # kept for importers of the old name
 
 # Messages Iamport uses when a customer_uid has no billing key (again, and GET/DELETE customers).
@@ -79,16 +85,6 @@ CHARGE_OPTIONAL_FIELDS = frozenset(
     }
 )  # fmt: skip
 PAYMENT_STATUSES = frozenset({"all", "ready", "paid", "cancelled", "failed"})
-
-
-def _mask(value: str, name: str) -> None:
-    """Register a secret with Airflow's masker (task process and supervisor)."""
-    try:
-        from airflow.sdk.log import mask_secret
-
-        mask_secret(value, name)
-    except Exception:  # pragma: no cover - masking must never break a call
-        pass
 
 
 @dataclass(frozen=True)
@@ -113,26 +109,7 @@ class IamportSettings:
 def settings_from_connection(conn: Any) -> IamportSettings:
     """Build settings from an Airflow connection; refuse plain http to a remote host."""
     extra = conn.extra_dejson or {}
-    host = (conn.host or "").strip()
-    if not host:
-        base_url = DEFAULT_BASE_URL
-    elif "://" in host:
-        base_url = host
-    else:
-        scheme = conn.schema or "https"
-        base_url = f"{scheme}://{host}"
-    if conn.port and "://" in base_url and not urlsplit(base_url).port:
-        base_url = f"{base_url.rstrip('/')}:{conn.port}"
-    base_url = base_url.rstrip("/")
-    parts = urlsplit(base_url)
-    if parts.scheme not in ("http", "https"):
-        raise ValueError(f"Iamport base URL must be http(s), got {parts.scheme!r}")
-    if parts.scheme == "http" and not is_loopback_host(parts.hostname or ""):
-        if not _bool(extra.get("allow_insecure_http"), False):
-            raise ValueError(
-                f"Refusing plain http to non-loopback host {parts.hostname!r}: set the "
-                "connection extra allow_insecure_http=true if you really mean it"
-            )
+    base_url = base_url_of(conn, DEFAULT_BASE_URL, "Iamport")
     if not conn.login or not conn.password:
         raise ValueError("The iamport connection needs imp_key (login) and imp_secret (password)")
     style = (extra.get("header_style") or "bearer").lower()
@@ -148,17 +125,9 @@ def settings_from_connection(conn: Any) -> IamportSettings:
         connect_timeout=float(extra.get("connect_timeout") or 10.0),
         read_timeout=float(extra.get("read_timeout") or 30.0),
         max_retries=int(extra.get("max_retries") if extra.get("max_retries") is not None else 3),
-        verify_tls=_bool(extra.get("verify_tls"), True),
-        include_sandbox=_bool(extra.get("include_sandbox"), False),
+        verify_tls=bool_extra(extra.get("verify_tls"), True),
+        include_sandbox=bool_extra(extra.get("include_sandbox"), False),
     )
-
-
-def _bool(value: Any, default: bool) -> bool:
-    if value is None or value == "":
-        return default
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
 
 
 class _TokenCache:
@@ -253,7 +222,7 @@ class IamportHook(BaseHook):
         if self._settings is None:
             conn = self.get_connection(self.iamport_conn_id)
             if conn.password:
-                _mask(conn.password, "imp_secret")
+                mask(conn.password, "imp_secret")
             self._settings = settings_from_connection(conn)
         return self._settings
 
@@ -263,26 +232,9 @@ class IamportHook(BaseHook):
         with self._pool_lock:
             if self._pool is None:
                 s = self.settings
-                options: dict[str, Any] = {
-                    "num_pools": 2,
-                    "maxsize": max(1, self.pool_maxsize),
-                    "retries": False,
-                }
-                if s.verify_tls:
-                    options["cert_reqs"] = "CERT_REQUIRED"
-                    options["ca_certs"] = (
-                        os.environ.get("REQUESTS_CA_BUNDLE")
-                        or os.environ.get("SSL_CERT_FILE")
-                        or certifi.where()
-                    )
-                else:
-                    options["cert_reqs"] = "CERT_NONE"
-                host = urlsplit(s.base_url).hostname or ""
-                proxy = urllib.request.getproxies().get(urlsplit(s.base_url).scheme)
-                if proxy and not urllib.request.proxy_bypass(host):
-                    self._pool = urllib3.ProxyManager(proxy, **options)
-                else:
-                    self._pool = urllib3.PoolManager(**options)
+                self._pool = build_pool(
+                    s.base_url, verify_tls=s.verify_tls, maxsize=self.pool_maxsize
+                )
             return self._pool
 
     def _default_headers(self) -> dict[str, str]:
@@ -324,7 +276,7 @@ class IamportHook(BaseHook):
         IamportRateLimited."""
         s = self.settings
         self.token_requests += 1
-        scrub = partial(_scrub, secrets=(s.imp_secret,))
+        scrub_ = partial(scrub, secrets=(s.imp_secret,))
         try:
             status, body = self._send(
                 "POST",
@@ -336,23 +288,23 @@ class IamportHook(BaseHook):
             raise
         except IamportTransportError as e:
             if e.http_status in (401, 403):  # refused, with a body that is not even JSON
-                raise _credentials_refused(e.http_status, "", scrub(e.body_excerpt)) from None
+                raise _credentials_refused(e.http_status, "", scrub_(e.body_excerpt)) from None
             raise IamportTokenUnavailable(
                 f"no token, nothing was sent: {e.summary}",
                 http_status=e.http_status,
-                body_excerpt=scrub(e.body_excerpt),
+                body_excerpt=scrub_(e.body_excerpt),
             ) from None
         if status in (401, 403):
             if _is_envelope(body):
-                raise _credentials_refused(status, scrub(_message(body)), None)
-            raise _credentials_refused(status, "", scrub(clean_excerpt(body)))
+                raise _credentials_refused(status, scrub_(_message(body)), None)
+            raise _credentials_refused(status, "", scrub_(clean_excerpt(body)))
         try:
             resp = self._payload(status, body, what="POST /users/getToken")
         except IamportError as e:
             raise IamportTokenUnavailable(
-                f"no token, nothing was sent: {scrub(e.summary)}",
+                f"no token, nothing was sent: {scrub_(e.summary)}",
                 http_status=status,
-                body_excerpt=scrub(e.body_excerpt),
+                body_excerpt=scrub_(e.body_excerpt),
             ) from None
         token = _access_token(resp)
         if token is None:
@@ -361,7 +313,7 @@ class IamportHook(BaseHook):
                 "{access_token, now, expired_at}",
                 http_status=status,
             )
-        _mask(token.token, "iamport_access_token")
+        mask(token.token, "iamport_access_token")
         return token
 
     def _auth_headers(self, token: AccessToken) -> dict[str, str]:
@@ -433,16 +385,16 @@ class IamportHook(BaseHook):
                 reason = f"{type(e).__name__} talking to {method} {path}"
                 raise failure(reason, not never_sent) from None
             status = resp.status
-            body = _parse_body(resp)
+            body = parse_body(resp)
             if status == 429 or status >= 500:
-                retry_after = _retry_after(resp)
+                hint = retry_after(resp)
                 if retry and attempt < attempts:
-                    self._sleep_backoff(attempt, retry_after)
+                    self._sleep_backoff(attempt, hint)
                     continue
                 if status == 429:
                     raise IamportRateLimited(
                         f"rate limited on {method} {path}",
-                        retry_after=retry_after,
+                        retry_after=hint,
                         http_status=429,
                         body_excerpt=clean_excerpt(resp.data),
                     )
@@ -450,7 +402,7 @@ class IamportHook(BaseHook):
                     f"server error on {method} {path}",
                     http_status=status, body_excerpt=clean_excerpt(resp.data),
                 )  # fmt: skip
-            if body is _UNPARSEABLE:
+            if body is UNPARSEABLE:
                 reason = f"non-JSON reply to {method} {path}"
                 excerpt = clean_excerpt(resp.data)
                 if unknown is not None:
@@ -459,12 +411,7 @@ class IamportHook(BaseHook):
             return status, body
 
     def _sleep_backoff(self, attempt: int, retry_after: float | None) -> None:
-        if retry_after is not None:
-            delay = min(retry_after, 60.0)
-        else:
-            delay = min(8.0, 0.2 * 2 ** (attempt - 1))
-            delay = delay / 2 + random.uniform(0, delay / 2)
-        time.sleep(delay)
+        time.sleep(backoff_delay(attempt, retry_after))
 
     def _call(
         self,
@@ -811,16 +758,6 @@ class IamportHook(BaseHook):
 
 
 _T = TypeVar("_T")
-_UNPARSEABLE = object()
-
-
-def _parse_body(resp: urllib3.BaseHTTPResponse) -> Any:
-    if not resp.data:
-        return None
-    try:
-        return jsonlib.loads(resp.data)
-    except ValueError:
-        return _UNPARSEABLE
 
 
 def _is_envelope(body: Any) -> bool:
@@ -882,63 +819,6 @@ def _billing_keys(items: Any) -> list[BillingKey]:
     if not isinstance(items, list):
         raise ShapeError(f"billing keys are {type(items).__name__}, not a list")
     return [BillingKey.parse(item) for item in items]
-
-
-_BLOCKS = re.compile(r"<(script|style)\b.*?</\1\s*>", re.S | re.I)
-_TAGS = re.compile(r"<!--.*?-->|<[^>]*>|<[^>]*$", re.S)
-
-
-def clean_excerpt(body: Any, limit: int = EXCERPT_CHARS) -> str:
-    """A short, clean text of any reply body for error messages and logs.
-
-    Bytes, text or parsed JSON; markup is stripped (an nginx error page becomes
-    "502 Bad Gateway nginx"), entities decoded, whitespace and control characters collapsed,
-    no angle brackets left, at most ``limit`` characters.
-    """
-    if body is None or body is _UNPARSEABLE:
-        return ""
-    if isinstance(body, (bytes, bytearray)):
-        text = bytes(body[: limit * 50]).decode("utf-8", "replace")
-    elif isinstance(body, str):
-        text = body
-    else:
-        try:
-            text = jsonlib.dumps(body, ensure_ascii=False, default=str)
-        except (TypeError, ValueError):
-            text = repr(body)
-    text = _BLOCKS.sub(" ", text[: limit * 50])
-    if "<" in text:
-        lower = text.lower()
-        at = lower.find("<body")
-        if at >= 0 and _TAGS.sub(" ", text[at:]).strip():
-            text = text[at:]
-        text = html.unescape(_TAGS.sub(" ", text))
-        text = _TAGS.sub(" ", text)
-    text = "".join(" " if not ch.isprintable() else ch for ch in text)
-    text = " ".join(text.replace("<", " ").replace(">", " ").split())
-    if len(text) > limit:
-        text = text[: limit - 1].rstrip() + "…"
-    return text
-
-
-def _scrub(text: str | None, secrets: tuple[str, ...]) -> str | None:
-    """``text`` with every secret replaced (a server may echo the request in its error)."""
-    if not text:
-        return text
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
-
-
-def _retry_after(resp: urllib3.BaseHTTPResponse) -> float | None:
-    value = resp.headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
 
 
 def _check_status(status: str, *, allow_all: bool) -> None:
