@@ -328,6 +328,29 @@ def test_a_pg_error_whose_payment_is_still_in_progress_is_unknown(server, gatewa
     assert gateway.charge(request()).kind == UNKNOWN
 
 
+def test_a_pg_error_whose_record_cannot_be_read_is_unknown_not_declined(server, gateway):
+    server.on("POST", charge_path(), error(502, "PG_PROVIDER", pgCode="51", pgMessage="잔액 부족"))
+    server.on("GET", f"/payments/{UID}", Act(502, "<html>bad gateway</html>", "text/html"))
+    result = gateway.charge(request())
+    assert (result.kind, result.code) == (UNKNOWN, "pg_provider_unconfirmed")
+
+
+def test_the_pg_code_reaches_the_decline_table(server, gateway):
+    """A decline table that names PortOne's pgCode as hard makes that decline hard."""
+    from datetime import date
+
+    from iamport_billing.charging import ChargeSettings, PlannedCharge, outcome_from_result
+    from iamport_billing.policy import ChargeCandidate, DeclineTable
+
+    server.on("POST", charge_path(), error(502, "PG_PROVIDER", pgCode="14", pgMessage="거절"))
+    server.on("GET", f"/payments/{UID}", Act(200, v2_payment(status="FAILED")))
+    planned = PlannedCharge(ChargeCandidate("s1", "key-s1", 9900, date(2026, 11, 26)), 1, UID)
+    by_code = ChargeSettings(decline_table=DeclineTable(hard_codes=("14",)))
+    result = gateway.charge(request())
+    assert outcome_from_result(result, planned, by_code, 5).decline_kind == "hard"
+    assert outcome_from_result(result, planned, ChargeSettings(), 5).decline_kind == "soft"
+
+
 @pytest.mark.parametrize(
     "status, type_", [(404, "BILLING_KEY_NOT_FOUND"), (409, "BILLING_KEY_ALREADY_DELETED")]
 )

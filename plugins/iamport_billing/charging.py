@@ -28,6 +28,7 @@ from typing import Any
 from iamport_billing.api_types import Payment
 from iamport_billing.gateways.base import (
     ABSENT,
+    DECLINED,
     FOREIGN_REPLY,
     FOUND,
     NO_BILLING_KEY,
@@ -167,9 +168,10 @@ class PlannedCharge:
 
 def outcome_from_payment(
     payment: Payment, expected_amount: int | None, billing_date: date, attempt_no: int,
-    settings: ChargeSettings, latency_ms: int | None = None,
+    settings: ChargeSettings, latency_ms: int | None = None, decline_code: str | None = None,
 ) -> Outcome:  # fmt: skip
-    """Map an Iamport payment to a ledger outcome (paid / failed with decline kind)."""
+    """Map a gateway's payment to a ledger outcome (paid / failed with decline kind); the
+    decline table reads the reason and, when the gateway gave one (PortOne's pgCode), the code."""
     if payment.is_paid or payment.status == CANCELLED:
         status = PAID if payment.is_paid else CANCELLED
         error = None
@@ -188,7 +190,7 @@ def outcome_from_payment(
             paid_amount=int(payment.amount),
         )
     if payment.is_failed:
-        kind = settings.decline_table.classify(payment.fail_reason)
+        kind = settings.decline_table.classify(payment.fail_reason, decline_code)
         return Outcome(
             merchant_uid=payment.merchant_uid,
             status=FAILED,
@@ -233,8 +235,9 @@ def outcome_from_result(
     """A charge result in ledger terms (NOT_SENT and RATE_LIMITED never get here)."""
     c = p.candidate
     if result.payment is not None:
+        code = result.code if result.kind == DECLINED else None
         return outcome_from_payment(
-            result.payment, c.amount, c.billing_date, p.attempt_no, settings, latency_ms
+            result.payment, c.amount, c.billing_date, p.attempt_no, settings, latency_ms, code
         )
     if result.kind == NO_BILLING_KEY:
         return Outcome(

@@ -202,10 +202,16 @@ class PortOneV2Gateway:
         return ChargeResult(PAID, payment)
 
     def _declined(self, request: ChargeRequest, reply: Reply) -> ChargeResult:
-        """502 PG_PROVIDER: the PG refused; pgCode/pgMessage feed the decline table (as a
-        failed payment's fail_reason, as V1 reports a decline). A PG error is also how a PG
-        timeout comes back, so a record still in progress or paid decides instead."""
+        """502 PG_PROVIDER: the PG refused; pgCode/pgMessage feed the decline table (the code,
+        and the message as a failed payment's fail_reason, as V1 reports a decline). A PG error
+        is also how a PG timeout comes back, so a record still in progress or paid decides
+        instead, and one that cannot be read leaves it unknown."""
         found = self.look_up(request.merchant_uid)
+        if found.kind == UNREACHABLE:
+            return ChargeResult(
+                UNKNOWN, code="pg_provider_unconfirmed",
+                reason=f"PG error, and the record could not be read: {reply.message}",
+            )  # fmt: skip
         record = found.decisive if found.kind == FOUND else None
         if record is not None and record.status != api.FAILED:
             return result_of(record)
