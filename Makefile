@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
+# The local emulator's API for `make demo` and `make up`: v1 (Iamport) or v2 (PortOne V2).
+API ?= v1
+export IAMPORT_EMULATOR_API := $(API)
 
 .PHONY: setup demo test test-fast lint bench bench-full simulate up clean
 

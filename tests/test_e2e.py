@@ -24,7 +24,7 @@ from iamport_billing.devserver import (
     DAG_ID,
     AirflowApi,
     AirflowStack,
-    iamport_conn,
+    gateway_conn,
     sqlite_conn,
 )
 from iamport_billing.emulator import EmulatorConfig, start_emulator_process
@@ -66,7 +66,7 @@ def airflow(tmp_path_factory):
         sql_alchemy_conn=f"postgresql+psycopg2://postgres@127.0.0.1:5432/{db_name}",
         users={USER: ("admin", PASSWORD)},
         extra_env={
-            "AIRFLOW_CONN_IAMPORT_DEFAULT": json.dumps(iamport_conn(emulator.url, emulator_cfg)),
+            "AIRFLOW_CONN_IAMPORT_DEFAULT": json.dumps(gateway_conn(emulator.url, emulator_cfg)),
             "AIRFLOW_CONN_BILLING_WAREHOUSE": json.dumps(sqlite_conn(warehouse)),
             "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
             "IAMPORT_BILLING_TASK_RETRY_DELAY_SECONDS": "3",

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pendulum
 
+from iamport_billing.devserver import emulator_api, gateway_conn
 from iamport_billing.emulator import EmulatorConfig, start_emulator_process
 from iamport_billing.policy import SEOUL
 from iamport_billing.sample_data import seed_sample
@@ -54,14 +55,7 @@ def _airflow_env(
             "AIRFLOW_CONN_BILLING_WAREHOUSE": json.dumps(
                 {"conn_type": "sqlite", "host": str(paths["warehouse"])}
             ),
-            "AIRFLOW_CONN_IAMPORT_DEFAULT": json.dumps(
-                {
-                    "conn_type": "iamport",
-                    "host": emulator_url,
-                    "login": cfg.imp_key,
-                    "password": cfg.imp_secret,
-                }
-            ),
+            "AIRFLOW_CONN_IAMPORT_DEFAULT": json.dumps(gateway_conn(emulator_url, cfg)),
         }
     )
     return env
@@ -112,7 +106,9 @@ def main() -> int:
     paths["airflow"].mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     billing_date = _billing_date(paths)
-    cfg = EmulatorConfig(db_path=str(paths["emulator"]), latency_ms=20, latency_jitter_ms=5)
+    cfg = EmulatorConfig(
+        db_path=str(paths["emulator"]), latency_ms=20, latency_jitter_ms=5, api=emulator_api()
+    )
 
     fresh = not paths["warehouse"].exists()
     os.environ["AIRFLOW_CONN_BILLING_WAREHOUSE"] = json.dumps(

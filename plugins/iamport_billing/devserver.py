@@ -49,7 +49,15 @@ def airflow_exe() -> str:
     return str(Path(sys.executable).parent / "airflow")
 
 
-def iamport_conn(url: str, emulator: EmulatorConfig) -> dict[str, Any]:
+def gateway_conn(url: str, emulator: EmulatorConfig) -> dict[str, Any]:
+    """The gateway connection of a local emulator: ``iamport`` (V1) or ``portone`` (V2)."""
+    if emulator.api == "v2":
+        return {
+            "conn_type": "portone",
+            "host": url,
+            "password": emulator.api_secret,
+            "extra": {"read_timeout": 60, "connect_timeout": 3},
+        }
     return {
         "conn_type": "iamport",
         "host": url,
@@ -57,6 +65,11 @@ def iamport_conn(url: str, emulator: EmulatorConfig) -> dict[str, Any]:
         "password": emulator.imp_secret,
         "extra": {"read_timeout": 10, "connect_timeout": 3},
     }
+
+
+def emulator_api() -> str:
+    """Which API the local emulator speaks: ``IAMPORT_EMULATOR_API`` (``make demo API=v2``)."""
+    return os.environ.get("IAMPORT_EMULATOR_API") or "v1"
 
 
 def sqlite_conn(path: Path) -> dict[str, Any]:
@@ -309,13 +322,15 @@ def main() -> int:
         users={user: ("admin", password)},
         port=port,
     )
-    emulator_cfg = EmulatorConfig(db_path=str(emulator_db), latency_ms=20, latency_jitter_ms=5)
+    emulator_cfg = EmulatorConfig(
+        db_path=str(emulator_db), latency_ms=20, latency_jitter_ms=5, api=emulator_api()
+    )
     emulator: EmulatorProcess | None = None
     try:
         emulator = start_emulator_process(emulator_cfg, log_path=root / "emulator.log")
         print("migrating the Airflow metadata database ...")
         stack.migrate()
-        add_connection(stack, cfg.iamport_conn_id, iamport_conn(emulator.url, emulator_cfg))
+        add_connection(stack, cfg.iamport_conn_id, gateway_conn(emulator.url, emulator_cfg))
         add_connection(stack, cfg.warehouse_conn_id, sqlite_conn(warehouse))
         stack.airflow("pools", "set", cfg.pool, "4", "Iamport charge batches in flight")
         stack.start()
