@@ -5,6 +5,7 @@ checked against the emulator, the Billing page behind Airflow's login, in headle
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -36,6 +37,7 @@ from support import emulator_payments
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres, pytest.mark.timeout(600)]
 
 USER, PASSWORD = "ops", "e2e-ops-password"
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"e2e webhook secret, 32 bytes long").decode()
 SUBSCRIPTIONS = 300
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -68,6 +70,9 @@ def airflow(tmp_path_factory):
         extra_env={
             "AIRFLOW_CONN_IAMPORT_DEFAULT": json.dumps(gateway_conn(emulator.url, emulator_cfg)),
             "AIRFLOW_CONN_BILLING_WAREHOUSE": json.dumps(sqlite_conn(warehouse)),
+            "AIRFLOW_CONN_PORTONE_WEBHOOK": json.dumps(
+                {"conn_type": "generic", "password": WEBHOOK_SECRET}
+            ),
             "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
             "IAMPORT_BILLING_TASK_RETRY_DELAY_SECONDS": "3",
             "IAMPORT_BILLING_UNKNOWN_SETTLE_SECONDS": "0.2",
@@ -297,3 +302,40 @@ def test_every_billing_page_fits_a_1280_pixel_window(airflow, browser):
         if wide > shown:
             overflow[path] = (wide, shown)
     assert overflow == {}
+
+
+def test_a_portone_webhook_settles_an_unknown_charge_within_5_seconds(airflow, tmp_path):
+    """PortOne (the emulator in V2 mode, on the same payments database as the stack's gateway)
+    sends its signed webhook to the real api-server: the ledger's unknown row for that charge
+    is settled by the api-server's lookup within 5 s of the payment, with no login."""
+    from iamport_billing.emulator import seed_customers
+    from iamport_billing.emulator.config import CARD_ALWAYS_PAID
+    from support import crashed_pending_row
+
+    day = airflow.due
+    with Ledger.from_conn_id("billing_warehouse") as ledger:
+        uid = crashed_pending_row(ledger, "webhook-sub", day)
+        ledger.execute(
+            "UPDATE billing_charge_attempts SET status = 'unknown' WHERE merchant_uid = %s", [uid]
+        )
+    seed_customers(str(airflow.emulator_db), [("cust-webhook-sub", CARD_ALWAYS_PAID)])
+    portone = EmulatorConfig(
+        db_path=str(airflow.emulator_db), api="v2", seed=9,
+        webhook_url=f"{airflow.stack.url}/billing-hooks/portone", webhook_secret=WEBHOOK_SECRET,
+    )  # fmt: skip
+    with start_emulator_process(portone, log_path=tmp_path / "portone.log") as v2:
+        paid = requests.post(
+            f"{v2.url}/payments/{uid}/billing-key",
+            json={"billingKey": "cust-webhook-sub", "orderName": "plan", "currency": "KRW",
+                  "amount": {"total": 9900}},
+            headers={"Authorization": f"PortOne {portone.api_secret}"},
+            timeout=10,
+        )  # fmt: skip
+        paid_at = time.monotonic()
+        assert paid.status_code == 200, paid.text
+        status = "unknown"
+        while status != "paid" and time.monotonic() - paid_at < 5:
+            time.sleep(0.2)
+            status = {r["merchant_uid"]: r for r in ledger_rows(airflow.warehouse)}[uid]["status"]
+        sent = requests.get(f"{v2.url}/__emulator__/webhooks", timeout=5).json()
+    assert status == "paid", f"still {status} 5 s after the payment; webhooks sent: {sent}"
