@@ -45,18 +45,15 @@ def airflow_env(home: Path) -> dict[str, str]:
     }
 
 
-def connection_env(emulator_url: str, imp_key: str, imp_secret: str, warehouse: Path) -> dict:
-    """The two connections as AIRFLOW_CONN_* variables (no metadata DB rows needed)."""
+def connection_env(emulator_url: str, emulator: Any, warehouse: Path) -> dict:
+    """The two connections as AIRFLOW_CONN_* variables (no metadata DB rows needed): the
+    gateway's is ``iamport`` or ``portone`` as the emulator speaks V1 or V2."""
+    from iamport_billing.devserver import gateway_conn
+
+    gateway = gateway_conn(emulator_url, emulator)
+    gateway["extra"] = {**gateway["extra"], "read_timeout": 30, "connect_timeout": 5}
     return {
-        conn_var(IAMPORT_CONN): json.dumps(
-            {
-                "conn_type": "iamport",
-                "host": emulator_url,
-                "login": imp_key,
-                "password": imp_secret,
-                "extra": {"read_timeout": 30, "connect_timeout": 5},
-            }
-        ),
+        conn_var(IAMPORT_CONN): json.dumps(gateway),
         conn_var(WAREHOUSE_CONN): json.dumps({"conn_type": "sqlite", "host": str(warehouse)}),
     }
 

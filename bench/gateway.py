@@ -12,7 +12,7 @@ import requests
 from iamport_billing.emulator import EmulatorConfig, EmulatorProcess, start_emulator_process
 
 TOKEN_ENDPOINT = "POST /users/getToken"
-CHARGE_ENDPOINT = "POST /subscribe/payments/again"
+CHARGE_ENDPOINTS = ("POST /subscribe/payments/again", "POST /payments/{payment_id}/billing-key")
 
 
 @dataclass
@@ -26,7 +26,7 @@ class Snapshot:
         delta = self.requests - before.requests
         return {
             "token_requests": delta.get(TOKEN_ENDPOINT, 0),
-            "charge_requests": delta.get(CHARGE_ENDPOINT, 0),
+            "charge_requests": sum(delta.get(e, 0) for e in CHARGE_ENDPOINTS),
             "requests": sum(delta.values()),
             "emulator_cpu_s": round(self.cpu_s - before.cpu_s, 3),
         }
@@ -35,10 +35,13 @@ class Snapshot:
 class Gateway:
     """Owns the emulator process for the whole run."""
 
-    def __init__(self, db_path: Path, latency_ms: float, jitter_ms: float, log_path: Path):
+    def __init__(
+        self, db_path: Path, latency_ms: float, jitter_ms: float, log_path: Path, api: str = "v1"
+    ):
         self.config = EmulatorConfig(
-            db_path=str(db_path), latency_ms=latency_ms, latency_jitter_ms=jitter_ms, seed=7
-        )
+            db_path=str(db_path), latency_ms=latency_ms, latency_jitter_ms=jitter_ms, seed=7,
+            api=api,
+        )  # fmt: skip
         self.proc: EmulatorProcess = start_emulator_process(self.config, log_path=log_path)
         self.ps = psutil.Process(self.proc.pid)
         self.http = requests.Session()

@@ -63,6 +63,11 @@ MAP_CHECK_BATCH_SIZE = 50
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     p.add_argument("--full", action="store_true", help="N up to 100,000, C in 1, 8, 32, 64")
+    p.add_argument(
+        "--api", choices=("v1", "v2"), default="v1",
+        help="the gateway: Iamport V1 or PortOne V2 (v2: no naive baseline and no capacity "
+        "probe, both speak V1)",
+    )  # fmt: skip
     p.add_argument("--latency-ms", type=float, default=100.0, help="emulator latency mean")
     p.add_argument("--jitter-ms", type=float, default=20.0, help="emulator latency sd")
     p.add_argument("--baseline-sample", type=int, default=200, help="naive charges to time")
@@ -121,8 +126,10 @@ class Bench:
         emulator_db = self.work / "emulator.db"
         seed_billing_keys(emulator_db, max(largest, self.args.baseline_sample))
         self.gateway = Gateway(
-            emulator_db, self.args.latency_ms, self.args.jitter_ms, self.work / "emulator.log"
-        )
+            emulator_db, self.args.latency_ms, self.args.jitter_ms, self.work / "emulator.log",
+            api=self.args.api,
+        )  # fmt: skip
+        v1 = self.args.api == "v1"
         profile = "custom" if self.args.scenario else "full" if self.args.full else "quick"
         try:
             results: dict[str, Any] = {
@@ -135,14 +142,15 @@ class Bench:
                     "billing_date": BILLING_DATE.isoformat(),
                     "baseline_sample": self.args.baseline_sample,
                     "warehouse": "sqlite",
+                    "api": self.args.api,
                     "cards": "all paying (4242-4242-4242-4242)",
                 },
-                "baseline": self.baseline() if self.args.baseline_sample else None,
+                "baseline": self.baseline() if v1 and self.args.baseline_sample else None,
                 "charge_stage": [self.charge_stage(s) for s in self.stages],
                 "dag_runs": [self.dag_run(s) for s in self.dags],
                 "map_length": self.map_length() if self.args.map_check_n else None,
             }
-            results["emulator_capacity"] = self.capacity(results)
+            results["emulator_capacity"] = self.capacity(results) if v1 else None
         finally:
             self.gateway.stop()
         from bench.report import speedup, targets
@@ -156,8 +164,7 @@ class Bench:
 
         path = self.work / f"warehouse-{tag}.db"
         make_warehouse(path, tag, s.n, BILLING_DATE)
-        cfg = self.gateway.config
-        conns = connection_env(self.gateway.url, cfg.imp_key, cfg.imp_secret, path)
+        conns = connection_env(self.gateway.url, self.gateway.config, path)
         return path, {**self.env_base, **conns}
 
     def _ideal(self, s: Scenario) -> float:
