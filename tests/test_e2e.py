@@ -74,6 +74,9 @@ def airflow(tmp_path_factory):
                 {"conn_type": "generic", "password": WEBHOOK_SECRET}
             ),
             "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+            # Approvals on, answered or left to time out within the test (the sweep every 2 s).
+            "IAMPORT_BILLING_APPROVAL_TIMEOUT_MINUTES": "0.25",
+            "AIRFLOW__SCHEDULER__TRIGGER_TIMEOUT_CHECK_INTERVAL": "2",
             "IAMPORT_BILLING_TASK_RETRY_DELAY_SECONDS": "3",
             "IAMPORT_BILLING_UNKNOWN_SETTLE_SECONDS": "0.2",
         },
@@ -339,3 +342,61 @@ def test_a_portone_webhook_settles_an_unknown_charge_within_5_seconds(airflow, t
             status = {r["merchant_uid"]: r for r in ledger_rows(airflow.warehouse)}[uid]["status"]
         sent = requests.get(f"{v2.url}/__emulator__/webhooks", timeout=5).json()
     assert status == "paid", f"still {status} 5 s after the payment; webhooks sent: {sent}"
+
+
+def _approval_request(api, run_id: str, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = api.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/hitlDetails")
+        if found.ok and found.json()["hitl_details"]:
+            return found.json()["hitl_details"][0]
+        time.sleep(1)
+    raise TimeoutError(f"run {run_id} never asked for approval")
+
+
+def test_a_plan_over_its_guardrails_waits_for_a_person_through_the_rest_api(airflow):
+    """The real scheduler and api-server: a plan over max_count asks; Reject and the timeout's
+    default charge nothing and fail the run; Approve charges exactly the plan, once."""
+    from iamport_billing.emulator import seed_customers
+    from iamport_billing.emulator.config import CARD_ALWAYS_PAID
+    from support import add_subscriptions
+
+    today = pendulum.now(SEOUL).date()
+    subs = [(f"approve-{i}", f"cust-approve-{i}", 7_000 + i) for i in range(4)]
+    with Ledger.from_conn_id("billing_warehouse") as ledger:
+        add_subscriptions(ledger, subs, today)
+    seed_customers(str(airflow.emulator_db), [(c, CARD_ALWAYS_PAID) for _, c, _ in subs])
+
+    def charged() -> list[str]:
+        return sorted(
+            p["merchant_uid"] for p in emulator_payments(airflow.emulator_db)
+            if p["merchant_uid"].startswith("approve-")
+        )  # fmt: skip
+
+    api, outcomes = airflow.api, {}
+    for answer in ("Reject", None, "Approve"):
+        run_id = api.trigger(DAG_ID, {"max_count": 2})
+        asked = _approval_request(api, run_id)
+        assert "charges planned, over max_count 2" in asked["body"]
+        if answer:
+            ti = asked["task_instance"]
+            api.ok(
+                "PATCH",
+                f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{ti['task_id']}/"
+                f"{ti['map_index']}/hitlDetails",
+                json={"chosen_options": [answer]},
+            )
+        outcomes[answer] = (api.wait_for_run(DAG_ID, run_id, 180, airflow.stack), charged())
+    assert outcomes["Reject"] == ("failed", [])
+    assert outcomes[None] == ("failed", [])  # no answer within 15 s: the default, Reject
+    assert outcomes["Approve"] == ("success", sorted(f"{s}-{today:%Y%m%d}-01" for s, _, _ in subs))
+    with Ledger.from_conn_id("billing_warehouse") as ledger:
+        decisions = ledger.query(
+            "SELECT approval, approved_by FROM billing_runs WHERE guardrail IS NOT NULL "
+            "ORDER BY created_at"
+        )
+    assert [tuple(d) for d in decisions] == [
+        ("rejected", USER),
+        ("rejected", "the timeout's default (Reject)"),
+        ("approved", USER),
+    ]
