@@ -333,6 +333,23 @@ def test_a_charge_left_ready_fails_the_charge_task_and_alerts(world):
     assert receiver.alerts
 
 
+def test_a_row_an_earlier_run_left_that_the_gateway_holds_ready_fails_the_charge_task(world):
+    """A crashed try's row, looked up by the next run: the gateway has the payment 'ready'
+    (in progress). The row stays unsettled, and the task that found it fails for it."""
+    from iamport_billing.hooks.iamport import IamportHook
+
+    ledger, emulator, _ = world
+    add_subscriptions(ledger, [("y3", "cust-y3", 9900)], DAY)
+    register_cards(emulator, [("cust-y3", PAYING_CARD)])
+    uid = crashed_pending_row(ledger, "y3", DAY)
+    faults(emulator, charge_status_ready=True)
+    IamportHook().charge_again("cust-y3", uid, 9900, "plan")  # the crashed try's request
+    _, states = daily()
+    assert states["charge[0]"] == "failed", states
+    assert ledger.get_attempt(uid).status in UNSETTLED
+    assert paid_at_gateway(emulator) == []
+
+
 def test_a_retry_left_ready_fails_the_retry_task(world):
     ledger, emulator, _ = world
     add_subscriptions(ledger, [("y2", "cust-y2", 9900)], DAY)

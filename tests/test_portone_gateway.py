@@ -436,6 +436,20 @@ def test_a_charge_that_never_answers_is_unknown_after_bounded_resends(server, ga
     assert len(keys) == 3 and len(set(keys)) == 1  # 1 + max_retries, one key
 
 
+def test_a_charge_sends_nothing_more_once_its_time_budget_is_spent(server, monkeypatch):
+    """Many resends allowed, but none after the budget: the charge ends (unknown) long before
+    the ledger's pending lease would let another try take the row over."""
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_PORTONE_TEST", _conn_json(server.url, max_retries=20, exchange_budget_s=1.2)
+    )
+    server.on("POST", charge_path(), Act(delay=1.0))
+    started = time.monotonic()
+    result = PortOneV2Gateway.from_conn_id("portone_test").charge(request())
+    assert result.kind == UNKNOWN
+    assert len(server.keys("POST", charge_path())) <= 3
+    assert time.monotonic() - started < 5
+
+
 def test_an_outstanding_request_is_waited_out_with_the_same_key(server, gateway):
     outstanding = error(409, "IDEMPOTENCY_OUTSTANDING_REQUEST")
     server.on("POST", charge_path(), outstanding,

@@ -439,6 +439,12 @@ class ChargeEngine:
                     self.result.add("claimed_elsewhere", cand.amount)
                 continue
             outcomes.append(outcome)
+            if outcome.status in UNSETTLED:
+                # The gateway has it in progress ('ready'): recorded, still unknown, and this
+                # task fails for it like for any outcome it could not settle.
+                self.result.add("unresolved", attempt.amount)
+                self.result.unknown_merchant_uids.append(attempt.merchant_uid)
+                continue
             self.result.add("resolved_" + outcome.status, attempt.amount)
             self.log.info(
                 "resolved %s (left %s by an earlier run): %s imp_uid=%s",

@@ -162,6 +162,12 @@ class PortOneV2Gateway:
             return self._paid(request, reply)
         if kind == "PG_PROVIDER":
             return self._declined(request, reply)
+        if (kind in NO_KEY_TYPES or kind == "MAX_TRANSACTION_COUNT_REACHED") and (
+            request.resend or reply.resent
+        ):
+            # Said to a resend: the first send may have been paid (a replay missed, the key's
+            # window over): the record decides, or it stays unknown.
+            return self._decided_by_record(request, kind, reply, refusal=True)
         if kind in NO_KEY_TYPES:
             return ChargeResult(NO_BILLING_KEY, code=kind, reason=reply.message or kind)
         if kind == "MAX_TRANSACTION_COUNT_REACHED":
@@ -258,6 +264,7 @@ class PortOneV2Gateway:
         """GET /payments-by-cursor over [since, until) (creation time), every page."""
         window = {"from": _rfc3339(since), "until": _rfc3339(until), "size": PAGE_SIZE}
         cursor: str | None = None
+        seen: set[str] = set()
         while True:
             query = {**window, **({"cursor": cursor} if cursor else {})}
             try:
@@ -271,6 +278,12 @@ class PortOneV2Gateway:
                 )
             if not items:
                 return
+            last = items[-1].get("cursor") if isinstance(items[-1], dict) else None
+            if not isinstance(last, str) or not last or last in seen:
+                # A cursor that does not advance, or comes back: a page read before; reading
+                # on would never end.
+                raise GatewayUnavailable("could not list payments: the cursor did not advance")
+            seen.add(last)
             for item in items:
                 try:
                     payment = payment_of(item.get("payment") if isinstance(item, dict) else None)
@@ -278,9 +291,6 @@ class PortOneV2Gateway:
                     raise GatewayUnavailable(f"could not list payments: {e}") from None
                 if since <= payment.started_at < until:
                     yield payment
-            last = items[-1].get("cursor")
-            if not isinstance(last, str) or not last or last == cursor:
-                raise GatewayUnavailable("could not list payments: the cursor did not advance")
             cursor = last
 
     def missing_billing_keys(self, customer_uids: Sequence[str]) -> list[str]:
@@ -357,7 +367,9 @@ class PortOneV2Gateway:
                 raise RefundOutcomeUnknown(
                     f"the cancel succeeded but the payment could not be read back: {e}"
                 ) from None
-        if reply.error_type is not None and 400 <= reply.status < 600:
+        # Only a 4xx refuses; a 5xx, PortOne's shape or not (PG_PROVIDER: the PG may have
+        # applied it), proves nothing: unknown, settled from the cancel history.
+        if reply.error_type is not None and 400 <= reply.status < 500:
             refusal = f"{reply.error_type}: {reply.message or reply.excerpt}"
             if reply.resent:  # e.g. the balance moved because the first send applied
                 raise RefundOutcomeUnknown(f"refused on a resend, the first may apply: {refusal}")

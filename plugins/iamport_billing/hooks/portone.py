@@ -51,6 +51,7 @@ DEFAULT_READ_TIMEOUT_S = 60.0
 # The replay of a request still being processed: wait and send the same key again.
 OUTSTANDING = "IDEMPOTENCY_OUTSTANDING_REQUEST"
 OUTSTANDING_WAIT_S = 2.0
+DEFAULT_EXCHANGE_BUDGET_S = 60.0
 
 
 class PortOneError(IamportError):
@@ -94,6 +95,9 @@ class PortOneSettings:
     read_timeout: float = DEFAULT_READ_TIMEOUT_S
     max_retries: int = 3
     verify_tls: bool = True
+    # No new send or read of one exchange after this long: a charge's send and its lookup end
+    # well inside the ledger's pending lease (300 s by default).
+    exchange_budget_s: float = DEFAULT_EXCHANGE_BUDGET_S
 
     def __repr__(self) -> str:
         return f"PortOneSettings(base_url={self.base_url!r}, store_id={self.store_id!r}, ...)"
@@ -114,6 +118,7 @@ def settings_from_connection(conn: Any) -> PortOneSettings:
         read_timeout=float(extra.get("read_timeout") or DEFAULT_READ_TIMEOUT_S),
         max_retries=int(retries) if retries not in (None, "") else 3,
         verify_tls=bool_extra(extra.get("verify_tls"), True),
+        exchange_budget_s=float(extra.get("exchange_budget_s") or DEFAULT_EXCHANGE_BUDGET_S),
     )
 
 
@@ -237,6 +242,7 @@ class PortOneHook(BaseHook):
         what = f"{method} {path.split('?')[0]}"
         may_have_left = False
         tries = connect_failures = outstanding = 0
+        started = time.monotonic()
 
         def give_up(reason: str, **details: Any) -> PortOneError:
             if write and may_have_left:
@@ -246,6 +252,11 @@ class PortOneHook(BaseHook):
             return PortOneUnavailable(f"{what}: {reason}", **details)
 
         while True:
+            if tries and time.monotonic() - started > s.exchange_budget_s:
+                # No new send once the budget is spent: a charge (its send, resends and its
+                # lookup) stays well inside the ledger's pending lease, so no other try takes
+                # the row over while this one may still send.
+                raise give_up(f"out of time after {tries} tries")
             tries += 1
             resent = write and may_have_left
             try:

@@ -23,6 +23,8 @@ from iamport_billing.notifiers import CRITICAL, Alert
 from iamport_billing.ui.links import airflow_base_url, billing_url
 from iamport_billing.warehouse.ledger import Ledger
 
+SHOWN_DIGEST = "shown_plan_digest"  # XCom of the approve task: the plan the person was shown
+
 
 class GuardrailApprovalOperator(ApprovalOperator):
     """Pass straight on when the run's plan is within its guardrails; otherwise ask a person.
@@ -59,6 +61,9 @@ class GuardrailApprovalOperator(ApprovalOperator):
             self.log.info("the plan is within its guardrails: nothing to approve")
             return None
         cfg = BillingConfig.from_env()
+        # The answer is to this plan: the digest shown, not whatever the plan task holds when
+        # the answer comes (it may have been planned again in between).
+        context["ti"].xcom_push(key=SHOWN_DIGEST, value=plan.get("plan_digest"))
         self.subject = question(plan)
         self.body = explanation(plan, self.response_timeout, airflow_base_url())
         alerts.send([approval_requested(plan, cfg, run_info(context))], cfg, self.log)
@@ -71,14 +76,13 @@ class GuardrailApprovalOperator(ApprovalOperator):
         return super().execute_complete(context, event)
 
     def _record(self, context: Any, event: dict[str, Any]) -> None:
-        plan = self._plan(context) or {}
+        shown = context["ti"].xcom_pull(task_ids=self.task_id, key=SHOWN_DIGEST)
         approved = event["chosen_options"] == [self.APPROVE]
         user = event.get("responded_by_user") or {}
         by = str(user.get("name") or user.get("id") or "the timeout's default (Reject)")
         with Ledger.from_conn_id(self.warehouse_conn_id) as ledger:
             applied = ledger.decide_plan(
-                run_info(context), approve=approved, by=by,
-                plan_digest=str(plan.get("plan_digest")),
+                run_info(context), approve=approved, by=by, plan_digest=str(shown),
             )  # fmt: skip
         if approved and not applied:
             raise AirflowFailException(

@@ -1,8 +1,9 @@
 """Webhook deliveries being handled or done (``billing_webhook_events``).
 
 One row per event key: a PortOne V2 ``webhook-id`` (kept ``done`` once handled, so a replay
-costs nothing) or a merchant_uid being looked up for a V1 webhook (deleted when the lookup is
-over, so a flood makes one lookup at a time). A handler first takes the row's claim (insert
+costs nothing) or a merchant_uid looked up for an unsigned V1 webhook (``done`` for a cool-down
+after its lookup, then open again: anyone can post one, so a flood buys one lookup per
+merchant_uid per cool-down, not one per post). A handler first takes the row's claim (insert
 unless it exists, or take over a claim older than the lease); only the claim holder may mark
 it done or release it.
 """
@@ -31,9 +32,20 @@ class WebhookEvents:
     def _stamp(self, moment: datetime | None = None) -> Any:
         return self.session.dialect.timestamp(moment or datetime.now(UTC))
 
-    def claim(self, event_key: str, claim_token: str, *, stale_before: datetime) -> str:
-        """Take the event for this handler: CLAIMED, DONE or BUSY (compare-and-set)."""
+    def claim(
+        self, event_key: str, claim_token: str, *, stale_before: datetime,
+        reopen_before: datetime | None = None,
+    ) -> str:  # fmt: skip
+        """Take the event for this handler: CLAIMED, DONE or BUSY (compare-and-set). With
+        ``reopen_before``, an event done before then is open again (a V1 cool-down)."""
         s = self.session
+        if reopen_before is not None:
+            s.execute(
+                f"UPDATE {WEBHOOK_EVENTS} SET status = %s, claim_token = %s, claimed_at = %s "
+                "WHERE event_key = %s AND status = %s AND claimed_at < %s",
+                [WEBHOOK_PROCESSING, claim_token, self._stamp(), event_key, WEBHOOK_DONE,
+                 self._stamp(reopen_before)],
+            )  # fmt: skip
         s.execute(
             s.dialect.insert_ignore(
                 WEBHOOK_EVENTS, ("event_key", "status", "claim_token", "claimed_at"),

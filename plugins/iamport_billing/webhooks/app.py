@@ -40,6 +40,8 @@ MAX_BODY_BYTES = 64 * 1024  # PortOne's and Iamport's bodies are a few hundred b
 MAX_ID_LENGTH = 64  # merchant_uid and webhook-id: the ledger's key length
 # A handler that died mid-lookup holds its event this long; then a redelivery takes it over.
 CLAIM_LEASE = timedelta(minutes=2)
+# An unsigned V1 webhook buys at most one lookup of its merchant_uid per this long.
+V1_COOLDOWN = timedelta(seconds=60)
 TRANSACTION_EVENT = "Transaction."  # V2 event types about a payment
 
 LedgerFactory = Callable[[BillingConfig], Ledger]
@@ -99,10 +101,11 @@ def create_app(
         return ledger
 
     def handle(
-        cfg: BillingConfig, event_key: str, merchant_uid: str, *, keep: bool
+        cfg: BillingConfig, event_key: str, merchant_uid: str, *, signed: bool
     ) -> JSONResponse:
-        """Settle ``merchant_uid`` under the claim of ``event_key``: one handler at a time;
-        with ``keep`` the event stays done (a redelivery does nothing), else it is released."""
+        """Settle ``merchant_uid`` under the claim of ``event_key``: one handler at a time.
+        A signed event stays done (a redelivery does nothing); an unsigned one is done for
+        ``V1_COOLDOWN`` after its lookup (a flood buys one lookup per cool-down)."""
         from iamport_billing.tasks import charge_settings
 
         with open_ledger(cfg) as ledger:
@@ -112,10 +115,12 @@ def create_app(
             events = WebhookEvents(ledger)
             token = new_claim_token()
             stale_before = lease_cutoff(CLAIM_LEASE.total_seconds())
-            claimed = events.claim(event_key, token, stale_before=stale_before)
+            reopen = None if signed else lease_cutoff(V1_COOLDOWN.total_seconds())
+            claimed = events.claim(event_key, token, stale_before=stale_before,
+                                   reopen_before=reopen)  # fmt: skip
             if claimed == DONE:
-                return _answer(200, result="duplicate")
-            if claimed == BUSY and not keep:
+                return _answer(200, result="duplicate" if signed else "looked_up_recently")
+            if claimed == BUSY and not signed:
                 return _answer(200, result="lookup_in_flight")  # that lookup answers this one
             if claimed == BUSY:
                 return _answer(409, detail="this event is being handled; deliver it later")
@@ -132,10 +137,7 @@ def create_app(
             except BaseException:
                 events.release(event_key, token)
                 raise
-            if keep:
-                events.finish(event_key, token, result)
-            else:
-                events.release(event_key, token)
+            events.finish(event_key, token, result)
             log.info("webhook %s for %s: %s", event_key, merchant_uid, result)
             return _answer(200, result=result)
 
@@ -166,7 +168,9 @@ def create_app(
         payment_id = _id(data.get("paymentId") if isinstance(data, dict) else None)
         if payment_id is None:
             return _answer(400, detail="data.paymentId is missing or too long")
-        return await run_in_threadpool(handle, cfg, f"portone:{webhook_id}", payment_id, keep=True)
+        return await run_in_threadpool(
+            handle, cfg, f"portone:{webhook_id}", payment_id, signed=True
+        )
 
     @app.post("/iamport")
     async def iamport(request: Request) -> JSONResponse:
@@ -180,9 +184,9 @@ def create_app(
         if merchant_uid is None:
             return _answer(400, detail="merchant_uid is missing or too long")
         cfg = BillingConfig.from_env()
-        # One lookup per merchant_uid at a time, however many deliveries arrive.
+        # One lookup per merchant_uid per cool-down, however many deliveries arrive.
         return await run_in_threadpool(
-            handle, cfg, f"iamport:{merchant_uid}", merchant_uid, keep=False
+            handle, cfg, f"iamport:{merchant_uid}", merchant_uid, signed=False
         )
 
     return app
