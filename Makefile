@@ -44,7 +44,7 @@ bench-full: setup
 
 # A year of billing for 1,000 subscriptions, day by day through the real DAGs (scenarios/).
 simulate: setup
-	$(BIN)/iamport-billing simulate scenarios/default.yaml --out .simulate/report.json
+	$(BIN)/iamport-billing simulate scenarios/default.yaml --api $(API) --out .simulate/report.json
 
 up: setup
 	$(BIN)/python -m iamport_billing.devserver

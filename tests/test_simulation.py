@@ -1,7 +1,8 @@
 """``iamport-billing simulate``: the real DAGs over a simulated quarter, and scenario checks.
 
 The quarter runs through the CLI (a child process with its own Airflow home), so this is what
-a user runs; the 12-month scenario runs in .ci/run on PostgreSQL.
+a user runs; the 12-month scenario runs in .ci/run on PostgreSQL. A month on PortOne V2
+(scenarios/four-weeks-v2.yaml) runs the same DAGs through a portone connection.
 """
 
 from __future__ import annotations
@@ -28,6 +29,61 @@ def quarter(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict, str]:
         capture_output=True, text=True, timeout=600, cwd=REPO, check=False,
     )  # fmt: skip
     return done.returncode, json.loads(out.read_text()) if out.exists() else {}, done.stdout
+
+
+@pytest.fixture(scope="module")
+def month_on_v2(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict, str]:
+    work = tmp_path_factory.mktemp("simulate-v2")
+    out = work / "report.json"
+    done = subprocess.run(
+        [*SIMULATE, str(REPO / "scenarios" / "four-weeks-v2.yaml"), "--workdir", str(work),
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=REPO, check=False,
+    )  # fmt: skip
+    return done.returncode, json.loads(out.read_text()) if out.exists() else {}, done.stdout
+
+
+def test_a_month_on_portone_v2_violates_no_invariant(month_on_v2: tuple[int, dict, str]) -> None:
+    """The zombie try is checked as it runs: had it not happened, the simulation would stop."""
+    code, report, stdout = month_on_v2
+    assert report, stdout
+    assert report["gateway"] == "v2"
+    assert report["invariants"] == dict.fromkeys(report["invariants"], 0), report["violations"]
+    assert len(report["invariants"]) == 14
+    assert code == 0
+
+
+def test_one_token_per_task_is_reported_not_applicable_on_v2(
+    month_on_v2: tuple[int, dict, str],
+) -> None:
+    code, report, stdout = month_on_v2
+    assert "one_token_per_task" not in report["invariants"]
+    assert "no access token" in report["not_applicable"]["invariants"]["one_token_per_task"]
+    assert "N/A  one_token_per_task" in stdout
+    assert "gateway PortOne V2" in stdout
+
+
+def test_a_month_on_v2_sees_every_outcome_and_incident(month_on_v2: tuple[int, dict, str]) -> None:
+    report = month_on_v2[1]
+    figures, runs = report["figures"], report["runs"]
+    assert figures["revenue_krw"] > 0  # paid
+    assert figures["soft_declined_periods"] > figures["recovered_periods"] > 0
+    assert figures["past_due"] > 0 and figures["payment_method_required"] > 0  # hard declines
+    assert figures["amount_mismatch_periods"] > 0
+    assert figures["refunds_asked"] > 0 and figures["refunded_krw"] > 0
+    faults = runs["gateway_faults"]
+    assert faults["drop_after_commit"] > 0 and faults["error"] > 0 and faults["foreign_404"] > 0
+    failed_days = {r["at"][:10] for r in runs["failed"] if r["dag_id"] == "iamport_billing_daily"}
+    assert "2027-01-19" in failed_days  # the outage
+    assert runs["seconds_by_dag"]["iamport_billing_backfill"]["runs"] == 1
+
+
+def test_v1_only_incidents_are_named_on_v2() -> None:
+    from iamport_billing.simulation.scenario import load_scenario
+
+    quarter = load_scenario(REPO / "scenarios" / "three-months.yaml")
+    assert quarter.api == "v1" and quarter.not_on_this_gateway() == []
+    assert quarter.with_api("v2").not_on_this_gateway() == ["2027-03-16..2027-03-16: token_status"]
 
 
 def test_a_simulated_quarter_violates_no_invariant(quarter: tuple[int, dict, str]) -> None:
@@ -83,6 +139,7 @@ def test_the_report_prints_invariants_and_figures(quarter: tuple[int, dict, str]
         ("calendar: {months: 0}", "calendar.months: 0 is out of range"),
         ("backfills: [{on: 2027-01-03, from: 2027-01-05}]", "from <= to < on"),
         ("population: [1, 2]", "population: expected a mapping"),
+        ("api: v3", "api: expected one of ['v1', 'v2'], got 'v3'"),
         ("refunds: {share: 1.5}", "refunds.share"),
         ("incidents: [{on: 2027-01-05, broken_amount_share: 2}]", "broken_amount_share"),
         ("incidents: [{on: 2027-01-05, stalled_charge_try: 1}]", "stalled_charge_try"),

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from datetime import date
 
 from iamport_billing.billing_run import format_report
+from iamport_billing.emulator.config import API_MODES
 from iamport_billing.warehouse.ledger import SUBSCRIPTIONS, Ledger
 
 
@@ -82,7 +83,7 @@ def simulate(args: argparse.Namespace) -> int:
         try:
             report = launch.run_simulation(
                 path, scenario, workdir=run_dir, out=out, warehouse=args.warehouse,
-                months=args.months, seed=args.seed,
+                months=args.months, seed=args.seed, api=args.api,
             )  # fmt: skip
         except launch.SimulationFailed as e:
             print(str(e), file=sys.stderr)
@@ -139,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--months", type=int, help="override the scenario's calendar length")
     sim.add_argument("--seed", type=int, help="override the scenario's random seed")
+    sim.add_argument(
+        "--api",
+        choices=API_MODES,
+        help="override the scenario's gateway: v1 (Iamport) or v2 (PortOne V2)",
+    )
     sim.add_argument("--out", help="write the JSON report here")
     sim.add_argument("--workdir", help="where runs live (default .simulate/)")
     sim.add_argument(

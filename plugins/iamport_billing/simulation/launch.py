@@ -34,6 +34,7 @@ def run_simulation(
     warehouse: str | None = None,
     months: int | None = None,
     seed: int | None = None,
+    api: str | None = None,
     dags_folder: Path | None = None,
 ) -> dict[str, Any]:
     """Run one simulation to the end; returns the report (also written to ``out``)."""
@@ -60,6 +61,8 @@ def run_simulation(
         cmd += ["--months", str(months)]
     if seed is not None:
         cmd += ["--seed", str(seed)]
+    if api:
+        cmd += ["--api", api]
     done = subprocess.run(cmd, env=env, check=False)
     if done.returncode or not out.exists():
         raise SimulationFailed(
@@ -140,6 +143,8 @@ def migrated_airflow_db(root: Path) -> Path:
 
 # -- the printed report -------------------------------------------------------------------------
 
+GATEWAYS = {"v1": "Iamport V1", "v2": "PortOne V2"}
+
 SHOWN_FIGURES = (
     "subscriptions",
     "signed_up",
@@ -168,12 +173,18 @@ def format_report(report: dict[str, Any], title: str) -> str:
     lines = [
         f"== {title}: {report['wall_seconds']} s wall, "
         f"{report['runs']['dag_runs']} DAG runs ({report['runs']['failed_count']} failed), "
-        f"{len(report['runs'].get('guardrail_approvals', []))} guardrail approvals",
+        f"{len(report['runs'].get('guardrail_approvals', []))} guardrail approvals, "
+        f"gateway {GATEWAYS[report.get('gateway', 'v1')]}",
         "invariants (violations, must be 0):",
     ]
     for name, count in report["invariants"].items():
         lines.append(f"  {'OK  ' if not count else 'FAIL'} {name:<46} {count}")
         lines += [f"         {ex}" for ex in report.get("violations", {}).get(name, [])[:5]]
+    not_applicable = report.get("not_applicable", {})
+    for name, why in not_applicable.get("invariants", {}).items():
+        lines.append(f"  N/A  {name:<46} ({why})")
+    for switch in not_applicable.get("incident_switches", []):
+        lines.append(f"  N/A  incident {switch}: a V1-only switch, nothing happened")
     lines.append("figures:")
     figures = report["figures"]
     lines += [f"  {name:<28} {_shown(figures.get(name))}" for name in SHOWN_FIGURES]
@@ -189,9 +200,12 @@ def format_report(report: dict[str, Any], title: str) -> str:
 def format_comparison(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str]) -> str:
     width = max(len(n) for n in names) + 2
     lines = [f"{'':<30}{names[0]:>{width}}{names[1]:>{width}}"]
-    for name in a["invariants"]:
+    apis = (a.get("gateway", "v1"), b.get("gateway", "v1"))
+    lines.append(f"{'gateway':<30}{apis[0]:>{width}}{apis[1]:>{width}}")
+    for name in {**a["invariants"], **b["invariants"]}:
         lines.append(
-            f"{name[:29]:<30}{a['invariants'][name]:>{width}}{b['invariants'][name]:>{width}}"
+            f"{name[:29]:<30}{a['invariants'].get(name, 'n/a'):>{width}}"
+            f"{b['invariants'].get(name, 'n/a'):>{width}}"
         )
     for name in SHOWN_FIGURES:
         lines.append(

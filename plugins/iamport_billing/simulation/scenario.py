@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from iamport_billing.emulator.config import SWITCH_FIELDS, EmulatorConfig
+from iamport_billing.emulator.config import API_MODES, SWITCH_FIELDS, EmulatorConfig
 from iamport_billing.policy import add_month_anchored
 
 
@@ -37,6 +37,11 @@ _YamlLoader.add_implicit_resolver(
 # lease (+0.5 s) and the next try while the first one's request hangs, all within it.
 READ_TIMEOUT_S = 10
 STALL_LEASE_LIMIT_S = 6.0
+# Emulator switches only Iamport V1 has words for (its getToken and findAll): on PortOne V2
+# an incident made only of these changes nothing, and the report says so.
+V1_ONLY_SWITCHES = frozenset(
+    {"token_status", "bearer_refused", "token_already_expired", "findall_bare_list"}
+)
 
 
 class ScenarioError(ValueError):
@@ -175,6 +180,8 @@ class Settings:
 class Scenario:
     name: str = "scenario"
     seed: int = 7
+    # The gateway the DAGs charge through: Iamport V1 or PortOne V2 (the emulator in that mode).
+    api: str = "v1"
     calendar: Calendar = field(default_factory=Calendar)
     population: Population = field(default_factory=Population)
     cards: Cards = field(default_factory=Cards)
@@ -192,6 +199,22 @@ class Scenario:
         from dataclasses import replace
 
         return replace(self, seed=seed)
+
+    def with_api(self, api: str) -> Scenario:
+        from dataclasses import replace
+
+        return replace(self, api=_api(api, "--api"))
+
+    def not_on_this_gateway(self) -> list[str]:
+        """The incidents' switches that change nothing on this scenario's gateway."""
+        if self.api == "v1":
+            return []
+        return [
+            f"{i.start}..{i.end}: {k}"
+            for i in self.incidents
+            for k, _ in i.switches
+            if k in V1_ONLY_SWITCHES
+        ]
 
     def as_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -228,6 +251,7 @@ def parse_scenario(data: Any, *, name: str = "scenario") -> Scenario:
     scenario = Scenario(
         name=_str(d.get("name", name), "name"),
         seed=_int(d.get("seed", 7), "seed"),
+        api=_api(d.get("api", "v1"), "api"),
         calendar=calendar,
         population=_population(d.get("population", {}), calendar),
         cards=_cards(d.get("cards", {})),
@@ -491,6 +515,12 @@ def _number(value: Any, where: str, *, minimum: float = 0, maximum: float | None
 
 def _share(value: Any, where: str, *, maximum: float = 1.0) -> float:
     return _number(value, where, minimum=0, maximum=maximum)
+
+
+def _api(value: Any, where: str) -> str:
+    if value not in API_MODES:
+        raise ScenarioError(f"{where}: expected one of {list(API_MODES)}, got {value!r}")
+    return value
 
 
 def _months(value: Any, where: str) -> int:

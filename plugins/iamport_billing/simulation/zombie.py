@@ -37,7 +37,9 @@ class HoldingGateway(Protocol):
 class NextTryWhileTheFirstHangs:
     """Started as try 1 of a charge task starts: its first charge request will hang at the
     gateway. Once it does, that card declines, the lease passes and the next try runs the same
-    batch; then the card is as it was and the hung request reaches Iamport."""
+    batch; then the card is as it was and the hung request reaches the gateway. Iamport V1
+    knows nothing of it meanwhile (the next try takes the row over and is declined); PortOne V2
+    shows it READY (the next try leaves it to the first)."""
 
     def __init__(self, task_instance: Any, gateway: HoldingGateway, lease_seconds: float) -> None:
         self.gateway, self.lease_seconds = gateway, lease_seconds
@@ -51,6 +53,7 @@ class NextTryWhileTheFirstHangs:
         self.first_try_over = threading.Event()
         self.held_merchant_uid: str | None = None
         self.error: BaseException | None = None  # what the next try raised
+        self.summary: dict[str, Any] = {}  # what it returned (the charge summary)
         self.thread = threading.Thread(target=self._next_try, name="next-try", daemon=True)
         gateway.hold(1)
         self.thread.start()
@@ -75,7 +78,7 @@ class NextTryWhileTheFirstHangs:
         keys.save_customers([customer_row(customer_uid, CARD_SOFT_DECLINE, int(time.time()))])
         try:
             time.sleep(self.lease_seconds + 0.5)  # the scheduler waits out the try's lease
-            self.task.execute(self.context)
+            self.summary = self.task.execute(self.context) or {}
         except Exception as e:
             self.error = e
             log.exception("the next try of %s failed", self.context["ti"].task_id)
