@@ -102,11 +102,12 @@ class ChaosEmulator:
         return requests.get(f"{self.url}/__emulator__/stats", timeout=10).json()
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """Requests, tokens, faults and charges summed over every lifetime of the process."""
+        """Requests, tokens, faults, charges and (V2) Idempotency-Key outcomes summed over
+        every lifetime of the process."""
         total: dict[str, Counter[str]] = {}
         live = [self._live_stats()] if self.process.process.poll() is None else []
         for snapshot in [*self._earlier, *live]:
-            for group in ("requests", "tokens", "faults", "charges"):
+            for group in ("requests", "tokens", "faults", "charges", "idempotency"):
                 total.setdefault(group, Counter()).update(snapshot.get(group) or {})
         return {k: dict(v) for k, v in total.items()}
 
@@ -302,11 +303,13 @@ def record_figures(scenario: str, figures: Mapping[str, Any]) -> None:
 
 def figures_line(scenario: str, figures: Mapping[str, Any]) -> str:
     faults = figures.get("faults_injected") or {}
+    keys = figures.get("idempotency_keys") or {}
     return (
         f"[chaos] {scenario}: charges attempted {figures.get('charges_attempted')}, "
         f"faults injected {sum(faults.values())} {dict(sorted(faults.items()))}, "
         f"paid {figures.get('payments_at_emulator', {}).get('paid', 0)}, "
         f"duplicates {figures.get('duplicates')}, lost {figures.get('lost')}"
+        + (f", Idempotency-Keys {dict(sorted(keys.items()))}" if keys else "")
     )
 
 

@@ -108,6 +108,7 @@ class Chaos:
             "charges_attempted": stats.get("requests", {}).get(self.emulator.charge_endpoint, 0),
             "faults_injected": faults_injected(stats),
             "tokens": stats.get("tokens", {}),
+            "idempotency_keys": stats.get("idempotency", {}),
             "alerts": sorted({a.get("kind", "?") for a in self.receiver.alerts}),
             **self.notes,
             **result.figures(),
@@ -185,6 +186,8 @@ def test_daily_run_of_2000_under_faults_then_reconciliation(chaos: Chaos) -> Non
     )  # fmt: skip
     assert figures["payments_at_emulator"]["paid"] == mix["paying"]
     assert sum(figures["faults_injected"].values()) > 0
+    if chaos.emulator.config.api == "v2":  # dropped replies were resent and replayed
+        assert figures["idempotency_keys"].get("replay", 0) > 0, figures["idempotency_keys"]
 
 
 def _subprocess_daily(chaos: Chaos, name: str, day: date, hhmm: str, conf: dict) -> Any:

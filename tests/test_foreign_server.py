@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -658,3 +659,26 @@ def test_a_cancel_answered_5xx_is_unknown_and_applied_nowhere(gateway, emulator,
         gateway.cancel(pid, amount=300, reason="5xx", checksum=1000)
     set_faults(emulator, error_rate=0.0)
     assert refunded(emulator, paid_uid) == 0
+
+
+@pytest.mark.parametrize("gateway_api", ["v2"], indirect=True)
+def test_a_charge_outstanding_for_ever_is_unknown_then_the_one_payment(
+    gateway_api, emulator, monkeypatch, paying
+):
+    """V2 only (V1 has no Idempotency-Key): the first send is held in the network, every
+    resend meets 409 IDEMPOTENCY_OUTSTANDING_REQUEST: unknown, never a second charge. Once
+    the first lands, a resend of the same charge is answered by its replay."""
+    use_conn(monkeypatch, read_timeout=1, max_retries=1)
+    requests.post(f"{emulator.url}/__emulator__/hold", json={"charges": 1}, timeout=5)
+    gateway = gateway_for("iamport_default")
+    charge = ChargeRequest("held-1", paying, 1000, "plan")
+    assert gateway.charge(charge).kind == UNKNOWN
+    assert stats(emulator)["idempotency"].get("outstanding", 0) >= 1
+    requests.post(f"{emulator.url}/__emulator__/release", timeout=5)
+    deadline = time.monotonic() + 10
+    while not emulator_payments(emulator.config.db_path) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    again = gateway.charge(replace(charge, resend=True))
+    gateway.close()
+    assert again.kind == PAID and stats(emulator)["idempotency"].get("replay", 0) >= 1
+    assert [p["status"] for p in emulator_payments(emulator.config.db_path)] == ["paid"]
