@@ -682,3 +682,63 @@ def test_a_charge_outstanding_for_ever_is_unknown_then_the_one_payment(
     gateway.close()
     assert again.kind == PAID and stats(emulator)["idempotency"].get("replay", 0) >= 1
     assert [p["status"] for p in emulator_payments(emulator.config.db_path)] == ["paid"]
+
+
+def test_a_refund_whose_answer_was_lost_settles_from_the_cancel_history(
+    gateway, emulator, monkeypatch, sqlite_warehouse, paid_uid
+):
+    """The cancel applies and its answer is lost (no resend): the refund is unknown; the
+    next try finds its marker in the gateway's cancel history: done, nothing sent."""
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+    from iamport_billing.operators.cancel import CancelPaymentOperator
+
+    def a_try(n: int) -> dict:
+        op = CancelPaymentOperator(task_id="cancel", merchant_uid=paid_uid, amount=300,
+                                   reason="lost answer", resend_after_seconds=0)  # fmt: skip
+        ti = SimpleNamespace(dag_id="refund", run_id="r1", task_id="cancel", map_index=-1,
+                             try_number=n)  # fmt: skip
+        return op.execute({"ti": ti})
+
+    use_conn(monkeypatch, max_retries=0)
+    set_faults(emulator, drop_cancel_reply=True)
+    with pytest.raises(AirflowException, match="cancel history") as lost:
+        a_try(1)
+    assert not isinstance(lost.value, AirflowFailException)
+    summary = a_try(2)  # the switch is still on: a POST would be lost
+    assert (summary["refund_status"], summary["sent"]) == ("done", False)
+    assert refunded(emulator, paid_uid) == 300
+
+
+V2_CANCEL_5XX_BUG = (
+    "PortOneV2Gateway.cancel reads any {type} error as RefundRefused, even a 5xx whose type "
+    "is not one of CancelPaymentError's (INTERNAL_SERVER_ERROR)"
+)
+
+
+@pytest.mark.xfail(reason=V2_CANCEL_5XX_BUG, strict=True)
+@pytest.mark.parametrize("status", [500, 502, 503])
+def test_a_v2_cancel_answered_5xx_in_portones_shape_is_unknown_not_refused(monkeypatch, status):
+    """V2 only (V1's cancel 5xx is the emulator test above): a 5xx proves nothing about a
+    cancel, even in PortOne's {type, message} shape; recorded as refused, a person would
+    refund again what may have gone back."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    error = {"type": "INTERNAL_SERVER_ERROR", "message": "일시적인 서버 오류입니다."}
+    _Stub.routes = {"/payments/": _json(status, error)}
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    conn = {
+        "conn_type": "portone",
+        "host": url,
+        "password": "v2-secret",
+        "extra": {"max_retries": 0},
+    }
+    monkeypatch.setenv(CONN_ENV, json.dumps(conn))
+    gateway = gateway_for("iamport_default")
+    try:
+        with pytest.raises(RefundOutcomeUnknown):
+            gateway.cancel("pay-1", amount=300, reason="r", checksum=1000)
+    finally:
+        gateway.close()
+        server.shutdown()
