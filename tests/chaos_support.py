@@ -32,7 +32,11 @@ REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
 FIGURES_FILE = ARTIFACTS / "chaos-figures.json"
 TEMPLATE_DIR = REPO / ".pytest_cache" / "chaos-airflow-template"
-CHARGE_ENDPOINT = "POST /subscribe/payments/again"
+# The charge request of each API, as the emulator's stats name it.
+CHARGE_ENDPOINTS = {
+    "v1": "POST /subscribe/payments/again",
+    "v2": "POST /payments/{payment_id}/billing-key",
+}
 
 # The bad day of issue 7: 5% 5xx, 3% commit-then-drop, 2% 429, jittery latency, 3 s tokens.
 CHAOS_FAULTS: dict[str, Any] = {
@@ -54,10 +58,13 @@ class ChaosEmulator:
     Counters live in the process, so the stats of every lifetime are added up.
     """
 
-    def __init__(self, db_path: Path, *, seed: int = 7, faults: Mapping[str, Any] | None = None):
+    def __init__(
+        self, db_path: Path, *, seed: int = 7, faults: Mapping[str, Any] | None = None,
+        api: str = "v1",
+    ):  # fmt: skip
         from iamport_billing.emulator.config import EmulatorConfig
 
-        self.config = EmulatorConfig(db_path=str(db_path), seed=seed, **dict(faults or {}))
+        self.config = EmulatorConfig(db_path=str(db_path), seed=seed, api=api, **dict(faults or {}))
         self.process: Any = None
         self._earlier: list[dict[str, Any]] = []
 
@@ -95,23 +102,24 @@ class ChaosEmulator:
         return requests.get(f"{self.url}/__emulator__/stats", timeout=10).json()
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """Requests, tokens, faults and charges summed over every lifetime of the process."""
+        """Requests, tokens, faults, charges and (V2) Idempotency-Key outcomes summed over
+        every lifetime of the process."""
         total: dict[str, Counter[str]] = {}
         live = [self._live_stats()] if self.process.process.poll() is None else []
         for snapshot in [*self._earlier, *live]:
-            for group in ("requests", "tokens", "faults", "charges"):
+            for group in ("requests", "tokens", "faults", "charges", "idempotency"):
                 total.setdefault(group, Counter()).update(snapshot.get(group) or {})
         return {k: dict(v) for k, v in total.items()}
 
+    @property
+    def charge_endpoint(self) -> str:
+        return CHARGE_ENDPOINTS[self.config.api]
+
     def conn(self) -> dict[str, Any]:
-        """The ``iamport`` connection pointing at this emulator."""
-        return {
-            "conn_type": "iamport",
-            "host": self.url,
-            "login": self.config.imp_key,
-            "password": self.config.imp_secret,
-            "extra": {"read_timeout": 5, "connect_timeout": 2},
-        }
+        """The gateway connection pointing at this emulator (``iamport`` or ``portone``)."""
+        from conftest import emulator_conn
+
+        return emulator_conn(self.url, self.config)
 
 
 # -- alerts -----------------------------------------------------------------------------------
@@ -219,9 +227,16 @@ def emulator_paid(db_path: str | Path) -> list[dict[str, Any]]:
         conn.close()
 
 
-def audit(ledger: Any, emulator_db: str | Path) -> Audit:
+def gateway_payment_id(payment: Mapping[str, Any], api: str) -> str:
+    """The id the gateway reports for an emulator payment row, the one the ledger stores as
+    imp_uid: V1's imp_uid, V2's paymentId (our merchant_uid)."""
+    return payment["merchant_uid"] if api == "v2" else payment["imp_uid"]
+
+
+def audit(ledger: Any, emulator_db: str | Path, api: str = "v1") -> Audit:
     """At most one paid payment per (subscription, billing date); every paid payment has a
-    ``paid`` ledger row with the same imp_uid and amount, and every ``paid`` row a payment."""
+    ``paid`` ledger row with the same gateway id and amount, and every ``paid`` row a
+    payment."""
     from iamport_billing.policy import parse_merchant_uid
 
     payments = emulator_paid(emulator_db)
@@ -234,7 +249,7 @@ def audit(ledger: Any, emulator_db: str | Path) -> Audit:
         parsed = parse_merchant_uid(p["merchant_uid"])
         key = (parsed[0], parsed[1].isoformat()) if parsed else (p["merchant_uid"], "")
         per_period[key] += 1
-        at_emulator[p["merchant_uid"]] = (p["imp_uid"], int(p["amount"]))
+        at_emulator[p["merchant_uid"]] = (gateway_payment_id(p, api), int(p["amount"]))
         result.paid_amount += int(p["amount"])
     result.duplicates = [f"{s} {d}" for (s, d), n in per_period.items() if n > 1]
     in_ledger = {
@@ -288,11 +303,13 @@ def record_figures(scenario: str, figures: Mapping[str, Any]) -> None:
 
 def figures_line(scenario: str, figures: Mapping[str, Any]) -> str:
     faults = figures.get("faults_injected") or {}
+    keys = figures.get("idempotency_keys") or {}
     return (
         f"[chaos] {scenario}: charges attempted {figures.get('charges_attempted')}, "
         f"faults injected {sum(faults.values())} {dict(sorted(faults.items()))}, "
         f"paid {figures.get('payments_at_emulator', {}).get('paid', 0)}, "
         f"duplicates {figures.get('duplicates')}, lost {figures.get('lost')}"
+        + (f", Idempotency-Keys {dict(sorted(keys.items()))}" if keys else "")
     )
 
 

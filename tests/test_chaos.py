@@ -27,9 +27,9 @@ import pendulum
 import pytest
 from chaos_support import (
     CHAOS_FAULTS,
-    CHARGE_ENDPOINT,
     REPO,
     AlertReceiver,
+    Audit,
     ChaosEmulator,
     airflow_env,
     audit,
@@ -43,7 +43,7 @@ from chaos_support import (
     seed_population,
     unknowns_named_in,
 )
-from conftest import conn_env
+from conftest import conn_env, on_both_gateways, requested_api
 from iamport_billing.policy import SEOUL
 from iamport_billing.states import ABANDONED, REJECTED, UNSETTLED
 from iamport_billing.warehouse.ledger import Ledger
@@ -78,9 +78,12 @@ class Chaos:
         _, states = run_dag(self.dag("iamport_billing_daily"), logical(day, hhmm), **params)
         return states
 
-    def unsettled(self) -> int:
+    def audit(self) -> Audit:
         with self.ledger() as led:
-            return len(audit(led, self.emulator.db_path).unsettled)
+            return audit(led, self.emulator.db_path, self.emulator.config.api)
+
+    def unsettled(self) -> int:
+        return len(self.audit().unsettled)
 
     def reconcile(self) -> dict[str, str]:
         time.sleep(float(self.env["IAMPORT_BILLING_PENDING_LEASE_SECONDS"]) + 0.5)
@@ -99,19 +102,19 @@ class Chaos:
 
     def check(self, scenario: str, **extra: Any) -> dict[str, Any]:
         """The audit every scenario ends with; records and prints the figures."""
-        with self.ledger() as led:
-            result = audit(led, self.emulator.db_path)
+        result = self.audit()
         stats = self.emulator.stats()
         figures = {
-            "charges_attempted": stats.get("requests", {}).get(CHARGE_ENDPOINT, 0),
+            "charges_attempted": stats.get("requests", {}).get(self.emulator.charge_endpoint, 0),
             "faults_injected": faults_injected(stats),
             "tokens": stats.get("tokens", {}),
+            "idempotency_keys": stats.get("idempotency", {}),
             "alerts": sorted({a.get("kind", "?") for a in self.receiver.alerts}),
             **self.notes,
             **result.figures(),
             **extra,
         }
-        scenario = f"{scenario}[{self.warehouse}]"
+        scenario = f"{scenario}[{self.warehouse}-{self.emulator.config.api}]"
         record_figures(scenario, figures)
         with self.capsys.disabled():
             print("\n" + figures_line(scenario, figures), flush=True)
@@ -125,11 +128,12 @@ class Chaos:
 @pytest.fixture
 def chaos(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, airflow_db,
-    warehouse: str,
+    warehouse: str, request: pytest.FixtureRequest,
 ) -> Iterator[Chaos]:  # fmt: skip
     from iamport_billing.hooks.iamport import TOKEN_CACHE
 
-    emulator = ChaosEmulator(tmp_path / "emulator.db", faults=CHAOS_FAULTS).start()
+    api = requested_api(request)
+    emulator = ChaosEmulator(tmp_path / "emulator.db", faults=CHAOS_FAULTS, api=api).start()
     receiver = AlertReceiver()
     env = {
         conn_env("iamport_default"): json.dumps(emulator.conn()),
@@ -166,6 +170,7 @@ def assert_unknowns_alerted(chaos: Chaos, states: dict[str, str], unsettled: int
         assert states["report"] == "success", states
 
 
+@on_both_gateways()
 def test_daily_run_of_2000_under_faults_then_reconciliation(chaos: Chaos) -> None:
     with chaos.ledger() as led:
         mix = seed_population(led, chaos.emulator.db_path, DAY, 2000)
@@ -181,6 +186,8 @@ def test_daily_run_of_2000_under_faults_then_reconciliation(chaos: Chaos) -> Non
     )  # fmt: skip
     assert figures["payments_at_emulator"]["paid"] == mix["paying"]
     assert sum(figures["faults_injected"].values()) > 0
+    if chaos.emulator.config.api == "v2":  # dropped replies were resent and replayed
+        assert figures["idempotency_keys"].get("replay", 0) > 0, figures["idempotency_keys"]
 
 
 def _subprocess_daily(chaos: Chaos, name: str, day: date, hhmm: str, conf: dict) -> Any:
@@ -201,6 +208,7 @@ def _result(proc: Any) -> dict[str, Any]:
     return json.loads(lines[-1].removeprefix("CHAOS-RESULT "))
 
 
+@on_both_gateways()
 def test_two_runs_of_one_billing_date_at_once_charge_each_subscription_once(chaos: Chaos) -> None:
     day = DAY + timedelta(days=2)
     with chaos.ledger() as led:
@@ -228,6 +236,7 @@ def test_two_runs_of_one_billing_date_at_once_charge_each_subscription_once(chao
     assert figures["payments_at_emulator"]["paid"] == mix["paying"]
 
 
+@on_both_gateways()
 def test_emulator_down_mid_run_then_back_on_the_same_port_and_db(chaos: Chaos) -> None:
     day = DAY + timedelta(days=3)
     n = 800
@@ -268,6 +277,7 @@ def test_emulator_down_mid_run_then_back_on_the_same_port_and_db(chaos: Chaos) -
 
 
 def test_backfill_over_days_already_charged_charges_nobody_twice(chaos: Chaos) -> None:
+    # V1 only (CI time): who is charged again is the ledger's decision, the same on either API.
     from iamport_billing.emulator.store import seed_customers
 
     days = [DAY + timedelta(days=10 + i) for i in range(3)]
@@ -281,7 +291,7 @@ def test_backfill_over_days_already_charged_charges_nobody_twice(chaos: Chaos) -
         chaos.daily(day, max_concurrency=6)
     chaos.reconcile()
     with chaos.ledger() as led:
-        paid_before = audit(led, chaos.emulator.db_path).payments.get("paid", 0)
+        paid_before = chaos.audit().payments.get("paid", 0)
         soft = [r[0] for r in led.query(
             "SELECT customer_uid FROM billing_charge_attempts WHERE decline_kind = 'soft' "
             "AND status = 'failed'"
@@ -331,6 +341,8 @@ def _last_scheduled_billing_date() -> date:
 def test_charge_task_killed_mid_batch_is_retried_by_the_scheduler(
     chaos: Chaos, tmp_path: Path
 ) -> None:
+    # V1 only: its leak checks are of V1 tokens, and a whole Airflow stack per API is too slow
+    # for CI; V2's crash mid-charge is the emulator kill above (Idempotency-Key resends).
     from iamport_billing.devserver import AirflowApi, AirflowStack
 
     day = _last_scheduled_billing_date()
@@ -419,6 +431,7 @@ def test_charge_task_killed_mid_batch_is_retried_by_the_scheduler(
     assert figures["payments_at_emulator"]["paid"] == mix["paying"]
 
 
+@on_both_gateways()
 def test_outcomes_still_unknown_after_a_run_are_alerted_then_reconciled(
     chaos: Chaos, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -430,8 +443,9 @@ def test_outcomes_still_unknown_after_a_run_are_alerted_then_reconciled(
     monkeypatch.setenv("IAMPORT_BILLING_TASK_RETRIES", "0")
     with chaos.ledger() as led:
         mix = seed_population(led, chaos.emulator.db_path, day, 12, prefix="u", seed=3)
-    chaos.emulator.set_faults(token_ttl_s=1800, error_rate=0.0)
-    IamportHook().get_token()  # the token is cached; from now on every answer is a 5xx
+    if chaos.emulator.config.api == "v1":
+        chaos.emulator.set_faults(token_ttl_s=1800, error_rate=0.0)
+        IamportHook().get_token()  # the token is cached; from now on every answer is a 5xx
     chaos.emulator.set_faults(error_rate=1.0)
     states = chaos.daily(day, max_concurrency=12)
     unsettled = chaos.unsettled()
@@ -447,6 +461,7 @@ def test_outcomes_still_unknown_after_a_run_are_alerted_then_reconciled(
     assert figures["payments_at_emulator"]["paid"] == mix["paying"]
 
 
+@on_both_gateways()
 def test_lookups_behind_a_foreign_proxy_never_resend_then_settle(chaos: Chaos) -> None:
     """The bad day, and every lookup answered by a proxy's HTML 404: dropped replies stay
     unknown (nothing is resent on "could not ask"); once lookups work, reconciliation settles
@@ -473,6 +488,10 @@ def test_lookups_behind_a_foreign_proxy_never_resend_then_settle(chaos: Chaos) -
     assert figures["payments_at_emulator"]["paid"] == mix["paying"]
 
 
+@on_both_gateways(
+    v2_known_bug="a cancel whose first reply is the emulator's JSON 5xx is recorded refused "
+    "(see test_a_v2_cancel_answered_5xx_in_portones_shape_is_unknown_not_refused)"
+)
 def test_refunds_with_dropped_cancel_replies_refund_each_once(chaos: Chaos) -> None:
     """Every cancel reply dropped after Iamport applied it (and the bad day's 5xx/429): each
     refund task is tried until it settles from the cancel history. 0 double refunds."""

@@ -2,7 +2,8 @@
 
 "I could not ask" must never read as "Iamport has no record": that is how a client charges
 twice. These tests drive IamportHook against the emulator's foreign/hostile switches over real
-HTTP on loopback, and against a raw stub server for replies no emulator switch produces.
+HTTP on loopback, and against a raw stub server for replies no emulator switch produces; the
+last section asks either gateway (V1, V2) the same questions through the gateway interface.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -29,8 +31,21 @@ from iamport_billing.errors import (
     IamportTransportError,
     IamportUnexpectedReply,
 )
+from iamport_billing.gateways import gateway_for
+from iamport_billing.gateways.base import (
+    ABSENT,
+    FOREIGN_REPLY,
+    FOUND,
+    PAID,
+    UNKNOWN,
+    UNREACHABLE,
+    ChargeRequest,
+    GatewayUnavailable,
+    PaymentAbsent,
+    RefundOutcomeUnknown,
+)
 from iamport_billing.hooks.iamport import TOKEN_CACHE, IamportHook, clean_excerpt
-from support import requests_received
+from support import emulator_payments, requests_received
 
 CONN_ENV = "AIRFLOW_CONN_IAMPORT_DEFAULT"
 
@@ -497,3 +512,233 @@ def test_clean_excerpt_strips_markup_and_caps_length():
     long = clean_excerpt("x " * 500)
     assert len(long) <= 120 and long.endswith("…")
     assert clean_excerpt("<html><body>trunc<di") == "trunc"
+
+
+# -- both gateways: the emulator's switches through the gateway interface ----------------------
+# The hook tests above are V1's words (envelopes, getToken, the Bearer switch, findAll's
+# shape); these ask the same questions of either gateway and expect the same answers.
+
+
+@pytest.fixture
+def gateway(gateway_api, emulator):
+    """The gateway ``gateway_for`` picks for the emulator's connection (V1 or V2)."""
+    gw = gateway_for("iamport_default", pool_maxsize=4)
+    yield gw
+    gw.close()
+
+
+@pytest.fixture
+def paid_uid(gateway, paying) -> str:
+    """A merchant_uid the gateway holds a paid record of."""
+    assert gateway.charge(ChargeRequest("both-1", paying, 1000, "plan")).kind == PAID
+    return "both-1"
+
+
+def payment_id(gateway, merchant_uid: str) -> str:
+    found = gateway.look_up(merchant_uid)
+    assert found.kind == FOUND, found
+    return found.decisive.imp_uid
+
+
+def refunded(emulator, merchant_uid: str) -> int:
+    (row,) = [
+        p for p in emulator_payments(emulator.config.db_path) if p["merchant_uid"] == merchant_uid
+    ]
+    return int(row["cancel_amount"])
+
+
+PROXY_404S = ["foreign_404_json", "foreign_404_html"]
+
+
+@pytest.mark.parametrize("switch", PROXY_404S)
+def test_a_proxys_404_on_a_lookup_is_unreachable_never_absent(gateway, emulator, paid_uid, switch):
+    set_faults(emulator, **{switch: True})
+    assert gateway.look_up(paid_uid).kind == UNREACHABLE
+    assert gateway.look_up("never-charged").kind == UNREACHABLE
+
+
+@pytest.mark.parametrize("switch", PROXY_404S)
+def test_a_proxys_404_on_a_payment_or_a_listing_raises_unavailable(
+    gateway, emulator, paid_uid, switch
+):
+    pid = payment_id(gateway, paid_uid)
+    set_faults(emulator, **{switch: True})
+    with pytest.raises(GatewayUnavailable):
+        gateway.payment(pid)
+    with pytest.raises(GatewayUnavailable):
+        list(gateway.payments_between(int(time.time()) - 3600, int(time.time()) + 60))
+
+
+def test_a_proxys_404_on_billing_keys_raises_instead_of_reporting_missing(
+    gateway, emulator, paying
+):
+    set_faults(emulator, foreign_404_json=True)
+    with pytest.raises(GatewayUnavailable):
+        gateway.missing_billing_keys([paying, "ghost"])
+
+
+def test_a_proxy_misrouting_payment_lookups_leaves_billing_keys_to_the_gateway(
+    gateway, emulator, paid_uid, paying
+):
+    set_faults(emulator, foreign_404_payment_lookups=True)
+    assert gateway.look_up(paid_uid).kind == UNREACHABLE
+    assert gateway.missing_billing_keys([paying, "ghost"]) == ["ghost"]
+
+
+def test_the_gateways_own_no_record_is_absent(gateway, emulator, paid_uid):
+    assert gateway.look_up("never-charged").kind == ABSENT
+    with pytest.raises(PaymentAbsent):
+        gateway.payment("never-charged")
+
+
+def test_a_proxys_lookup_404_does_not_touch_charges(gateway, emulator, paying):
+    set_faults(emulator, foreign_404_json=True)
+    assert gateway.charge(ChargeRequest("through-404", paying, 1000, "plan")).kind == PAID
+
+
+def test_a_foreign_404_on_the_charge_is_unknown_and_charges_nothing(gateway, emulator, paying):
+    set_faults(emulator, charge_foreign_404=True)
+    result = gateway.charge(ChargeRequest("foreign-charge", paying, 1000, "plan"))
+    assert (result.kind, result.code) == (UNKNOWN, FOREIGN_REPLY)
+    set_faults(emulator, charge_foreign_404=False)
+    assert emulator_payments(emulator.config.db_path) == []
+    assert gateway.look_up("foreign-charge").kind == ABSENT
+
+
+def test_a_charge_left_ready_is_unknown(gateway, emulator, paying):
+    set_faults(emulator, charge_status_ready=True)
+    result = gateway.charge(ChargeRequest("ready-1", paying, 1000, "plan"))
+    assert result.kind == UNKNOWN
+    assert gateway.look_up("ready-1").decisive.status == "ready"
+
+
+def test_a_paid_record_of_another_amount_is_paid_with_that_amount(gateway, emulator, paying):
+    set_faults(emulator, paid_amount_multiplier=10)
+    result = gateway.charge(ChargeRequest("tenfold-1", paying, 1000, "plan"))
+    assert result.kind == PAID and result.payment.amount == 10_000
+
+
+def test_a_dropped_cancel_reply_refunds_exactly_once(gateway, emulator, paid_uid):
+    """V1 never resends a cancel (unknown); V2 resends it under the same Idempotency-Key and
+    gets the first answer replayed. Either way the money goes back once."""
+    pid = payment_id(gateway, paid_uid)
+    set_faults(emulator, drop_cancel_reply=True)
+    try:
+        answer = gateway.cancel(pid, amount=300, reason="partial", checksum=1000).cancel_amount
+    except RefundOutcomeUnknown:
+        answer = None
+    set_faults(emulator, drop_cancel_reply=False)
+    assert refunded(emulator, paid_uid) == 300
+    assert answer == (None if emulator.config.api == "v1" else 300)
+
+
+def test_a_slow_cancel_is_applied_once_however_the_client_gives_up(
+    gateway_api, emulator, monkeypatch, paid_uid
+):
+    """The client's read timeout fires while the gateway works: V1 does not resend; V2
+    resends under the same key and meets 409 IDEMPOTENCY_OUTSTANDING_REQUEST, then the
+    replay. The refund lands once."""
+    use_conn(monkeypatch, read_timeout=0.3, max_retries=3)
+    gateway = gateway_for("iamport_default")
+    pid = payment_id(gateway, paid_uid)
+    set_faults(emulator, latency_ms=800)
+    try:
+        gateway.cancel(pid, amount=300, reason="slow", checksum=1000)
+    except RefundOutcomeUnknown:
+        pass
+    set_faults(emulator, latency_ms=0)
+    time.sleep(1.2)  # the emulator finishes what the client gave up on
+    assert refunded(emulator, paid_uid) == 300
+    gateway.close()
+
+
+def test_a_cancel_answered_5xx_is_unknown_and_applied_nowhere(gateway, emulator, paid_uid):
+    pid = payment_id(gateway, paid_uid)
+    set_faults(emulator, error_rate=1.0)
+    with pytest.raises(RefundOutcomeUnknown):
+        gateway.cancel(pid, amount=300, reason="5xx", checksum=1000)
+    set_faults(emulator, error_rate=0.0)
+    assert refunded(emulator, paid_uid) == 0
+
+
+@pytest.mark.parametrize("gateway_api", ["v2"], indirect=True)
+def test_a_charge_outstanding_for_ever_is_unknown_then_the_one_payment(
+    gateway_api, emulator, monkeypatch, paying
+):
+    """V2 only (V1 has no Idempotency-Key): the first send is held in the network, every
+    resend meets 409 IDEMPOTENCY_OUTSTANDING_REQUEST: unknown, never a second charge. Once
+    the first lands, a resend of the same charge is answered by its replay."""
+    use_conn(monkeypatch, read_timeout=1, max_retries=1)
+    requests.post(f"{emulator.url}/__emulator__/hold", json={"charges": 1}, timeout=5)
+    gateway = gateway_for("iamport_default")
+    charge = ChargeRequest("held-1", paying, 1000, "plan")
+    assert gateway.charge(charge).kind == UNKNOWN
+    assert stats(emulator)["idempotency"].get("outstanding", 0) >= 1
+    requests.post(f"{emulator.url}/__emulator__/release", timeout=5)
+    deadline = time.monotonic() + 10
+    while not emulator_payments(emulator.config.db_path) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    again = gateway.charge(replace(charge, resend=True))
+    gateway.close()
+    assert again.kind == PAID and stats(emulator)["idempotency"].get("replay", 0) >= 1
+    assert [p["status"] for p in emulator_payments(emulator.config.db_path)] == ["paid"]
+
+
+def test_a_refund_whose_answer_was_lost_settles_from_the_cancel_history(
+    gateway, emulator, monkeypatch, sqlite_warehouse, paid_uid
+):
+    """The cancel applies and its answer is lost (no resend): the refund is unknown; the
+    next try finds its marker in the gateway's cancel history: done, nothing sent."""
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+    from iamport_billing.operators.cancel import CancelPaymentOperator
+
+    def a_try(n: int) -> dict:
+        op = CancelPaymentOperator(task_id="cancel", merchant_uid=paid_uid, amount=300,
+                                   reason="lost answer", resend_after_seconds=0)  # fmt: skip
+        ti = SimpleNamespace(dag_id="refund", run_id="r1", task_id="cancel", map_index=-1,
+                             try_number=n)  # fmt: skip
+        return op.execute({"ti": ti})
+
+    use_conn(monkeypatch, max_retries=0)
+    set_faults(emulator, drop_cancel_reply=True)
+    with pytest.raises(AirflowException, match="cancel history") as lost:
+        a_try(1)
+    assert not isinstance(lost.value, AirflowFailException)
+    summary = a_try(2)  # the switch is still on: a POST would be lost
+    assert (summary["refund_status"], summary["sent"]) == ("done", False)
+    assert refunded(emulator, paid_uid) == 300
+
+
+V2_CANCEL_5XX_BUG = (
+    "PortOneV2Gateway.cancel reads any {type} error as RefundRefused, even a 5xx whose type "
+    "is not one of CancelPaymentError's (INTERNAL_SERVER_ERROR)"
+)
+
+
+@pytest.mark.xfail(reason=V2_CANCEL_5XX_BUG, strict=True)
+@pytest.mark.parametrize("status", [500, 502, 503])
+def test_a_v2_cancel_answered_5xx_in_portones_shape_is_unknown_not_refused(monkeypatch, status):
+    """V2 only (V1's cancel 5xx is the emulator test above): a 5xx proves nothing about a
+    cancel, even in PortOne's {type, message} shape; recorded as refused, a person would
+    refund again what may have gone back."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    error = {"type": "INTERNAL_SERVER_ERROR", "message": "일시적인 서버 오류입니다."}
+    _Stub.routes = {"/payments/": _json(status, error)}
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    conn = {
+        "conn_type": "portone",
+        "host": url,
+        "password": "v2-secret",
+        "extra": {"max_retries": 0},
+    }
+    monkeypatch.setenv(CONN_ENV, json.dumps(conn))
+    gateway = gateway_for("iamport_default")
+    try:
+        with pytest.raises(RefundOutcomeUnknown):
+            gateway.cancel("pay-1", amount=300, reason="r", checksum=1000)
+    finally:
+        gateway.close()
+        server.shutdown()

@@ -3,13 +3,15 @@
 Bad due rows go through the real daily DAG: each is recorded ``rejected`` with a reason, none
 reaches the API (every hostile customer has a valid billing key, so a leak would be a payment),
 the good rows are charged, and the run's alert counts them. Malformed charge replies leave the
-ledger row ``unknown`` (money may have moved), and the next run resolves it by lookup.
+ledger row ``unknown`` (money may have moved), and the next run resolves it by lookup. Both run
+on Iamport V1 and PortOne V2 (``gateway_api``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 from datetime import date
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,12 +19,19 @@ from typing import Any
 
 import pytest
 import requests
-from chaos_support import AlertReceiver, logical, run_dag, without_dag_deadlines
+from chaos_support import (
+    CHARGE_ENDPOINTS,
+    AlertReceiver,
+    gateway_payment_id,
+    logical,
+    run_dag,
+    without_dag_deadlines,
+)
 from conftest import conn_env
 from iamport_billing.charging import ChargeEngine, ChargeSettings
 from iamport_billing.emulator.store import seed_customers
-from iamport_billing.gateways.iamport_v1 import IamportV1Gateway
-from iamport_billing.hooks.iamport import TOKEN_CACHE, IamportHook
+from iamport_billing.gateways import gateway_for
+from iamport_billing.hooks.iamport import TOKEN_CACHE
 from iamport_billing.policy import ChargeCandidate, merchant_uid_for
 from iamport_billing.warehouse.ledger import Ledger
 from support import PAYING_CARD, emulator_payments
@@ -30,7 +39,6 @@ from support import PAYING_CARD, emulator_payments
 pytestmark = pytest.mark.airflow
 
 DAY = date(2027, 4, 14)
-CHARGE = "POST /subscribe/payments/again"
 SQL_NAME = "'; DROP TABLE billing_runs; --"
 
 # subscription_id -> (customer_uid, amount, currency, name, billing_date, expected code);
@@ -92,7 +100,7 @@ FROM hostile_due
 
 
 @pytest.fixture
-def world(airflow_db, sqlite_warehouse, emulator, monkeypatch):
+def world(airflow_db, sqlite_warehouse, gateway_api, emulator, monkeypatch):
     receiver = AlertReceiver()
     monkeypatch.setenv(conn_env("alert_webhook"), json.dumps(receiver.conn))
     monkeypatch.setenv("IAMPORT_BILLING_ALERT_WEBHOOK_CONN_ID", "alert_webhook")
@@ -173,7 +181,7 @@ def test_every_kind_of_bad_row_is_rejected_with_its_reason_and_never_sent(world,
         (merchant_uid_for(sub, DAY, 1), want, name) for sub, (_, _, _, name, want) in GOOD.items()
     )
     stats = requests.get(f"{emulator.url}/__emulator__/stats", timeout=5).json()
-    assert stats["requests"][CHARGE] == len(GOOD)
+    assert stats["requests"][CHARGE_ENDPOINTS[emulator.config.api]] == len(GOOD)
     assert ledger.query("SELECT COUNT(*) FROM billing_runs")[0][0] == 1  # SQL name was data
 
     # Ops are told: the alert and the plan log name each one with its reason.
@@ -189,7 +197,8 @@ def test_every_kind_of_bad_row_is_rejected_with_its_reason_and_never_sent(world,
 def test_typed_warehouse_due_query_returning_text_nan_infinity_and_duplicates_is_rejected(
     airflow_db, warehouse, emulator, monkeypatch
 ):
-    """With a typed amount column, garbage arrives through a due query that returns text."""
+    """With a typed amount column, garbage arrives through a due query that returns text.
+    V1 only: the rows are refused before any gateway is chosen (the test above covers V2)."""
     extra = [
         ("p-nan", "NaN", ":billing_date"), ("p-inf", "Infinity", ":billing_date"),
         ("p-text", "12,000", ":billing_date"), ("p-bool", "true", ":billing_date"),
@@ -243,7 +252,7 @@ def test_typed_warehouse_due_query_returning_text_nan_infinity_and_duplicates_is
 class _Garbler:
     """A proxy in front of the emulator that forwards a charge, then mangles the reply."""
 
-    def __init__(self, upstream: str, reply: tuple[int, str, str]):
+    def __init__(self, upstream: str, charge_path: str, reply: tuple[int, str, str]):
         self.upstream = upstream
         self.reply = reply
         outer = self
@@ -257,7 +266,7 @@ class _Garbler:
                     timeout=10,
                 )  # fmt: skip
                 status, ctype, text = r.status_code, r.headers["content-type"], r.text
-                if self.path == "/subscribe/payments/again":
+                if self.command == "POST" and re.fullmatch(charge_path, self.path):
                     status, ctype, text = outer.reply
                 data = text.encode()
                 self.send_response(status)
@@ -276,45 +285,80 @@ class _Garbler:
         self.url = f"http://127.0.0.1:{self.server.server_port}"
 
 
+HTML_502 = (502, "text/html", "<html><body><h1>502 Bad Gateway</h1></body></html>")
+# The charge's path and its mangled replies, per API.
+CHARGE_PATHS = {"v1": "/subscribe/payments/again", "v2": "/payments/[^/?]+/billing-key"}
 GARBLED = {
-    "truncated_json": (200, "application/json", '{"code": 0, "response": {"imp_uid": "imp_'),
-    "html_error_page": (502, "text/html", "<html><body><h1>502 Bad Gateway</h1></body></html>"),
-    "wrong_types": (200, "application/json", json.dumps({"code": "zero", "response": [1, 2]})),
-    "code_0_without_payment": (200, "application/json", '{"code": 0, "response": null}'),
+    ("v1", "truncated_json"): (200, "application/json", '{"code": 0, "response": {"imp_uid": "'),
+    ("v1", "html_error_page"): HTML_502,
+    ("v1", "wrong_types"): (200, "application/json", '{"code": "zero", "response": [1, 2]}'),
+    ("v1", "code_0_without_payment"): (200, "application/json", '{"code": 0, "response": null}'),
+    # V2: every try is mangled (the hook resends a 5xx or a 200 that is not JSON under the
+    # same Idempotency-Key).
+    ("v2", "truncated_json"): (200, "application/json", '{"payment": {"paidAt": "2027-'),
+    ("v2", "html_error_page"): HTML_502,
+    ("v2", "foreign_html_404"): (404, "text/html", "<html><body>404 Not Found</body></html>"),
+    ("v2", "unknown_error_type"): (400, "application/json", '{"type": "NEW_KIND_OF_ERROR"}'),
+    ("v2", "error_without_type"): (500, "application/json", '{"message": "oops"}'),
+}
+# A V2 200 in JSON is PortOne's "paid", whatever its body says: the record decides at once.
+PAID_AT_ONCE = {
+    ("v2", "wrong_types"): (200, "application/json", '{"payment": [1, 2]}'),
+    ("v2", "no_payment_summary"): (200, "application/json", "{}"),
 }
 
 
-@pytest.mark.parametrize("kind", sorted(GARBLED))
+@pytest.mark.parametrize(("gateway_api", "kind"), sorted(GARBLED), indirect=["gateway_api"])
 def test_garbled_charge_reply_leaves_unknown_then_lookup_settles_it(
-    kind, sqlite_warehouse, emulator, monkeypatch
+    gateway_api, kind, sqlite_warehouse, emulator, monkeypatch
 ):
-    garbler = _Garbler(emulator.url, GARBLED[kind])
+    first, first_row, later, row, paid = _charge_through_garbler(
+        GARBLED[gateway_api, kind], emulator, monkeypatch
+    )
+    assert first.unknown_merchant_uids == [UID]
+    assert first_row.status == "unknown" and first_row.error_message
+    assert later.counts == {"resolved_paid": 1}
+    assert (row.status, row.imp_uid, row.amount) == ("paid", paid, 4000)
+
+
+@pytest.mark.parametrize(("gateway_api", "kind"), sorted(PAID_AT_ONCE), indirect=["gateway_api"])
+def test_a_v2_200_with_an_unreadable_body_is_paid_by_the_record(
+    gateway_api, kind, sqlite_warehouse, emulator, monkeypatch
+):
+    first, first_row, later, row, paid = _charge_through_garbler(
+        PAID_AT_ONCE[gateway_api, kind], emulator, monkeypatch
+    )
+    assert first.unknown_merchant_uids == [] and first_row.status == "paid"
+    assert later.counts.get("resolved_paid", 0) == 0
+    assert (row.status, row.imp_uid, row.amount) == ("paid", paid, 4000)
+
+
+UID = merchant_uid_for("g1", DAY, 1)
+
+
+def _charge_through_garbler(reply: tuple[int, str, str], emulator, monkeypatch) -> tuple:
+    """One charge through a proxy that mangles the charge's reply, then a second run through
+    it: the first result and ledger row, the second's, the gateway id of the one payment."""
+    api = emulator.config.api
+    garbler = _Garbler(emulator.url, CHARGE_PATHS[api], reply)
     conn = json.loads(__import__("os").environ[conn_env("iamport_default")])
     monkeypatch.setenv(conn_env("iamport_default"), json.dumps({**conn, "host": garbler.url}))
     TOKEN_CACHE.clear()
     seed_customers(emulator.config.db_path, [("cust-g", PAYING_CARD)])
     candidate = ChargeCandidate("g1", "cust-g", 4000, DAY, name="plan")
-    uid = merchant_uid_for("g1", DAY, 1)
     run = {"dag_id": "d", "run_id": "r1", "task_id": "charge[0]", "try_number": 1}
     settings = ChargeSettings(unknown_settle_seconds=0, max_resend_rounds=0)
+    gateway = gateway_for("iamport_default")
     with Ledger.from_conn_id("billing_warehouse") as ledger:
         ledger.init_schema()
-        hook = IamportHook()
-        result = ChargeEngine(IamportV1Gateway(hook), ledger, settings, run).charge_batch(
-            [candidate]
-        )
-        row = ledger.get_attempt(uid)
-        assert result.unknown_merchant_uids == [uid]
-        assert row.status == "unknown" and row.error_message
-        # The money did move: the next run asks Iamport before anything else and records it.
+        first = ChargeEngine(gateway, ledger, settings, run).charge_batch([candidate])
+        first_row = ledger.get_attempt(UID)
+        # The money did move: the next run asks the gateway before anything else.
         later = ChargeEngine(
-            IamportV1Gateway(hook),
-            ledger,
-            ChargeSettings(pending_lease_seconds=0),
-            {**run, "run_id": "r2"},
+            gateway, ledger, ChargeSettings(pending_lease_seconds=0), {**run, "run_id": "r2"}
         ).charge_batch([candidate])
-        row = ledger.get_attempt(uid)
+        row = ledger.get_attempt(UID)
+    gateway.close()
     garbler.server.shutdown()
     (paid,) = emulator_payments(emulator.config.db_path)
-    assert later.counts == {"resolved_paid": 1}
-    assert (row.status, row.imp_uid, row.amount) == ("paid", paid["imp_uid"], 4000)
+    return first, first_row, later, row, gateway_payment_id(paid, api)
