@@ -175,15 +175,11 @@ def _argnames(names: str | tuple[str, ...] | list[str]) -> list[str]:
     return [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
 
 
-def on_both_gateways(
-    v2_warehouses: tuple[str, ...] = ("sqlite",), *, v2_known_bug: str | None = None
-) -> Callable[[F], F]:
+def on_both_gateways(v2_warehouses: tuple[str, ...] = ("sqlite",)) -> Callable[[F], F]:
     """V1 on every ledger database, V2 on ``v2_warehouses`` only: what the V2 cases exercise
-    is the gateway, and the ledger's databases are the same code on either (CI time).
-    ``v2_known_bug``: the V2 cases may fail (xfail, not strict) for the reason given."""
-    v2_marks = [pytest.mark.xfail(reason=v2_known_bug, strict=False)] if v2_known_bug else []
+    is the gateway, and the ledger's databases are the same code on either (CI time)."""
     cases = [pytest.param(w, "v1") for w in WAREHOUSES]
-    cases += [pytest.param(w, "v2", marks=v2_marks) for w in v2_warehouses]
+    cases += [pytest.param(w, "v2") for w in v2_warehouses]
     both = pytest.mark.parametrize(("warehouse", "gateway_api"), cases, indirect=True)
 
     def mark(test: F) -> F:

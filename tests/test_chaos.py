@@ -488,10 +488,7 @@ def test_lookups_behind_a_foreign_proxy_never_resend_then_settle(chaos: Chaos) -
     assert figures["payments_at_emulator"]["paid"] == mix["paying"]
 
 
-@on_both_gateways(
-    v2_known_bug="a cancel whose first reply is the emulator's JSON 5xx is recorded refused "
-    "(see test_a_v2_cancel_answered_5xx_in_portones_shape_is_unknown_not_refused)"
-)
+@on_both_gateways()
 def test_refunds_with_dropped_cancel_replies_refund_each_once(chaos: Chaos) -> None:
     """Every cancel reply dropped after Iamport applied it (and the bad day's 5xx/429): each
     refund task is tried until it settles from the cancel history. 0 double refunds."""

@@ -711,13 +711,6 @@ def test_a_refund_whose_answer_was_lost_settles_from_the_cancel_history(
     assert refunded(emulator, paid_uid) == 300
 
 
-V2_CANCEL_5XX_BUG = (
-    "PortOneV2Gateway.cancel reads any {type} error as RefundRefused, even a 5xx whose type "
-    "is not one of CancelPaymentError's (INTERNAL_SERVER_ERROR)"
-)
-
-
-@pytest.mark.xfail(reason=V2_CANCEL_5XX_BUG, strict=True)
 @pytest.mark.parametrize("status", [500, 502, 503])
 def test_a_v2_cancel_answered_5xx_in_portones_shape_is_unknown_not_refused(monkeypatch, status):
     """V2 only (V1's cancel 5xx is the emulator test above): a 5xx proves nothing about a
