@@ -94,6 +94,12 @@ PORTONE_CONNECTION_EXTRA_FIELDS: dict[str, dict[str, Any]] = {
         "cancel whose reply was lost (same Idempotency-Key).",
         "schema": {"type": ["integer", "null"], "minimum": 0, "maximum": 10, "default": 3},
     },
+    "exchange_budget_s": {
+        "label": "Time budget of one call (s)",
+        "description": "No new send or read of one call after this long, so a charge and its "
+        "lookup end well inside the ledger's pending lease (300 s).",
+        "schema": {"type": ["number", "null"], "minimum": 1, "default": 60},
+    },
     "verify_tls": CONNECTION_EXTRA_FIELDS["verify_tls"],
     "allow_insecure_http": CONNECTION_EXTRA_FIELDS["allow_insecure_http"],
 }
