@@ -454,7 +454,10 @@ class Simulation:
         # showed it READY, so the next try left it unknown, to the first try's answer.
         took_over = row is not None and row.try_number == 2
         counts = next_try.summary.get("counts", {})
-        left_in_flight = any(counts.get(k) for k in IN_FLIGHT_AT_THE_GATEWAY)
+        # Left unknown, the next try fails for it (the task names what is still unknown).
+        left_in_flight = any(counts.get(k) for k in IN_FLIGHT_AT_THE_GATEWAY) or (
+            error is not None and "still unknown" in str(error) and uid in str(error)
+        )
         if not (took_over or left_in_flight):
             raise RuntimeError(
                 f"stalled_charge_try: the next try neither took {uid} over nor found it in "
