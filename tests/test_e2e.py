@@ -345,10 +345,15 @@ def test_a_portone_webhook_settles_an_unknown_charge_within_5_seconds(airflow, t
 
 
 def _approval_request(api, run_id: str, timeout: float = 120.0) -> dict:
+    """The run's question once its task waits for input, as a person finds it. A few seconds
+    more: an answer within a second of the park can meet Airflow 3.3's scheduler still
+    processing the parked workload's executor event, which fails the task (nothing charged)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        state = api.task_states(DAG_ID, run_id).get("approve")
         found = api.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/hitlDetails")
-        if found.ok and found.json()["hitl_details"]:
+        if state == "awaiting_input" and found.ok and found.json()["hitl_details"]:
+            time.sleep(5)
             return found.json()["hitl_details"][0]
         time.sleep(1)
     raise TimeoutError(f"run {run_id} never asked for approval")

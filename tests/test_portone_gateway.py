@@ -335,6 +335,16 @@ def test_a_pg_error_whose_record_cannot_be_read_is_unknown_not_declined(server, 
     assert (result.kind, result.code) == (UNKNOWN, "pg_provider_unconfirmed")
 
 
+def test_a_missing_billing_key_answered_to_a_resend_stands_when_portone_has_no_payment(
+    server, gateway
+):
+    """A resend (the first reply lost) told BILLING_KEY_NOT_FOUND, and PortOne's own word that
+    it has no payment under the id: no billing key, not an unknown that is resent for ever."""
+    server.on("POST", charge_path(), Act(drop=True), error(404, "BILLING_KEY_NOT_FOUND"))
+    server.on("GET", f"/payments/{UID}", error(404, "PAYMENT_NOT_FOUND"))
+    assert gateway.charge(request()).kind == NO_BILLING_KEY
+
+
 def test_the_pg_code_reaches_the_decline_table(server, gateway):
     """A decline table that names PortOne's pgCode as hard makes that decline hard."""
     from datetime import date

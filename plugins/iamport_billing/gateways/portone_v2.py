@@ -166,8 +166,13 @@ class PortOneV2Gateway:
             request.resend or reply.resent
         ):
             # Said to a resend: the first send may have been paid (a replay missed, the key's
-            # window over): the record decides, or it stays unknown.
-            return self._decided_by_record(request, kind, reply, refusal=True)
+            # window over). Its record decides; PortOne's word that it has none lets the
+            # refusal stand; a record that cannot be read leaves it unknown.
+            found = self.look_up(request.merchant_uid)
+            if found.kind == FOUND:
+                return result_of(found.decisive)  # type: ignore[arg-type]
+            if found.kind == UNREACHABLE:
+                return ChargeResult(UNKNOWN, code=kind.lower(), reason=reply.message or kind)
         if kind in NO_KEY_TYPES:
             return ChargeResult(NO_BILLING_KEY, code=kind, reason=reply.message or kind)
         if kind == "MAX_TRANSACTION_COUNT_REACHED":
