@@ -128,3 +128,20 @@ class Gateway(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def result_of(payment: Payment) -> ChargeResult:
+    """A payment record as a charge result: paid/cancelled, failed (declined), or unknown."""
+    if payment.status in (api.PAID, api.CANCELLED):
+        return ChargeResult(PAID, payment)
+    if payment.status == api.FAILED:
+        return ChargeResult(DECLINED, payment, reason=payment.fail_reason)
+    return ChargeResult(
+        UNKNOWN, payment, code=f"status_{payment.status or 'empty'}",
+        reason=f"the gateway reports status {payment.status!r}",
+    )  # fmt: skip
+
+
+def error_text(error: Exception) -> str:
+    """An error's message cut to a size that fits a ledger row or a result's reason."""
+    return str(error)[:300]

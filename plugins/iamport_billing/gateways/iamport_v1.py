@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from iamport_billing import api_types as api
 from iamport_billing.api_types import CancelEntry, Payment
 from iamport_billing.errors import (
     IamportAuthError,
@@ -24,12 +23,10 @@ from iamport_billing.errors import (
 )
 from iamport_billing.gateways.base import (
     ABSENT,
-    DECLINED,
     FOREIGN_REPLY,
     FOUND,
     NO_BILLING_KEY,
     NOT_SENT,
-    PAID,
     RATE_LIMITED,
     REFUSED,
     UNKNOWN,
@@ -42,6 +39,8 @@ from iamport_billing.gateways.base import (
     PaymentAbsent,
     RefundOutcomeUnknown,
     RefundRefused,
+    error_text,
+    result_of,
 )
 from iamport_billing.hooks.iamport import IamportHook
 
@@ -49,10 +48,6 @@ from iamport_billing.hooks.iamport import IamportHook
 DUPLICATE_MARKERS = ("이미 주문이 이루어진", "동일한 merchant_uid")
 # The optional charge fields this product sends (the spec's names).
 BUYER_FIELDS = ("buyer_name", "buyer_email", "buyer_tel", "buyer_addr", "buyer_postcode")
-
-
-def _text(error: Exception) -> str:
-    return str(error)[:300]
 
 
 class IamportV1Gateway:
@@ -80,11 +75,11 @@ class IamportV1Gateway:
                 **optional,
             )  # fmt: skip
         except IamportRateLimited as e:
-            return ChargeResult(RATE_LIMITED, retry_after=e.retry_after, reason=_text(e))
+            return ChargeResult(RATE_LIMITED, retry_after=e.retry_after, reason=error_text(e))
         except IamportAuthError as e:
-            raise CredentialsRefused(_text(e)) from None
+            raise CredentialsRefused(error_text(e)) from None
         except IamportTokenUnavailable as e:
-            return ChargeResult(NOT_SENT, code="token_unavailable", reason=_text(e))
+            return ChargeResult(NOT_SENT, code="token_unavailable", reason=error_text(e))
         except IamportBillingKeyMissing as e:
             return ChargeResult(NO_BILLING_KEY, code=str(e.code), reason=e.api_message)
         except IamportRequestRejected as e:
@@ -94,10 +89,10 @@ class IamportV1Gateway:
             # never reached it: unknown until looked up, but not worth sending again.
             foreign = e.http_status is not None and 400 <= e.http_status < 500
             code = FOREIGN_REPLY if foreign else "outcome_unknown"
-            return ChargeResult(UNKNOWN, code=code, reason=_text(e))
+            return ChargeResult(UNKNOWN, code=code, reason=error_text(e))
         except IamportTransportError as e:
             # The hook raises this on the charge POST only when the request never left.
-            return ChargeResult(NOT_SENT, code="connect_error", reason=_text(e))
+            return ChargeResult(NOT_SENT, code="connect_error", reason=error_text(e))
         except Exception as e:  # noqa: BLE001 - money may have moved: unknown, never lost
             return ChargeResult(UNKNOWN, code="client_error", reason=f"{type(e).__name__}: {e}")
         return result_of(payment)
@@ -124,14 +119,14 @@ class IamportV1Gateway:
         try:
             payments = self.hook.find_all_payments(merchant_uid)
         except IamportError as e:
-            return Lookup(UNREACHABLE, reason=_text(e))
+            return Lookup(UNREACHABLE, reason=error_text(e))
         return Lookup(FOUND, tuple(payments)) if payments else Lookup(ABSENT)
 
     def payments_between(self, since: int, until: int) -> Iterator[Payment]:
         try:
             yield from self.hook.list_payments("all", since, until)
         except IamportError as e:
-            raise GatewayUnavailable(f"could not list payments: {_text(e)}") from None
+            raise GatewayUnavailable(f"could not list payments: {error_text(e)}") from None
 
     def payment(self, payment_id: str) -> tuple[Payment, list[CancelEntry]]:
         try:
@@ -139,9 +134,9 @@ class IamportV1Gateway:
         except IamportNotFound:
             raise PaymentAbsent(f"Iamport has no payment {payment_id}") from None
         except IamportAuthError as e:
-            raise CredentialsRefused(_text(e)) from None
+            raise CredentialsRefused(error_text(e)) from None
         except IamportError as e:
-            raise GatewayUnavailable(f"could not look {payment_id} up: {_text(e)}") from None
+            raise GatewayUnavailable(f"could not look {payment_id} up: {error_text(e)}") from None
 
     def cancel(self, payment_id: str, *, amount: int, reason: str, checksum: int) -> Payment:
         try:
@@ -149,30 +144,18 @@ class IamportV1Gateway:
                 imp_uid=payment_id, amount=amount, reason=reason, checksum=checksum
             )
         except IamportCancelOutcomeUnknown as e:
-            raise RefundOutcomeUnknown(_text(e)) from None
+            raise RefundOutcomeUnknown(error_text(e)) from None
         except IamportRequestRejected as e:
-            raise RefundRefused(e.api_message or _text(e)) from None
+            raise RefundRefused(e.api_message or error_text(e)) from None
         except IamportAuthError as e:
-            raise CredentialsRefused(_text(e)) from None
+            raise CredentialsRefused(error_text(e)) from None
         except IamportError as e:  # the hook resends nothing: only "never sent" gets here
-            raise GatewayUnavailable(f"the cancel was not sent: {_text(e)}") from None
+            raise GatewayUnavailable(f"the cancel was not sent: {error_text(e)}") from None
 
     def missing_billing_keys(self, customer_uids: Sequence[str]) -> list[str]:
         try:
             return list(self.hook.get_billing_keys(list(customer_uids)).missing)
         except IamportAuthError as e:
-            raise CredentialsRefused(_text(e)) from None
+            raise CredentialsRefused(error_text(e)) from None
         except IamportError as e:
-            raise GatewayUnavailable(f"could not check billing keys: {_text(e)}") from None
-
-
-def result_of(payment: Payment) -> ChargeResult:
-    """A payment record as a charge result: paid/cancelled, failed (declined), or unknown."""
-    if payment.status in (api.PAID, api.CANCELLED):
-        return ChargeResult(PAID, payment)
-    if payment.status == api.FAILED:
-        return ChargeResult(DECLINED, payment, reason=payment.fail_reason)
-    return ChargeResult(
-        UNKNOWN, payment, code=f"status_{payment.status or 'empty'}",
-        reason=f"the gateway reports status {payment.status!r}",
-    )  # fmt: skip
+            raise GatewayUnavailable(f"could not check billing keys: {error_text(e)}") from None

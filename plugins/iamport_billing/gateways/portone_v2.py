@@ -52,8 +52,9 @@ from iamport_billing.gateways.base import (
     PaymentAbsent,
     RefundOutcomeUnknown,
     RefundRefused,
+    error_text,
+    result_of,
 )
-from iamport_billing.gateways.iamport_v1 import result_of
 from iamport_billing.hooks.portone import (
     PortOneAuthError,
     PortOneError,
@@ -105,10 +106,6 @@ def _path(template: str, value: str) -> str:
     return template.format(quote(value, safe=""))
 
 
-def _text(error: Exception) -> str:
-    return str(error)[:300]
-
-
 class PortOneV2Gateway:
     """The Gateway interface over one ``portone`` connection."""
 
@@ -142,13 +139,13 @@ class PortOneV2Gateway:
                 idempotency_key=idempotency_key("charge", request.merchant_uid),
             )  # fmt: skip
         except PortOneAuthError as e:
-            raise CredentialsRefused(_text(e)) from None
+            raise CredentialsRefused(error_text(e)) from None
         except PortOneRateLimited as e:
-            return ChargeResult(RATE_LIMITED, retry_after=e.retry_after, reason=_text(e))
+            return ChargeResult(RATE_LIMITED, retry_after=e.retry_after, reason=error_text(e))
         except PortOneNotSent as e:
-            return ChargeResult(NOT_SENT, code="connect_error", reason=_text(e))
+            return ChargeResult(NOT_SENT, code="connect_error", reason=error_text(e))
         except PortOneOutcomeUnknown as e:
-            return ChargeResult(UNKNOWN, code="outcome_unknown", reason=_text(e))
+            return ChargeResult(UNKNOWN, code="outcome_unknown", reason=error_text(e))
         except Exception as e:  # noqa: BLE001 - money may have moved: unknown, never lost
             return ChargeResult(UNKNOWN, code="client_error", reason=f"{type(e).__name__}: {e}")
         try:
@@ -255,7 +252,7 @@ class PortOneV2Gateway:
         try:
             reply = self.hook.get(_path("/payments/{}", merchant_uid))
         except PortOneError as e:
-            return Lookup(UNREACHABLE, reason=_text(e))
+            return Lookup(UNREACHABLE, reason=error_text(e))
         if reply.status == 404 and reply.error_type == "PAYMENT_NOT_FOUND":
             return Lookup(ABSENT)
         if reply.status != 200:
@@ -275,7 +272,7 @@ class PortOneV2Gateway:
             try:
                 reply = self.hook.get("/payments-by-cursor", query_body=query)
             except PortOneError as e:
-                raise GatewayUnavailable(f"could not list payments: {_text(e)}") from None
+                raise GatewayUnavailable(f"could not list payments: {error_text(e)}") from None
             items = reply.body.get("items") if isinstance(reply.body, dict) else None
             if reply.status != 200 or not isinstance(items, list):
                 raise GatewayUnavailable(
@@ -314,9 +311,9 @@ class PortOneV2Gateway:
         try:
             reply = self.hook.get(_path("/billing-keys/{}", key))
         except PortOneAuthError as e:
-            raise CredentialsRefused(_text(e)) from None
+            raise CredentialsRefused(error_text(e)) from None
         except PortOneError as e:
-            raise GatewayUnavailable(f"could not check billing keys: {_text(e)}") from None
+            raise GatewayUnavailable(f"could not check billing keys: {error_text(e)}") from None
         status = reply.body.get("status") if isinstance(reply.body, dict) else None
         if reply.status == 404 and reply.error_type == "BILLING_KEY_NOT_FOUND":
             return True
@@ -330,9 +327,9 @@ class PortOneV2Gateway:
         try:
             reply = self.hook.get(_path("/payments/{}", payment_id))
         except PortOneAuthError as e:
-            raise CredentialsRefused(_text(e)) from None
+            raise CredentialsRefused(error_text(e)) from None
         except PortOneError as e:
-            raise GatewayUnavailable(f"could not look {payment_id} up: {_text(e)}") from None
+            raise GatewayUnavailable(f"could not look {payment_id} up: {error_text(e)}") from None
         if reply.status == 404 and reply.error_type == "PAYMENT_NOT_FOUND":
             raise PaymentAbsent(f"PortOne has no payment {payment_id}")
         try:
@@ -354,11 +351,11 @@ class PortOneV2Gateway:
                 _path("/payments/{}/cancel", payment_id), body, idempotency_key=key
             )
         except PortOneAuthError as e:
-            raise CredentialsRefused(_text(e)) from None
+            raise CredentialsRefused(error_text(e)) from None
         except (PortOneNotSent, PortOneRateLimited) as e:
-            raise GatewayUnavailable(f"the cancel was not sent: {_text(e)}") from None
+            raise GatewayUnavailable(f"the cancel was not sent: {error_text(e)}") from None
         except Exception as e:  # noqa: BLE001 - it may have applied: unknown, never resent
-            raise RefundOutcomeUnknown(f"{type(e).__name__}: {_text(e)}") from None
+            raise RefundOutcomeUnknown(f"{type(e).__name__}: {error_text(e)}") from None
         if reply.status == 200:
             cancellation = reply.body.get("cancellation") if isinstance(reply.body, dict) else None
             state = cancellation.get("status") if isinstance(cancellation, dict) else None
