@@ -170,3 +170,32 @@ def register_cards(emulator: Any, cards: Iterable[tuple[str, str]]) -> None:
 
     now = int(time.time())
     emulator.store.save_customers(customer_row(uid, card, now) for uid, card in cards)
+
+
+def login(browser: Any, url: str, user: str, password: str) -> None:
+    """Sign in to Airflow in the browser (SimpleAuthManager's form); the JWT cookie follows."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{url}/auth/login?next={url}/billing/")
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.NAME, "password"))
+    browser.find_element(By.NAME, "username").send_keys(user)
+    browser.find_element(By.NAME, "password").send_keys(password)
+    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    WebDriverWait(browser, 60).until(lambda d: d.get_cookie("_token"))
+
+
+CELERY_ENV_FILE = "deploy/celery.env"
+
+
+def celery_env() -> dict[str, str]:
+    """The Celery settings file docker-compose.yaml reads (``env_file``), as a mapping: the
+    Celery end-to-end test runs with exactly these."""
+    from conftest import REPO
+
+    settings = {}
+    for line in (REPO / CELERY_ENV_FILE).read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, value = line.split("=", 1)
+            settings[name.strip()] = value.strip()
+    return settings

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import REPO
+from support import CELERY_ENV_FILE, celery_env
 
 OFFICIAL_SERVICES = {
     "postgres", "redis", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
@@ -100,6 +101,7 @@ def airflow_facts() -> dict[str, Any]:
     """Ask Airflow, configured like the containers (CeleryExecutor), in one subprocess."""
     env_vars = sorted(
         {k for s in airflow_image_services().values() for k in (s.get("environment") or {})}
+        | set(celery_env())
     )
     probe = f"""
 import json, os, sys
@@ -236,3 +238,11 @@ def test_emulator_service_command_parses_with_the_emulator_cli():
     argv = argv_of(services()["iamport-emulator"]["command"])
     args = build_parser().parse_args(argv[1:])
     assert (args.host, args.port) == ("0.0.0.0", 8099)
+
+
+def test_celery_settings_are_the_file_the_celery_end_to_end_test_runs_with():
+    assert celery_env()["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+    for name, service in airflow_image_services().items():
+        assert service.get("env_file") == CELERY_ENV_FILE, name
+        overridden = set(service.get("environment") or {}) & set(celery_env())
+        assert overridden == set(), f"{name} overrides the shared Celery settings: {overridden}"

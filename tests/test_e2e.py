@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import shutil
-import subprocess
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -32,14 +28,13 @@ from iamport_billing.emulator import EmulatorConfig, start_emulator_process
 from iamport_billing.policy import SEOUL
 from iamport_billing.sample_data import seed_sample
 from iamport_billing.warehouse.ledger import Ledger
-from support import emulator_payments
+from support import emulator_payments, login
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres, pytest.mark.timeout(600)]
 
 USER, PASSWORD = "ops", "e2e-ops-password"
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"e2e webhook secret, 32 bytes long").decode()
 SUBSCRIPTIONS = 300
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
 @pytest.fixture(scope="module")
@@ -217,42 +212,6 @@ def test_connection_test_button_reaches_the_emulator(airflow):
     assert "wrong" not in bad["message"]
 
 
-@pytest.fixture(scope="module")
-def browser():
-    """Headless Chromium through chromedriver; installed from Debian's packages when missing."""
-    webdriver = pytest.importorskip("selenium.webdriver")
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        _install_chromium()
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    profile = tempfile.mkdtemp(prefix="iamport-e2e-chromium-")
-    for arg in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run", "--window-size=1280,1000",
-        f"--user-data-dir={profile}",
-    ):  # fmt: skip
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
-
-
-def _install_chromium() -> None:
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("Chromium is not installed and cannot be (needs root and apt-get)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    packages = ["chromium", "chromium-driver", "fonts-nanum"]
-    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", *packages]):
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        if done.returncode:
-            pytest.skip(f"Chromium could not be installed: {done.stderr[-500:]}")
-
-
 def test_billing_page_in_headless_chromium(airflow, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -260,12 +219,7 @@ def test_billing_page_in_headless_chromium(airflow, browser):
     url = airflow.stack.url
     browser.get(f"{url}/billing/")
     assert "Sign in to Airflow" in browser.page_source  # no cookie yet: the login link page
-    browser.get(f"{url}/auth/login?next={url}/billing/")
-    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.NAME, "password"))
-    browser.find_element(By.NAME, "username").send_keys(USER)
-    browser.find_element(By.NAME, "password").send_keys(PASSWORD)
-    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    WebDriverWait(browser, 60).until(lambda d: d.get_cookie("_token"))
+    login(browser, url, USER, PASSWORD)
     browser.get(f"{url}/billing/")
     WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "svg rect.bar"))
     ARTIFACTS.mkdir(exist_ok=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pendulum
+import psutil
 import requests
 
 from iamport_billing.config import BillingConfig
@@ -154,17 +155,44 @@ class AirflowStack:
         self.airflow("db", "migrate")
 
     def start(self, components: tuple[str, ...] = COMPONENTS) -> None:
-        env = self.env()
         for name in components:
-            log = (self.home / "logs" / f"{name}.log").open("ab")
-            self.processes[name] = subprocess.Popen(
-                [airflow_exe(), name],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            log.close()
+            self._spawn(name, [name])
+
+    def start_worker(self, name: str, log_server_port: int | None = None) -> None:
+        """One Celery worker (``airflow celery worker``) called ``name``; workers on one host
+        each need their own log server port."""
+        port = log_server_port or free_port()
+        self._spawn(
+            name,
+            ["celery", "worker", "--celery-hostname", f"{name}@%h"],
+            {"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(port)},
+        )
+
+    def _spawn(self, name: str, args: list[str], env: Mapping[str, str] | None = None) -> None:
+        log = (self.home / "logs" / f"{name}.log").open("ab")
+        self.processes[name] = subprocess.Popen(
+            [airflow_exe(), *args],
+            env={**self.env(), **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a component and every process under it, as a machine dying would."""
+        proc = self.processes.pop(name)
+        try:
+            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        _signal_group(proc, signal.SIGKILL)
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        proc.wait()
 
     def wait_ready(self, timeout: float = 180.0) -> None:
         """Until the API server answers its health check (and no component has died)."""
