@@ -221,7 +221,7 @@ def record_figures(celery, per_second: dict[int, int]) -> None:
     """The two-worker figures for BENCHMARKS.md, from the ledger and the emulator's log."""
     rows = [r for r in ledger_rows(celery.wh) if r["status"] in ("paid", "failed")]
     first = min(r["requested_at"] for r in rows)
-    last = max(r["responded_at"] for r in rows)
+    last = max(r["completed_at"] for r in rows)
     charging_s = (last - first).total_seconds()
     busy = [n for n in per_second.values() if n]
     figures = {
