@@ -262,6 +262,9 @@ def _cut(rate: float, accepted: int, limit: float) -> tuple[float, float]:
 # -- Redis: the same algorithm as LocalLimiter, atomic in Lua on the server's clock ----------
 
 _PRELUDE = f"""
+local function num(x)
+  return string.format('%.6f', x)
+end
 local function now_s()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -280,8 +283,8 @@ local function current_rate(key, limit, adaptive, now)
   else
     rate = limit
   end
-  redis.call('HSET', key, 'limit', tostring(limit), 'rate', tostring(rate),
-             'upd', tostring(now), 'ceil', tostring(ceil))
+  redis.call('HSET', key, 'limit', num(limit), 'rate', num(rate),
+             'upd', num(now), 'ceil', num(ceil))
   redis.call('EXPIRE', key, {KEY_TTL_S})
   return rate
 end
@@ -295,9 +298,9 @@ local now = now_s()
 local rate = current_rate(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), now)
 local slot = math.max(tonumber(redis.call('HGET', KEYS[1], 'tat') or 0), now)
 if slot - now <= tonumber(ARGV[3]) then
-  redis.call('HSET', KEYS[1], 'tat', tostring(slot + 1 / rate))
+  redis.call('HSET', KEYS[1], 'tat', num(slot + 1 / rate))
 end
-return tostring(slot - now)
+return num(slot - now)
 """
 )
 
@@ -314,7 +317,7 @@ if redis.call('ZCARD', KEYS[2]) < math.max(1, math.floor(rate)) then
   return '0'
 end
 local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-return tostring(tonumber(oldest[2]) + 1 - now)
+return num(tonumber(oldest[2]) + 1 - now)
 """
 )
 
@@ -355,7 +358,7 @@ if verdict == 0 then
     verdict = 2
   end
   if base then base = base + {BASELINE_WEIGHT} * (latency - base) else base = latency end
-  redis.call('HSET', KEYS[1], 'base', tostring(base), 'oks', oks, 'okn', okn, 'okp', okp)
+  redis.call('HSET', KEYS[1], 'base', num(base), 'oks', oks, 'okn', okn, 'okp', okp)
 end
 if verdict == 0 or now - cut < {CUT_EVERY_S} then return 0 end
 local accepted = 0
@@ -367,8 +370,8 @@ local ceil = rate
 if accepted > 0 then ceil = accepted end
 local floor = {FLOOR} * limit
 local new = math.max(floor, {DECREASE} * math.min(rate, ceil))
-redis.call('HSET', KEYS[1], 'rate', tostring(new), 'ceil', tostring(math.max(floor, ceil)),
-           'cut', tostring(now))
+redis.call('HSET', KEYS[1], 'rate', num(new), 'ceil', num(math.max(floor, ceil)),
+           'cut', num(now))
 return 1
 """
 )

@@ -198,6 +198,17 @@ class EmulatorApp(FastAPI):
         em = self.emulator
         em.count("requests", self._endpoint(scope))
         em.serving(+1)
+        serving = True
+
+        async def answered(message: Message) -> None:
+            # Served once the last of the reply goes out: the client cannot have it before.
+            nonlocal serving
+            if serving and message["type"] == "http.response.body" and not message.get("more_body"):
+                serving = False
+                em.serving(-1)
+            await send(message)
+
+        answered.__wrapped__ = send  # type: ignore[attr-defined]  # for _abort_connection
         try:
             # A real server has the whole request before its (PG) latency: a client that
             # times out during the latency has still been charged.
@@ -211,11 +222,12 @@ class EmulatorApp(FastAPI):
             if admission is None:
                 return
             try:
-                await self._faulted(scope, receive, send, admission)
+                await self._faulted(scope, receive, answered, admission)
             finally:
                 await admission.close()
         finally:
-            em.serving(-1)
+            if serving:
+                em.serving(-1)
 
     async def _faulted(
         self, scope: Scope, receive: Receive, send: Send, admission: Admission
@@ -308,6 +320,7 @@ def _abort_connection(send: Send) -> None:
     uvicorn passes ``RequestResponseCycle.send`` (h11 and httptools alike), whose ``transport``
     is the connection's asyncio transport.
     """
+    send = getattr(send, "__wrapped__", send)
     transport = getattr(getattr(send, "__self__", None), "transport", None)
     if transport is None:
         raise RuntimeError("drop-after-commit needs uvicorn's transport; none found on send()")
