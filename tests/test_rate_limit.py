@@ -213,72 +213,36 @@ CAP = 50
 CHARGES = 1500
 
 
-def adaptive_run(tmp_path: Path, limited_conn, warehouse_conn: str) -> dict[str, float]:
-    """A charge run of CHARGES against a capped emulator process; returns the figures."""
-    from iamport_billing.charging import ChargeEngine, ChargeSettings
-    from iamport_billing.emulator.server import start_emulator_process
-    from iamport_billing.emulator.store import seed_customers
-    from iamport_billing.gateways.iamport_v1 import IamportV1Gateway
-    from iamport_billing.policy import ChargeCandidate
-    from iamport_billing.states import PAID
-    from iamport_billing.warehouse.ledger import Ledger
-    from support import PAYING_CARD, emulator_payments
+def adaptive_run(tmp_path: Path, limited_conn) -> dict:
+    """bench/adaptive.py's run: CHARGES against an emulator process capped at CAP/s, the
+    connection configured at 200/s, the ledger on ``billing_warehouse``."""
+    from bench.adaptive import measure
 
-    config = EmulatorConfig(db_path=str(tmp_path / "capped.db"), seed=7, rate_cap=CAP)
-    seed_customers(config.db_path, ((f"cust-{i:05d}", PAYING_CARD) for i in range(CHARGES)))
-    with start_emulator_process(config) as proc:
-        conn_id = limited_conn(proc.url, config, requests_per_second=200)
-        hook = IamportHook(conn_id, pool_maxsize=16)
-        candidates = [
-            ChargeCandidate(f"s{i:05d}", f"cust-{i:05d}", 1000, DAY, name="plan")
-            for i in range(CHARGES)
-        ]
-        settings = ChargeSettings(max_concurrency=16, unknown_settle_seconds=0.1)
-        run = {"dag_id": "rate", "run_id": "adaptive", "task_id": "charge", "try_number": 1}
-        with Ledger.from_conn_id(warehouse_conn) as ledger:
-            ledger.init_schema()
-            ChargeEngine(IamportV1Gateway(hook), ledger, settings, run).charge_batch(candidates)
-            statuses = dict(
-                ledger.query("SELECT merchant_uid, status FROM billing_charge_attempts")
-            )
-        hook.close()
-        log = rate_log(proc.url)
-        payments = emulator_payments(config.db_path)
-    seconds = sorted(log)
-    steady = seconds[5:-1]  # after the first back-off, without the partial last second
-    accepted = sum(log[s]["accepted"] for s in steady)
-    total = sum(c["accepted"] + c["refused"] for c in log.values())
-    refused = sum(c["refused"] for c in log.values())
-    paid = [p["merchant_uid"] for p in payments if p["status"] == "paid"]
-    return {
-        "reached": accepted / len(steady),
-        "refused_share": refused / total,
-        "requests": total,
-        "paid_once": len(paid) == len(set(paid)) == CHARGES,
-        "ledger_paid": sum(1 for s in statuses.values() if s == PAID),
-        "ledger_rows": len(statuses),
-    }
+    def connection(url: str, config: EmulatorConfig, extras: dict) -> str:
+        return limited_conn(url, config, **extras)
+
+    return measure(tmp_path, connection, "billing_warehouse", cap=CAP, configured=200, n=CHARGES)
 
 
 def assert_adaptive(figures: dict[str, float]) -> None:
     print(f"adaptive: {figures}")
-    assert figures["reached"] >= 0.9 * CAP, figures
+    assert figures["reached_per_s"] >= 0.9 * CAP, figures
     assert figures["refused_share"] <= 0.01, figures
     assert figures["paid_once"], figures
-    assert figures["ledger_paid"] == figures["ledger_rows"] == CHARGES, figures
+    assert figures["ledger_paid"] == CHARGES, figures  # none unknown, declined or pending
 
 
 @pytest.mark.timeout(600)
 def test_adaptive_rate_reaches_the_gateway_cap_with_few_refusals(
     tmp_path, limited_conn, sqlite_warehouse
 ):
-    assert_adaptive(adaptive_run(tmp_path, limited_conn, "billing_warehouse"))
+    assert_adaptive(adaptive_run(tmp_path, limited_conn))
 
 
 @pytest.mark.postgres
 @pytest.mark.timeout(600)
 def test_adaptive_rate_on_postgres(tmp_path, limited_conn, postgres_warehouse):
-    assert_adaptive(adaptive_run(tmp_path, limited_conn, "billing_warehouse"))
+    assert_adaptive(adaptive_run(tmp_path, limited_conn))
 
 
 # -- every DAG is covered by construction: the backfill DAG through Airflow --------------------
@@ -322,3 +286,12 @@ def test_the_backfill_dag_goes_through_the_shared_limit(
     assert sum(c["accepted"] for c in log.values()) >= 3  # the token, a lookup, the charge
     assert max(c["accepted"] for c in log.values()) == 1, log
     assert _redis().hget(f"{KEY_PREFIX}{conn_id}:state", "limit") is not None
+
+
+def test_both_connection_forms_show_the_rate_limit_extras():
+    from iamport_billing.provider_info import get_provider_info
+
+    for conn_type in get_provider_info()["connection-types"]:
+        fields = conn_type["conn-fields"]
+        wanted = {"requests_per_second", "max_in_flight", "rate_limit_redis_conn_id", "adaptive"}
+        assert wanted <= fields.keys(), conn_type["connection-type"]
