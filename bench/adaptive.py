@@ -88,7 +88,7 @@ def measure(
     }
 
 
-def run_alone(work: Path, spec: str, redis_url: str) -> dict[str, Any]:
+def run_alone(work: Path, spec: str, redis_url: str, concurrency: int = 16) -> dict[str, Any]:
     """The bench's --adaptive CAP:CONFIGURED:N, with an SQLite ledger and connections in the
     environment (AIRFLOW_CONN_...)."""
     import os
@@ -112,8 +112,9 @@ def run_alone(work: Path, spec: str, redis_url: str) -> dict[str, Any]:
 
     try:
         return measure(
-            work, connection, "bench_adaptive_warehouse", cap=cap, configured=configured, n=int(n)
-        )
+            work, connection, "bench_adaptive_warehouse", cap=cap, configured=configured,
+            n=int(n), concurrency=concurrency,
+        )  # fmt: skip
     finally:
         import redis
 
