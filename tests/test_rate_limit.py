@@ -8,7 +8,9 @@ import multiprocessing
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import date
+from functools import partial
 from pathlib import Path
 
 import pendulum
@@ -80,7 +82,12 @@ def _lookups(conn_id: str, threads: int, seconds: float, ready) -> None:
                 pass
         hook.close()
 
-    workers = [threading.Thread(target=work, args=(hook,)) for hook in hooks]
+    in_threads([partial(work, hook) for hook in hooks])
+
+
+def in_threads(targets: list[Callable[[], None]]) -> None:
+    """Run each target in a thread of its own; return when all are done."""
+    workers = [threading.Thread(target=t) for t in targets]
     for w in workers:
         w.start()
     for w in workers:
@@ -186,11 +193,7 @@ def test_the_local_limiter_spaces_starts_within_one_process():
             limiter.release(limiter.acquire(), 0)
             starts.append(time.monotonic())
 
-    workers = [threading.Thread(target=work) for _ in range(6)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+    in_threads([work] * 6)
     starts.sort()
     assert max(sum(1 for t in starts if s <= t < s + 1) for s in starts) <= 41
 
