@@ -7,6 +7,7 @@ each measured stage runs in a process of its own so its CPU time and RSS are its
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -80,6 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dag", action="append", default=[], metavar="N:C", help="DAG-run scenario")
     p.add_argument("--map-check-n", type=int, default=MAP_CHECK.n, help="0 skips the check")
     p.add_argument("--profile-stage", metavar="N:C", help="py-spy record that stage (GIL samples)")
+    p.add_argument(
+        "--adaptive", metavar="CAP:CONFIGURED:N",
+        help="only the adaptive-throttling run: emulator capped at CAP/s, the connection "
+        "configured at CONFIGURED/s, N charges (see bench/adaptive.py); prints its figures",
+    )  # fmt: skip
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="for --adaptive")
     p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK)
     p.add_argument(
         "--baseline-venv", type=Path, default=DEFAULT_WORK / "baseline-venv",
@@ -348,6 +355,12 @@ class Bench:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     bench = Bench(args)
+    if args.adaptive:
+        from bench.adaptive import run_alone
+
+        figures = run_alone(args.work_dir / "adaptive", args.adaptive, args.redis_url)
+        print(json.dumps(figures, indent=2))
+        return
     started = time.perf_counter()
     results = bench.run()
     results["bench_wall_s"] = round(time.perf_counter() - started, 1)

@@ -63,6 +63,33 @@ CONNECTION_EXTRA_FIELDS: dict[str, dict[str, Any]] = {
     },
 }
 
+# The connection's request limit (rate_limit.py), the same on both connection types.
+RATE_LIMIT_EXTRA_FIELDS: dict[str, dict[str, Any]] = {
+    "requests_per_second": {
+        "label": "Requests per second",
+        "description": "Rate limit of every request of this connection; shared by all tasks "
+        "and workers when a Redis connection is set below. Empty: no limit.",
+        "schema": {"type": ["number", "null"], "exclusiveMinimum": 0},
+    },
+    "max_in_flight": {
+        "label": "Max requests in flight",
+        "description": "Most requests of this connection at the gateway at once. Empty: no limit.",
+        "schema": {"type": ["integer", "null"], "minimum": 1},
+    },
+    "rate_limit_redis_conn_id": {
+        "label": "Rate limit Redis connection",
+        "description": "An Airflow redis connection (the Celery broker's Redis) sharing the "
+        "limit across workers. Empty: per process only, NOT shared. Unreachable: nothing sent.",
+        "schema": {"type": ["string", "null"]},
+    },
+    "adaptive": {
+        "label": "Adaptive rate",
+        "description": "Back off on 429, 5xx and slow replies, then recover up to the limit.",
+        "schema": {"type": ["boolean", "null"], "default": True},
+    },
+}
+CONNECTION_EXTRA_FIELDS.update(RATE_LIMIT_EXTRA_FIELDS)
+
 
 PORTONE_CONN_TYPE = "portone"
 
@@ -102,6 +129,7 @@ PORTONE_CONNECTION_EXTRA_FIELDS: dict[str, dict[str, Any]] = {
     },
     "verify_tls": CONNECTION_EXTRA_FIELDS["verify_tls"],
     "allow_insecure_http": CONNECTION_EXTRA_FIELDS["allow_insecure_http"],
+    **RATE_LIMIT_EXTRA_FIELDS,
 }
 
 

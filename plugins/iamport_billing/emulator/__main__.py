@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--error-rate", type=float, default=0.0, help="P(HTTP 500/502/503 up front)")
     p.add_argument("--rate-limit-rate", type=float, default=0.0, help="P(HTTP 429 up front)")
     p.add_argument(
+        "--rate-cap",
+        type=float,
+        default=None,
+        help="answer 429 beyond this many API requests in one wall-clock second (default: none)",
+    )
+    p.add_argument(
         "--drop-after-commit-rate",
         type=float,
         default=0.0,
@@ -146,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
             latency_jitter_ms=args.latency_jitter_ms,
             error_rate=args.error_rate,
             rate_limit_rate=args.rate_limit_rate,
+            rate_cap=args.rate_cap,
             drop_after_commit_rate=args.drop_after_commit_rate,
             token_ttl_s=args.token_ttl_s,
             token_extend_window_s=args.token_extend_window_s,

@@ -102,6 +102,9 @@ FAULT_FIELDS = (
     # Seconds the emulator's clock runs ahead of the machine's: a simulation moves it to the
     # simulated day (paid_at, getToken's now, token expiry, the status listing's default `to`).
     "clock_offset_s",
+    # At most this many API requests are answered in one wall-clock second; the rest get 429
+    # (a gateway's per-second rate limit). None: no cap.
+    "rate_cap",
     *SWITCH_FIELDS,
 )
 
@@ -146,6 +149,7 @@ class EmulatorConfig:
     charge_status_ready: bool = False
     paid_amount_multiplier: float = 1.0
     clock_offset_s: float = 0.0
+    rate_cap: float | None = None
     seed: int | None = None
     log_level: str = "warning"
 
@@ -165,6 +169,8 @@ class EmulatorConfig:
                 raise ValueError(f"{name} must be within [0, 1], got {value}")
         if self.latency_ms < 0 or self.latency_jitter_ms < 0:
             raise ValueError("latency_ms and latency_jitter_ms must be >= 0")
+        if self.rate_cap is not None and not (self.rate_cap > 0 and math.isfinite(self.rate_cap)):
+            raise ValueError(f"rate_cap must be > 0 requests per second, got {self.rate_cap}")
         if self.token_ttl_s < 1:
             raise ValueError("token_ttl_s must be >= 1")
         for name in ("token_extend_window_s", "token_extend_s"):
@@ -246,7 +252,7 @@ def _coerce(name: str, value: Any) -> Any:
         raise ValueError(f"{name} must be true or false, got {value!r}")
     if name == "token_status" and value in (None, 0, "", "0"):
         return None
-    if value is None and name in ("token_extend_window_s", "token_extend_s", "seed"):
+    if value is None and name in ("token_extend_window_s", "token_extend_s", "seed", "rate_cap"):
         return None
     if isinstance(value, bool):
         raise ValueError(f"{name} must be a number")

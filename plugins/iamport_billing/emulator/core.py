@@ -44,6 +44,8 @@ HTML_ERROR = (
     "<html><head><title>{code} {reason}</title></head><body><center><h1>{code} {reason}</h1>"
     "</center><hr><center>nginx</center></body></html>"
 )
+# Seconds of per-second request counts kept for GET /__emulator__/rate-log.
+RATE_LOG_SECONDS = 3600
 REASONS = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
 FOREIGN_404_JSON = {"error": "not found"}
 
@@ -93,6 +95,11 @@ class EmulatorState:
         self.holds = 0  # how many of the next charge requests to hold
         self.held: dict[str, str] = {}  # merchant_uid (paymentId) -> customer_uid (billing key)
         self.webhooks: WebhookSender | None = None
+        # epoch second -> [accepted, refused] API requests; requests being served now and the
+        # most at once so far.
+        self.rate_log: dict[int, list[int]] = {}
+        self.in_flight = 0
+        self.in_flight_peak = 0
 
     def close(self) -> None:
         """Stop background work (V2's webhook sender), then the database."""
@@ -104,6 +111,31 @@ class EmulatorState:
         with self._lock:
             self.counters.setdefault(group, Counter())[key] += 1
 
+    def admit_rate(self) -> bool:
+        """Count an API request in its wall-clock second; False when ``rate_cap`` refuses it."""
+        cap = self.config.rate_cap
+        second = int(time.time())
+        with self._lock:
+            counts = self.rate_log.get(second)
+            if counts is None:
+                counts = self.rate_log[second] = [0, 0]
+                for old in [s for s in self.rate_log if s <= second - RATE_LOG_SECONDS]:
+                    del self.rate_log[old]
+            refused = cap is not None and counts[0] >= cap
+            counts[1 if refused else 0] += 1
+        return not refused
+
+    def rate_counts(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            return {
+                str(s): {"accepted": a, "refused": r} for s, (a, r) in sorted(self.rate_log.items())
+            }
+
+    def serving(self, delta: int) -> None:
+        with self._lock:
+            self.in_flight += delta
+            self.in_flight_peak = max(self.in_flight_peak, self.in_flight)
+
     def reseed(self, seed: int | None) -> None:
         self.rng = random.Random(seed)
 
@@ -111,6 +143,7 @@ class EmulatorState:
         with self._lock:
             data: dict[str, Any] = {k: dict(v) for k, v in self.counters.items()}
             data["held"] = dict(self.held)
+            data["in_flight_peak"] = self.in_flight_peak
         data["payments"] = self.store.payment_counts()
         return data
 
@@ -164,16 +197,37 @@ class EmulatorApp(FastAPI):
             return
         em = self.emulator
         em.count("requests", self._endpoint(scope))
-        # A real server has the whole request before its (PG) latency: a client that times
-        # out during the latency has still been charged.
-        receive, body = await _buffered(receive)
-        admission = await self.admit(scope, body, send)
-        if admission is None:
-            return
+        em.serving(+1)
+        serving = True
+
+        async def answered(message: Message) -> None:
+            # Served once the last of the reply goes out: the client cannot have it before.
+            nonlocal serving
+            if serving and message["type"] == "http.response.body" and not message.get("more_body"):
+                serving = False
+                em.serving(-1)
+            await send(message)
+
+        answered.__wrapped__ = send  # type: ignore[attr-defined]  # for _abort_connection
         try:
-            await self._faulted(scope, receive, send, admission)
+            # A real server has the whole request before its (PG) latency: a client that
+            # times out during the latency has still been charged.
+            receive, body = await _buffered(receive)
+            if not em.admit_rate():
+                em.count("faults", "rate_cap")
+                refusal = self.dialect.error_body(429, "Too Many Requests")
+                await JSONResponse(refusal, 429, headers={"Retry-After": "1"})(scope, receive, send)
+                return
+            admission = await self.admit(scope, body, send)
+            if admission is None:
+                return
+            try:
+                await self._faulted(scope, receive, answered, admission)
+            finally:
+                await admission.close()
         finally:
-            await admission.close()
+            if serving:
+                em.serving(-1)
 
     async def _faulted(
         self, scope: Scope, receive: Receive, send: Send, admission: Admission
@@ -266,6 +320,7 @@ def _abort_connection(send: Send) -> None:
     uvicorn passes ``RequestResponseCycle.send`` (h11 and httptools alike), whose ``transport``
     is the connection's asyncio transport.
     """
+    send = getattr(send, "__wrapped__", send)
     transport = getattr(getattr(send, "__self__", None), "transport", None)
     if transport is None:
         raise RuntimeError("drop-after-commit needs uvicorn's transport; none found on send()")
@@ -310,6 +365,11 @@ def add_admin_routes(app: EmulatorApp) -> None:
         if "seed" in body:
             em.reseed(config.seed)
         return JSONResponse(config.faults())
+
+    @app.get(ADMIN_PREFIX + "/rate-log")
+    async def rate_log() -> dict[str, Any]:
+        """API requests per wall-clock second: {epoch_second: {accepted, refused}}."""
+        return em.rate_counts()
 
     @app.post(ADMIN_PREFIX + "/hold")
     async def hold(request: Request) -> Response:

@@ -185,6 +185,7 @@ def cli_args(config: EmulatorConfig, port: int) -> list[str]:
         "--token-extend-window-s": config.token_extend_window_s,
         "--token-extend-s": config.token_extend_s,
         "--seed": config.seed,
+        "--rate-cap": config.rate_cap,
         "--webhook-url": config.webhook_url,
     }
     for flag, value in optional.items():

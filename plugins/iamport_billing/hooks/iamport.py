@@ -54,11 +54,15 @@ from iamport_billing.hooks.transport import (
     bool_extra,
     build_pool,
     clean_excerpt,
+    connection_limiter,
+    limited_request,
     mask,
     parse_body,
+    rate_limit_of,
     retry_after,
     scrub,
 )
+from iamport_billing.rate_limit import OK, REFUSED, TROUBLE, Limiter, NotAdmitted, RateLimitSettings
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +105,7 @@ class IamportSettings:
     max_retries: int = 3
     verify_tls: bool = True
     include_sandbox: bool = False
+    rate_limit: RateLimitSettings = RateLimitSettings()
 
     def __repr__(self) -> str:
         return f"IamportSettings(base_url={self.base_url!r}, imp_key={self.imp_key!r}, ...)"
@@ -127,6 +132,7 @@ def settings_from_connection(conn: Any) -> IamportSettings:
         max_retries=int(extra.get("max_retries") if extra.get("max_retries") is not None else 3),
         verify_tls=bool_extra(extra.get("verify_tls"), True),
         include_sandbox=bool_extra(extra.get("include_sandbox"), False),
+        rate_limit=rate_limit_of(conn),
     )
 
 
@@ -236,6 +242,14 @@ class IamportHook(BaseHook):
                     s.base_url, verify_tls=s.verify_tls, maxsize=self.pool_maxsize
                 )
             return self._pool
+
+    @property
+    def limiter(self) -> Limiter | None:
+        """The connection's request limit (shared through Redis when configured so)."""
+        s = self.settings
+        return connection_limiter(
+            self.iamport_conn_id, s.rate_limit, s.connect_timeout, s.read_timeout
+        )
 
     def _default_headers(self) -> dict[str, str]:
         headers = {"User-Agent": "airflow-iamport-billing", "Accept": "application/json"}
@@ -365,10 +379,12 @@ class IamportHook(BaseHook):
         while True:
             attempt += 1
             try:
-                resp = self.get_conn().request(
-                    method, url, body=body_bytes, headers=headers, timeout=timeout,
-                    redirect=False,
+                resp = limited_request(
+                    self.limiter, self.get_conn(), method, url, _verdict, body=body_bytes,
+                    headers=headers, timeout=timeout, redirect=False,
                 )  # fmt: skip
+            except NotAdmitted as e:
+                raise failure(f"{method} {path} not sent: {e}", sent=False) from None
             except HTTPError as e:
                 # ConnectTimeoutError covers NewConnectionError and name resolution: the
                 # request provably never left. A read timeout or a reset may follow a charge.
@@ -758,6 +774,13 @@ class IamportHook(BaseHook):
 
 
 _T = TypeVar("_T")
+
+
+def _verdict(resp: urllib3.BaseHTTPResponse) -> int:
+    """What a reply tells the rate limiter: 429 is over the rate, a 5xx is trouble."""
+    if resp.status == 429:
+        return REFUSED
+    return TROUBLE if resp.status >= 500 else OK
 
 
 def _is_envelope(body: Any) -> bool:

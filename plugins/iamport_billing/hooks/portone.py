@@ -37,11 +37,15 @@ from iamport_billing.hooks.transport import (
     bool_extra,
     build_pool,
     clean_excerpt,
+    connection_limiter,
+    limited_request,
     mask,
     parse_body,
+    rate_limit_of,
     retry_after,
     scrub,
 )
+from iamport_billing.rate_limit import OK, REFUSED, TROUBLE, Limiter, NotAdmitted, RateLimitSettings
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,8 @@ DEFAULT_READ_TIMEOUT_S = 60.0
 # The replay of a request still being processed: wait and send the same key again.
 OUTSTANDING = "IDEMPOTENCY_OUTSTANDING_REQUEST"
 OUTSTANDING_WAIT_S = 2.0
+# PortOne's error type for the card company's own refusal (a decline, answered 502).
+PG_PROVIDER = "PG_PROVIDER"
 DEFAULT_EXCHANGE_BUDGET_S = 60.0
 
 
@@ -98,6 +104,7 @@ class PortOneSettings:
     # No new send or read of one exchange after this long: a charge's send and its lookup end
     # well inside the ledger's pending lease (300 s by default).
     exchange_budget_s: float = DEFAULT_EXCHANGE_BUDGET_S
+    rate_limit: RateLimitSettings = RateLimitSettings()
 
     def __repr__(self) -> str:
         return f"PortOneSettings(base_url={self.base_url!r}, store_id={self.store_id!r}, ...)"
@@ -119,6 +126,7 @@ def settings_from_connection(conn: Any) -> PortOneSettings:
         max_retries=int(retries) if retries not in (None, "") else 3,
         verify_tls=bool_extra(extra.get("verify_tls"), True),
         exchange_budget_s=float(extra.get("exchange_budget_s") or DEFAULT_EXCHANGE_BUDGET_S),
+        rate_limit=rate_limit_of(conn),
     )
 
 
@@ -147,6 +155,17 @@ class Reply:
     def message(self) -> str:
         body = self.body
         return str(body.get("message") or "") if isinstance(body, dict) else ""
+
+
+def _verdict(resp: urllib3.BaseHTTPResponse) -> int:
+    """What a reply tells the rate limiter: 429 is over the rate, a 5xx is trouble unless it
+    is the card company's answer (PG_PROVIDER: a decline)."""
+    if resp.status == 429:
+        return REFUSED
+    if resp.status < 500:
+        return OK
+    body = parse_body(resp)
+    return OK if isinstance(body, dict) and body.get("type") == PG_PROVIDER else TROUBLE
 
 
 class PortOneHook(BaseHook):
@@ -178,6 +197,14 @@ class PortOneHook(BaseHook):
                 mask(conn.password, "portone_api_secret")
             self._settings = settings_from_connection(conn)
         return self._settings
+
+    @property
+    def limiter(self) -> Limiter | None:
+        """The connection's request limit (shared through Redis when configured so)."""
+        s = self.settings
+        return connection_limiter(
+            self.portone_conn_id, s.rate_limit, s.connect_timeout, s.read_timeout
+        )
 
     def get_conn(self) -> urllib3.PoolManager:
         with self._pool_lock:
@@ -260,10 +287,13 @@ class PortOneHook(BaseHook):
             tries += 1
             resent = write and may_have_left
             try:
-                resp = self.get_conn().request(
-                    method, s.base_url + path, body=data, headers=headers, timeout=timeout,
-                    redirect=False,
+                resp = limited_request(
+                    self.limiter, self.get_conn(), method, s.base_url + path, _verdict,
+                    body=data, headers=headers, timeout=timeout, redirect=False,
                 )  # fmt: skip
+            except NotAdmitted as e:
+                # An earlier send of this write may have been processed: give_up says so.
+                raise give_up(f"not sent: {e}") from None
             except HTTPError as e:
                 # A connect error or timeout never sent the request; a read timeout or a reset
                 # may follow a processed write.

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import html
 import json as jsonlib
+import math
 import os
 import random
 import re
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,6 +22,13 @@ import certifi
 import urllib3
 
 from iamport_billing.net import is_loopback_host
+from iamport_billing.rate_limit import (
+    LEASE_MARGIN_S,
+    TROUBLE,
+    Limiter,
+    RateLimitSettings,
+    limiter_for,
+)
 
 EXCERPT_CHARS = 120
 # A reply body that is there but not JSON (an HTML error page, plain text).
@@ -69,6 +78,57 @@ def base_url_of(conn: Any, default: str, api: str) -> str:
                 "connection extra allow_insecure_http=true if you really mean it"
             )
     return base_url
+
+
+def rate_limit_of(conn: Any) -> RateLimitSettings:
+    """The connection's shared limit: extras ``requests_per_second``, ``max_in_flight``,
+    ``rate_limit_redis_conn_id`` and ``adaptive`` (default true); empty means no limit."""
+    extra = conn.extra_dejson or {}
+    rps = extra.get("requests_per_second")
+    flight = extra.get("max_in_flight")
+    settings = RateLimitSettings(
+        requests_per_second=float(rps) if rps not in (None, "") else None,
+        max_in_flight=int(flight) if flight not in (None, "") else None,
+        redis_conn_id=str(extra.get("rate_limit_redis_conn_id") or "") or None,
+        adaptive=bool_extra(extra.get("adaptive"), True),
+    )
+    rate = settings.requests_per_second
+    if rate is not None and not (rate > 0 and math.isfinite(rate)):
+        raise ValueError(f"requests_per_second must be a number > 0, got {rps!r}")
+    if settings.max_in_flight is not None and settings.max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be >= 1, got {flight!r}")
+    return settings
+
+
+def connection_limiter(
+    conn_id: str, settings: RateLimitSettings, connect_timeout: float, read_timeout: float
+) -> Limiter | None:
+    """The process's limiter of a connection; an in-flight slot is leased for the request's
+    own timeouts plus a margin, so a killed worker's slot frees itself."""
+    return limiter_for(conn_id, settings, connect_timeout + read_timeout + LEASE_MARGIN_S)
+
+
+def limited_request(
+    limiter: Limiter | None,
+    pool: urllib3.PoolManager,
+    method: str,
+    url: str,
+    verdict: Callable[[urllib3.BaseHTTPResponse], int],
+    **options: Any,
+) -> urllib3.BaseHTTPResponse:
+    """``pool.request`` under the connection's limit: wait for the turn (raises
+    rate_limit.NotAdmitted, nothing sent), send, then report ``verdict(reply)`` (an exception
+    is trouble)."""
+    if limiter is None:
+        return pool.request(method, url, **options)
+    permit = limiter.acquire()
+    try:
+        resp = pool.request(method, url, **options)
+    except BaseException:
+        limiter.release(permit, TROUBLE)
+        raise
+    limiter.release(permit, verdict(resp))
+    return resp
 
 
 def build_pool(base_url: str, *, verify_tls: bool, maxsize: int) -> urllib3.PoolManager:
