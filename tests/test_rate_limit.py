@@ -210,10 +210,10 @@ def test_the_local_limiter_backs_off_on_429_and_recovers():
     assert limiter._rate > cut
 
 
-# -- adaptive: the emulator capped at 50/s, the connection configured at 200/s --------------
+# -- adaptive: the emulator capped at 25/s, the connection configured at 200/s --------------
 
-CAP = 50
-CHARGES = 1500
+CAP = 25
+CHARGES = 800
 
 
 def adaptive_run(tmp_path: Path, limited_conn) -> dict:
