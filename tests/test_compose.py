@@ -25,6 +25,8 @@ OFFICIAL_SERVICES = {
 }  # fmt: skip
 # Read by the official image's entrypoint (docker-stack docs), not by Airflow's config.
 IMAGE_ENTRYPOINT_VARS = {"DUMB_INIT_SETSID"}
+# The Redis connection the gateway connection's shared rate limit lives on.
+RATE_REDIS = "billing_rate_limit"
 POSTGRES_IMAGE_VARS = {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"}
 
 
@@ -214,12 +216,12 @@ def test_init_creates_the_connections_and_pool_the_dags_use():
     from iamport_billing.config import BillingConfig
 
     cfg = BillingConfig()
-    assert set(init_connections()) == {cfg.iamport_conn_id, cfg.warehouse_conn_id}
+    assert set(init_connections()) == {cfg.iamport_conn_id, cfg.warehouse_conn_id, RATE_REDIS}
     pools = [t for t in init_script_lines() if t[1:3] == ["pools", "set"]]
     assert [p[3] for p in pools] == [cfg.pool]
 
 
-@pytest.mark.parametrize("conn_id", ["iamport_default", "billing_warehouse"])
+@pytest.mark.parametrize("conn_id", ["iamport_default", "billing_warehouse", RATE_REDIS])
 def test_init_connections_are_usable(conn_id):
     from airflow.sdk import Connection
     from iamport_billing.hooks.iamport import settings_from_connection
@@ -228,6 +230,8 @@ def test_init_connections_are_usable(conn_id):
     conn = Connection(conn_id=conn_id, **{**spec, "extra": json.dumps(spec.get("extra", {}))})
     if conn.conn_type == "iamport":
         assert settings_from_connection(conn).base_url == "http://iamport-emulator:8099"
+    elif conn.conn_type == "redis":
+        assert (conn.host, conn.port) == ("redis", 6379)  # the Celery broker's service
     else:
         assert conn.conn_type == "postgres" and conn.host == "warehouse-db"
 
@@ -246,3 +250,13 @@ def test_celery_settings_are_the_file_the_celery_end_to_end_test_runs_with():
         assert service.get("env_file") == CELERY_ENV_FILE, name
         overridden = set(service.get("environment") or {}) & set(celery_env())
         assert overridden == set(), f"{name} overrides the shared Celery settings: {overridden}"
+
+
+def test_the_gateway_connection_shares_its_limit_through_the_brokers_redis():
+    from airflow.sdk import Connection
+    from iamport_billing.hooks.transport import rate_limit_of
+
+    spec = init_connections()["iamport_default"]
+    conn = Connection(conn_id="iamport_default", **{**spec, "extra": json.dumps(spec["extra"])})
+    limit = rate_limit_of(conn)
+    assert limit.active and limit.redis_conn_id == RATE_REDIS
