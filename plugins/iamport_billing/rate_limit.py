@@ -57,6 +57,8 @@ RECOVERED = 0.95
 SLOW_FACTOR = 3.0
 SLOW_MARGIN_S = 1.0
 BASELINE_WEIGHT = 0.05
+# A Redis that does not answer within this long refuses the request (fail closed).
+SOCKET_TIMEOUT_S = 2.0
 # How often a request waiting for an in-flight slot looks again.
 POLL_S = 0.02
 
@@ -455,8 +457,9 @@ def _redis_client(redis_conn_id: str) -> Any:
         ) from None
     kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
     if isinstance(kwargs, dict):
-        kwargs.setdefault("socket_timeout", 2.0)
-        kwargs.setdefault("socket_connect_timeout", 2.0)
+        # redis-py stores None for "no timeout" (the hook passes none): setdefault would keep it.
+        for name in ("socket_timeout", "socket_connect_timeout"):
+            kwargs[name] = kwargs.get(name) or SOCKET_TIMEOUT_S
     return client
 
 
