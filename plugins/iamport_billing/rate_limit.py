@@ -114,12 +114,14 @@ class Limiter(ABC):
                 _sleep_before(deadline, POLL_S * random.uniform(0.5, 1.5), "an in-flight slot")
         try:
             if self.limit:
-                delay = self._reserve()
-                if delay > self.max_wait_s:
+                # Only within what is left of the bound: an in-flight wait counts against it.
+                left = max(0.0, deadline - time.monotonic())
+                delay = self._reserve(left)
+                if delay > left:
                     raise NotAdmitted(
-                        f"the next request slot is {delay:.1f} s away (more than "
-                        f"{self.max_wait_s:.0f} s): raise requests_per_second or lower the "
-                        "concurrency"
+                        f"the next request slot is {delay:.1f} s away (past the "
+                        f"{self.max_wait_s:.0f}-s bound): raise requests_per_second or lower "
+                        "the concurrency"
                     )
                 time.sleep(delay)
                 while (wait := self._confirm(token)) > 0:
@@ -145,7 +147,7 @@ class Limiter(ABC):
         """Give an in-flight slot back (a no-op for one never taken)."""
 
     @abstractmethod
-    def _reserve(self) -> float:
+    def _reserve(self, max_wait_s: float) -> float:
         """Seconds until this request's start slot; reserved unless more than max_wait_s."""
 
     @abstractmethod
@@ -196,11 +198,11 @@ class LocalLimiter(Limiter):
         self._updated = now
         return self._rate
 
-    def _reserve(self) -> float:
+    def _reserve(self, max_wait_s: float) -> float:
         with self._lock:
             now = time.monotonic()
             slot = max(self._tat, now)
-            if slot - now <= self.max_wait_s:
+            if slot - now <= max_wait_s:
                 self._tat = slot + 1 / self._current_rate(now)
             return slot - now
 
@@ -428,8 +430,8 @@ class RedisLimiter(Limiter):
             except NotAdmitted as e:  # the lease frees it
                 log.warning("%s", e)
 
-    def _reserve(self) -> float:
-        args = [self.limit, int(self.adaptive), self.max_wait_s]
+    def _reserve(self, max_wait_s: float) -> float:
+        args = [self.limit, int(self.adaptive), max_wait_s]
         return float(self._run("reserve", _RESERVE, ["state"], args))
 
     def _confirm(self, token: str) -> float:
