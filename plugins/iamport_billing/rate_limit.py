@@ -276,7 +276,8 @@ end
 local function current_rate(key, limit, adaptive, now)
   local s = redis.call('HMGET', key, 'limit', 'rate', 'upd', 'ceil')
   local rate, upd, ceil = tonumber(s[2]), tonumber(s[3]), tonumber(s[4])
-  if tonumber(s[1]) ~= limit or rate == nil then
+  -- compared as stored: a limit with more than 6 decimals must not reset the state each call
+  if s[1] ~= num(limit) or rate == nil then
     rate, ceil = limit, limit
     redis.call('HDEL', key, 'tat', 'cut')
   elseif adaptive == 1 then
