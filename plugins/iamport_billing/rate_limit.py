@@ -57,6 +57,8 @@ RECOVERED = 0.95
 SLOW_FACTOR = 3.0
 SLOW_MARGIN_S = 1.0
 BASELINE_WEIGHT = 0.05
+# A Redis that does not answer within this long refuses the request (fail closed).
+SOCKET_TIMEOUT_S = 2.0
 # How often a request waiting for an in-flight slot looks again.
 POLL_S = 0.02
 
@@ -112,12 +114,14 @@ class Limiter(ABC):
                 _sleep_before(deadline, POLL_S * random.uniform(0.5, 1.5), "an in-flight slot")
         try:
             if self.limit:
-                delay = self._reserve()
-                if delay > self.max_wait_s:
+                # Only within what is left of the bound: an in-flight wait counts against it.
+                left = max(0.0, deadline - time.monotonic())
+                delay = self._reserve(left)
+                if delay > left:
                     raise NotAdmitted(
-                        f"the next request slot is {delay:.1f} s away (more than "
-                        f"{self.max_wait_s:.0f} s): raise requests_per_second or lower the "
-                        "concurrency"
+                        f"the next request slot is {delay:.1f} s away (past the "
+                        f"{self.max_wait_s:.0f}-s bound): raise requests_per_second or lower "
+                        "the concurrency"
                     )
                 time.sleep(delay)
                 while (wait := self._confirm(token)) > 0:
@@ -143,7 +147,7 @@ class Limiter(ABC):
         """Give an in-flight slot back (a no-op for one never taken)."""
 
     @abstractmethod
-    def _reserve(self) -> float:
+    def _reserve(self, max_wait_s: float) -> float:
         """Seconds until this request's start slot; reserved unless more than max_wait_s."""
 
     @abstractmethod
@@ -194,11 +198,11 @@ class LocalLimiter(Limiter):
         self._updated = now
         return self._rate
 
-    def _reserve(self) -> float:
+    def _reserve(self, max_wait_s: float) -> float:
         with self._lock:
             now = time.monotonic()
             slot = max(self._tat, now)
-            if slot - now <= self.max_wait_s:
+            if slot - now <= max_wait_s:
                 self._tat = slot + 1 / self._current_rate(now)
             return slot - now
 
@@ -272,7 +276,8 @@ end
 local function current_rate(key, limit, adaptive, now)
   local s = redis.call('HMGET', key, 'limit', 'rate', 'upd', 'ceil')
   local rate, upd, ceil = tonumber(s[2]), tonumber(s[3]), tonumber(s[4])
-  if tonumber(s[1]) ~= limit or rate == nil then
+  -- compared as stored: a limit with more than 6 decimals must not reset the state each call
+  if s[1] ~= num(limit) or rate == nil then
     rate, ceil = limit, limit
     redis.call('HDEL', key, 'tat', 'cut')
   elseif adaptive == 1 then
@@ -426,8 +431,8 @@ class RedisLimiter(Limiter):
             except NotAdmitted as e:  # the lease frees it
                 log.warning("%s", e)
 
-    def _reserve(self) -> float:
-        args = [self.limit, int(self.adaptive), self.max_wait_s]
+    def _reserve(self, max_wait_s: float) -> float:
+        args = [self.limit, int(self.adaptive), max_wait_s]
         return float(self._run("reserve", _RESERVE, ["state"], args))
 
     def _confirm(self, token: str) -> float:
@@ -455,8 +460,9 @@ def _redis_client(redis_conn_id: str) -> Any:
         ) from None
     kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
     if isinstance(kwargs, dict):
-        kwargs.setdefault("socket_timeout", 2.0)
-        kwargs.setdefault("socket_connect_timeout", 2.0)
+        # redis-py stores None for "no timeout" (the hook passes none): setdefault would keep it.
+        for name in ("socket_timeout", "socket_connect_timeout"):
+            kwargs[name] = kwargs.get(name) or SOCKET_TIMEOUT_S
     return client
 
 
