@@ -77,6 +77,8 @@ def celery(tmp_path_factory):
     due = pendulum.now(SEOUL).date().subtract(days=1)
     # Tasks go to a queue of this run's own, so no other Celery on this Redis takes them.
     queue = f"billing_e2e_{uuid.uuid4().hex[:8]}"
+    # The shared limit's Redis keys are per gateway connection id: one of this run's own.
+    gateway_id = f"iamport_{queue}"
     with (
         scratch_database("iamport_celery_meta") as meta,
         scratch_database("iamport_celery_wh") as wh,
@@ -106,7 +108,8 @@ def celery(tmp_path_factory):
                 ),
                 "AIRFLOW__OPERATORS__DEFAULT_QUEUE": queue,
                 "AIRFLOW__CORE__PARALLELISM": "16",
-                "AIRFLOW_CONN_IAMPORT_DEFAULT": json.dumps(conn),
+                f"AIRFLOW_CONN_{gateway_id.upper()}": json.dumps(conn),
+                "IAMPORT_BILLING_IAMPORT_CONN_ID": gateway_id,
                 "AIRFLOW_CONN_BILLING_WAREHOUSE": json.dumps(pg(wh)),
                 "AIRFLOW_CONN_BILLING_RATE_LIMIT": json.dumps(
                     {"conn_type": "redis", "host": "127.0.0.1", "port": 6379, "extra": {"db": 1}}
