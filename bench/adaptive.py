@@ -60,7 +60,10 @@ def measure(
         with Ledger.from_conn_id(warehouse_conn_id) as ledger:
             ledger.init_schema()
             ChargeEngine(IamportV1Gateway(hook), ledger, settings, run).charge_batch(candidates)
-            rows = ledger.query("SELECT merchant_uid, status FROM billing_charge_attempts")
+            attempts = [
+                a for found in ledger.attempts_for(c.subscription_id for c in candidates).values()
+                for a in found
+            ]  # fmt: skip
         wall_s = time.monotonic() - started
         hook.close()
         log = requests.get(f"{proc.url}/__emulator__/rate-log", timeout=30).json()
@@ -84,7 +87,13 @@ def measure(
         "refused": refused,
         "refused_share": refused / requests_total,
         "paid_once": len(paid) == len(set(paid)) == n,
-        "ledger_paid": sum(1 for _, status in rows if status == PAID),
+        "ledger_paid": sum(1 for a in attempts if a.status == PAID),
+        "sends_per_charge": max(a.send_count or 0 for a in attempts),
+        # From the lease's last renewal (just before the send) to the recorded outcome.
+        "longest_charge_s": round(
+            max((a.completed_at - a.requested_at).total_seconds() for a in attempts), 1
+        ),
+        "lease_s": settings.pending_lease_seconds,
     }
 
 

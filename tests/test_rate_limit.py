@@ -233,6 +233,7 @@ def assert_adaptive(figures: dict[str, float]) -> None:
     assert figures["refused_share"] <= 0.01, figures
     assert figures["paid_once"], figures
     assert figures["ledger_paid"] == CHARGES, figures  # none unknown, declined or pending
+    assert figures["longest_charge_s"] < figures["lease_s"] / 2, figures  # no wait past it
 
 
 @pytest.mark.timeout(600)
