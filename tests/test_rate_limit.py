@@ -23,6 +23,9 @@ from iamport_billing.hooks.iamport import TOKEN_CACHE, IamportHook
 from iamport_billing.rate_limit import KEY_PREFIX, LocalLimiter, RateLimitSettings
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
+# The limit is the hooks' and Redis's, not the ledger's: the ledger fixture on SQLite only (the
+# adaptive run also has a PostgreSQL variant).
+WAREHOUSES = ["sqlite"]
 DAY = date(2026, 11, 26)
 
 
@@ -299,3 +302,33 @@ def test_both_connection_forms_show_the_rate_limit_extras():
         fields = conn_type["conn-fields"]
         wanted = {"requests_per_second", "max_in_flight", "rate_limit_redis_conn_id", "adaptive"}
         assert wanted <= fields.keys(), conn_type["connection-type"]
+
+
+# -- PortOne V2 goes through the same limit ------------------------------------------------------
+
+
+@pytest.mark.parametrize("gateway_api", ["v2"], indirect=True)
+def test_portone_charges_and_their_lookups_keep_to_the_shared_limit(
+    gateway_api, emulator, emulator_config, limited_conn, ledger
+):
+    from iamport_billing.charging import ChargeEngine, ChargeSettings
+    from iamport_billing.gateways import gateway_for
+    from iamport_billing.policy import ChargeCandidate
+    from support import PAYING_CARD, paid_at_gateway, register_cards
+
+    limit, n = 8, 40
+    conn_id = limited_conn(emulator.url, emulator_config, requests_per_second=limit)
+    register_cards(emulator, [(f"cust-v{i}", PAYING_CARD) for i in range(n)])
+    candidates = [ChargeCandidate(f"v{i}", f"cust-v{i}", 1000, DAY, name="plan") for i in range(n)]
+    run = {"dag_id": "t", "run_id": "v2-limit", "task_id": "charge", "try_number": 1}
+    gateway = gateway_for(conn_id, pool_maxsize=16)
+    try:
+        ChargeEngine(gateway, ledger, ChargeSettings(max_concurrency=16), run).charge_batch(
+            candidates
+        )
+    finally:
+        gateway.close()
+    per_second = [c["accepted"] + c["refused"] for c in rate_log(emulator.url).values()]
+    assert sum(per_second) >= 2 * n  # each V2 charge is read back: the limit binds
+    assert max(per_second) <= limit, per_second
+    assert len(paid_at_gateway(emulator)) == n
