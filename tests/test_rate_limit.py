@@ -281,7 +281,7 @@ def test_the_backfill_dag_goes_through_the_shared_limit(
     conn_id = limited_conn(emulator.url, emulator_config, requests_per_second=1, adaptive=False)
     TOKEN_CACHE.clear()
     monkeypatch.setenv("IAMPORT_BILLING_IAMPORT_CONN_ID", conn_id)
-    already = set(rate_log(emulator.url))
+    before = rate_log(emulator.url)
     dag = DagBag().get_dag("iamport_billing_backfill")
     when = pendulum.datetime(2026, 11, 28, 15, tz="Asia/Seoul")
     conf = {"from_date": "2026-11-26", "to_date": "2026-11-26", "dry_run": False}
@@ -289,9 +289,14 @@ def test_the_backfill_dag_goes_through_the_shared_limit(
     assert {ti.task_id: ti.state for ti in dr.get_task_instances()}["backfill"] == "success"
     paid = [p["merchant_uid"] for p in emulator_payments(emulator.config.db_path)]
     assert paid.count("soft1-20261126-02") == 1
-    log = {s: c for s, c in rate_log(emulator.url).items() if s not in already}
-    assert sum(c["accepted"] for c in log.values()) >= 3  # the token, a lookup, the charge
-    assert max(c["accepted"] for c in log.values()) == 1, log
+    # The run's own requests per second (a second may hold the setup's last ones too).
+    log = {
+        s: c["accepted"] - before.get(s, {}).get("accepted", 0)
+        for s, c in rate_log(emulator.url).items()
+    }
+    log = {s: n for s, n in log.items() if n}
+    assert sum(log.values()) >= 2, log  # a lookup and the charge (a token unless cached)
+    assert max(log.values()) == 1, log
     assert _redis().hget(f"{KEY_PREFIX}{conn_id}:state", "limit") is not None
 
 
